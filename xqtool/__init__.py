@@ -1,0 +1,3 @@
+"""xqtool: XQ-GAN hierarchical image tokenizers and VAR next-scale generation."""
+
+__version__ = "0.1.0"
