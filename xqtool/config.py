@@ -317,7 +317,8 @@ def _build(cls: Type[T], data: Mapping[str, Any], where: str) -> T:
         full = f"{where}.{key}" if where else str(key)
         if key not in fields:
             scope = f"section '{where}'" if where else "the config"
-            raise ConfigError(f"unknown key '{full}' in {scope}{_suggest(str(key), fields)}")
+            options = list(fields) + (list(_flat_index(cls)) if not where else [])
+            raise ConfigError(f"unknown key '{full}' in {scope}{_suggest(str(key), options)}")
         tp = hints[key]
         if _is_section(tp):
             kwargs[key] = _build(tp, value or {}, full)

@@ -1,4 +1,4 @@
-"""The one contract every quantizer in xqtool follows.
+"""The one contract every quantizer in xqtool follows, plus small shared helpers.
 
 A *branch quantizer* (single-scale VQ, multi-scale residual VQ, multi-scale LFQ/BSQ) maps a latent
 map ``z: [B, D, H, W]`` to a quantized map of the same shape plus per-scale integer indices.
@@ -9,9 +9,13 @@ Scales are listed coarse to fine (``scales = (1, 1, 2, 3, ..., H)``); a single-s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from xqtool.errors import ConfigError, TokenError
 
 
 @dataclass
@@ -32,3 +36,106 @@ class QuantOut:
     indices: List[Tensor]
     loss: Dict[str, Tensor]
     stats: Dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ProductQuantOut:
+    """Result of :class:`xqtool.quantize.ProductQuantizer`'s training forward (P branches).
+
+    Attributes:
+        quantized: ``[B, P*D, H, W]`` branch outputs concatenated on channels, branch 0 first.
+        branch_outputs: P tensors ``[B, D, H, W]`` (straight-through; the last one is the semantic branch).
+        indices: ``[B, P, L]`` long, per branch the per-scale index maps concatenated coarse to fine.
+        loss: ``vq`` / ``commit`` / ``entropy`` scalars averaged over branches.
+        stats: ``usage`` ``[P, S]`` and ``perplexity`` ``[P, S]`` (detached).
+        n_drop: the first ``n_drop`` samples of the batch were quantizer-dropout samples.
+    """
+
+    quantized: Tensor
+    branch_outputs: List[Tensor]
+    indices: Tensor
+    loss: Dict[str, Tensor]
+    stats: Dict[str, Tensor] = field(default_factory=dict)
+    n_drop: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the branch quantizers
+# ----------------------------------------------------------------------------------------------
+
+
+def check_scales(scales: Sequence[int], side: int) -> Tuple[int, ...]:
+    """Validate a coarse-to-fine scale list whose last entry is the latent side; return it as a tuple."""
+    scales = tuple(int(s) for s in scales)
+    if not scales:
+        raise ConfigError("quant.v_patch_nums is empty; give at least one scale, e.g. [16] or [1,1,2,3,3,4,5,6,8,11]")
+    if any(s <= 0 for s in scales):
+        raise ConfigError(f"quant.v_patch_nums must be positive integers, got {list(scales)}")
+    if scales[-1] != int(side) or any(s > side for s in scales):
+        raise ConfigError(
+            f"quant.v_patch_nums {list(scales)} must end at the latent side {side} (sqrt(num_latent_tokens)) "
+            f"and never exceed it"
+        )
+    return scales
+
+
+def distributed_ready() -> bool:
+    """True when torch.distributed is available and a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def code_histogram(idx: Tensor, codebook_size: int, reduce: bool = False) -> Tensor:
+    """Float histogram ``[K]`` of an index tensor; all-reduced over ranks when ``reduce`` and distributed."""
+    hist = torch.bincount(idx.reshape(-1), minlength=codebook_size).float()
+    if reduce and distributed_ready():
+        dist.all_reduce(hist)
+    return hist
+
+
+def histogram_stats(hist: Tensor) -> Tuple[Tensor, Tensor]:
+    """(usage, perplexity) scalars of a code histogram ``[K]``: fraction of codes hit, exp(entropy)."""
+    usage = (hist > 0).float().mean()
+    p = hist / hist.sum().clamp_min(1.0)
+    perplexity = torch.exp(torch.special.entr(p).sum())
+    return usage, perplexity
+
+
+def ema_hit_update(buf: Tensor, hist: Tensor, record_hit: int) -> None:
+    """Usage EMA of the reference: copy on the first call, factor 0.9 for 100 calls, 0.99 afterwards."""
+    if record_hit == 0:
+        buf.copy_(hist)
+    elif record_hit < 100:
+        buf.mul_(0.9).add_(hist, alpha=0.1)
+    else:
+        buf.mul_(0.99).add_(hist, alpha=0.01)
+
+
+def straight_through(value: Tensor, source: Tensor) -> Tensor:
+    """Exactly ``value`` in the forward pass, identity gradient to ``source`` in the backward pass.
+
+    ``source - source.detach()`` is an exact zero, so unlike ``sg[v] - sg[s] + s`` the result carries
+    no float rounding: eval-mode outputs equal the decoded tokens bit for bit.
+    """
+    return value.detach() + (source - source.detach())
+
+
+def check_index_list(indices: Sequence[Tensor], scales: Sequence[int], codebook_size: int) -> int:
+    """Validate per-scale index maps ``[B, pn*pn]``; return B. Raises TokenError with one line."""
+    if not isinstance(indices, (list, tuple)) or len(indices) != len(scales):
+        n = len(indices) if isinstance(indices, (list, tuple)) else type(indices).__name__
+        raise TokenError(f"expected a list of {len(scales)} per-scale index maps (scales {list(scales)}), got {n}")
+    batch = None
+    for si, (idx, pn) in enumerate(zip(indices, scales)):
+        if not isinstance(idx, Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise TokenError(f"scale {si}: indices must be an integer tensor, got {getattr(idx, 'dtype', type(idx))}")
+        if idx.dim() != 2 or idx.shape[1] != pn * pn or (batch is not None and idx.shape[0] != batch):
+            raise TokenError(
+                f"scale {si}: index map has shape {tuple(idx.shape)}, expected [B, {pn * pn}] (side {pn})"
+            )
+        batch = idx.shape[0]
+        if idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= codebook_size:
+                bad = lo if lo < 0 else hi
+                raise TokenError(f"scale {si}: index {bad} out of range, valid range is 0..{codebook_size - 1}")
+    return int(batch or 0)
