@@ -1,0 +1,193 @@
+"""Loading pretrained ViT backbone weights (DINOv2, CLIP, DINO discriminator) — never downloaded.
+
+Source order (DESIGN "Pretrained backbones"): explicit path → environment variable → the local Hugging Face hub /
+timm (torch hub) cache, read strictly offline → :class:`~xqtool.errors.WeightsMissingError` saying how to provide them.
+
+Original DINOv2 weights (patch 14, 37×37 grid) are adapted to a patch-16 / 16×16 model with timm's
+``checkpoint_filter_fn`` (``resample_patch_embed`` for the kernel, ``resample_abs_pos_embed`` for the grid, bicubic
+with antialias; tokenizer spec §2.3). Files are read with ``safetensors`` or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from xqtool.errors import CheckpointError, WeightsMissingError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+#: file names looked up inside a weights directory / a hub snapshot, in order
+WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def model_name_of(model: nn.Module) -> str:
+    """The timm name (``architecture.tag``) a backbone was created from, e.g. ``vit_base_patch14_dinov2.lvd142m``."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or type(model).__name__
+    tag = cfg.get("tag")
+    return f"{arch}.{tag}" if tag else str(arch)
+
+
+def _file_in(path: Path) -> Optional[Path]:
+    """``path`` itself when it is a weights file, else the first known weights file inside the directory."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in WEIGHT_FILENAMES:
+            if (path / name).is_file():
+                return path / name
+    return None
+
+
+def cached_weights_file(model_name: str) -> Optional[Path]:
+    """A weights file for ``model_name`` in the local HF hub cache or the torch-hub checkpoint dir (no network)."""
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except Exception:  # unknown name / no pretrained cfg
+        cfg = None
+    if cfg is None:
+        return None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo_id = hub_id.split("@")[0]
+            for name in (getattr(cfg, "hf_hub_filename", None), *WEIGHT_FILENAMES):
+                if not name:
+                    continue
+                try:
+                    hit = try_to_load_from_cache(repo_id, name)
+                except Exception:  # malformed cache / repo id: treat as absent
+                    hit = None
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return Path(hit)
+    url = getattr(cfg, "url", None)
+    if url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_weights(
+    model_name: str, source: Optional[PathLike], env_var: str, *, use_cache: bool = True
+) -> tuple[Optional[Path], str]:
+    """Find the weights file: (path or None, where it came from).
+
+    An explicit ``source`` or a set ``env_var`` that points nowhere raises WeightsMissingError (a user mistake).
+    """
+    if source:
+        found = _file_in(Path(source).expanduser())
+        if found is None:
+            raise WeightsMissingError(
+                f"weights path '{source}' for '{model_name}' does not exist or holds no "
+                f"{'/'.join(WEIGHT_FILENAMES)}: give an existing .pth/.safetensors file or directory"
+            )
+        return found, "path"
+    env_value = os.environ.get(env_var, "").strip()
+    if env_value:
+        found = _file_in(Path(env_value).expanduser())
+        if found is None:
+            raise WeightsMissingError(
+                f"{env_var}='{env_value}' does not exist or holds no weights file: "
+                f"point it to a timm .pth/.safetensors file or unset it"
+            )
+        return found, env_var
+    if use_cache:
+        found = cached_weights_file(model_name)
+        if found is not None:
+            return found, "cache"
+    return None, ""
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file (weights_only), unwrapping model/state_dict/ema."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt / pickled objects / not a weights file
+        raise CheckpointError(f"cannot read weights file '{path}': {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"weights file '{path}' holds a {type(sd).__name__}, not a state_dict")
+    for key in ("model", "state_dict"):
+        inner = sd.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            sd = inner
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map a timm / original DINOv2 / OpenAI CLIP state_dict onto ``model`` (a timm ViT).
+
+    Resamples the patch kernel (e.g. 14→16, ``resample_patch_embed``) and the pos-embed grid (e.g. 37×37→16×16,
+    ``resample_abs_pos_embed``, cls slot kept) via timm's ``checkpoint_filter_fn``; drops the patch embedding when the
+    model has none (ViT decoder) and classifier heads the model does not have.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    sd = dict(state_dict)
+    if not isinstance(getattr(getattr(model, "patch_embed", None), "proj", None), nn.Module):
+        sd = {k: v for k, v in sd.items() if not k.startswith("patch_embed.")}
+    sd = checkpoint_filter_fn(sd, model)
+    own = model.state_dict()
+    for prefix in ("head.", "fc_norm.", "head_drop."):
+        if not any(k.startswith(prefix) for k in own):
+            sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+    sd.pop("mask_token", None)
+    return sd
+
+
+def load_backbone_weights(
+    model: nn.Module,
+    source: Optional[PathLike],
+    *,
+    kind: str,
+    env_var: str,
+    config_key: str = "model.encoder_weights",
+    model_name: Optional[str] = None,
+    use_cache: bool = True,
+) -> str:
+    """Load pretrained weights into the timm ViT ``model`` in place; returns the file used.
+
+    ``kind`` is a human label ("DINOv2", "CLIP", …) used in messages; ``config_key`` is the config field named in the
+    error. Raises WeightsMissingError when nothing is found, CheckpointError when the file does not fit the model.
+    """
+    name = model_name or model_name_of(model)
+    path, origin = resolve_weights(name, source, env_var, use_cache=use_cache)
+    if path is None:
+        raise WeightsMissingError(
+            f"{kind} weights for '{name}' not found: pass --set {config_key}=PATH or set {env_var}=PATH "
+            f"(a timm .pth/.safetensors file)"
+        )
+    sd = adapt_state_dict(read_state_dict(path), model)
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise CheckpointError(f"{kind} weights '{path}' do not fit '{name}': {first}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{kind} weights '{path}' do not fit '{name}': missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    logger.info("loaded %s weights for %s from %s (%s)", kind, name, path, origin)
+    return str(path)
