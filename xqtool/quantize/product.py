@@ -1,0 +1,180 @@
+"""Product quantization: P independent branch quantizers sharing one scale schedule (spec §2.7, §3.4).
+
+Branch order is checkpoint order (``quantizes.{i}.…``); the LAST branch is the semantic one. Branch maps
+are concatenated on channels (branch 0 first): f_hat ``[B, P*D, H, W]``. Tokens are ``[B, P, L]`` with
+L = Σ pn², per branch the per-scale row-major index maps concatenated coarse → fine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from xqtool.errors import ConfigError, TokenError
+from xqtool.quantize.base import ProductQuantOut
+
+
+class ProductQuantizer(nn.Module):
+    """P branch quantizers (``self.quantizes``) with quantizer dropout.
+
+    Args:
+        branches: branch quantizers (same ``scales``, ``side``, ``dim``, ``codebook_size``).
+        codebook_drop: fraction of each training batch (the first ⌊B·codebook_drop⌋ samples) that keeps
+            only its first d_b ~ UniformInt[start_drop, S] scales (one draw per sample, shared by branches).
+        start_drop: smallest number of kept scales for a dropout sample.
+    """
+
+    def __init__(self, branches: Sequence[nn.Module], codebook_drop: float = 0.0, start_drop: int = 1) -> None:
+        super().__init__()
+        if len(branches) == 0:
+            raise ConfigError("quant.product_quant must be >= 1")
+        first = branches[0]
+        for i, b in enumerate(branches):
+            for attr in ("scales", "side", "dim", "codebook_size"):
+                if getattr(b, attr) != getattr(first, attr):
+                    raise ConfigError(f"product branch {i} has {attr}={getattr(b, attr)}, branch 0 has "
+                                      f"{getattr(first, attr)}; all branches must match")
+        self.quantizes = nn.ModuleList(branches)
+        self.scales: Tuple[int, ...] = tuple(first.scales)
+        self.side: int = first.side
+        self.dim: int = first.dim
+        self.codebook_size: int = first.codebook_size
+        self.num_branches = len(branches)
+        self.num_tokens: int = first.num_tokens
+        if not 0.0 <= float(codebook_drop) <= 1.0:
+            raise ConfigError(f"quant.codebook_drop must be in [0, 1], got {codebook_drop}")
+        S = len(self.scales)
+        if S > 1 and not 0 <= int(start_drop) <= S:
+            raise ConfigError(f"quant.start_drop must be in [0, {S}] (number of scales), got {start_drop}")
+        self.codebook_drop = float(codebook_drop)
+        self.start_drop = int(start_drop)
+        offs, o = [], 0
+        for pn in self.scales:
+            offs.append((o, o + pn * pn))
+            o += pn * pn
+        self._offsets = offs
+
+    # ---- layout ----------------------------------------------------------------------------------
+    @property
+    def scale_offsets(self) -> List[Tuple[int, int]]:
+        """(begin, end) token offsets of each scale inside a branch's L tokens."""
+        return list(self._offsets)
+
+    def _scale_of(self, pos: int) -> Tuple[int, int]:
+        """(scale index, position inside the scale) of token position ``pos``."""
+        for si, (b, e) in enumerate(self._offsets):
+            if b <= pos < e:
+                return si, pos - b
+        raise IndexError(pos)
+
+    def check_tokens(self, tokens: Union[Tensor, np.ndarray]) -> Tensor:
+        """Validate ``[B, P, L]`` integer tokens (TokenError naming row, branch, scale, value); return long tensor."""
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.from_numpy(tokens)
+        if not isinstance(tokens, Tensor):
+            raise TokenError(f"tokens must be a tensor or numpy array, got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TokenError(f"tokens must be integers, got dtype {tokens.dtype}")
+        P, L = self.num_branches, self.num_tokens
+        if tokens.dim() != 3 or tokens.shape[1] != P or tokens.shape[2] != L:
+            raise TokenError(f"tokens have shape {tuple(tokens.shape)}, expected [N, {P}, {L}] "
+                             f"(P={P} branches, L={L} tokens for scales {list(self.scales)})")
+        bad = (tokens < 0) | (tokens >= self.codebook_size)
+        if bool(bad.any()):
+            row, branch, pos = (int(v) for v in bad.nonzero()[0])
+            si, k = self._scale_of(pos)
+            raise TokenError(f"token out of range at row {row}, branch {branch}, scale {si} (position {k}): "
+                             f"value {int(tokens[row, branch, pos])}, valid range is 0..{self.codebook_size - 1}")
+        return tokens.long()
+
+    def split_tokens(self, tokens: Union[Tensor, np.ndarray]) -> List[List[Tensor]]:
+        """``[B, P, L]`` → list (P) of list (S) of ``[B, pn*pn]`` (validated)."""
+        tokens = self.check_tokens(tokens)
+        return [[tokens[:, p, b:e] for (b, e) in self._offsets] for p in range(self.num_branches)]
+
+    def _check_z(self, z_list: Sequence[Tensor]) -> None:
+        if len(z_list) != self.num_branches:
+            raise ValueError(f"expected {self.num_branches} branch latents, got {len(z_list)}")
+
+    # ---- training forward ------------------------------------------------------------------------
+    def forward(self, z_list: Sequence[Tensor]) -> ProductQuantOut:
+        """Quantize P latents ``[B, D, H, W]``; see :class:`ProductQuantOut`."""
+        self._check_z(z_list)
+        B, S = z_list[0].shape[0], len(self.scales)
+        n_scales: Optional[Tensor] = None
+        n_drop = 0
+        if self.training and S > 1 and self.codebook_drop > 0:
+            d = torch.randint(self.start_drop, S + 1, (B,))
+            n_drop = int(math.floor(B * self.codebook_drop))
+            n_scales = torch.full((B,), S, dtype=torch.long)
+            n_scales[:n_drop] = d[:n_drop]
+            n_scales = n_scales.to(z_list[0].device)
+        outs = [q(z, n_scales) for q, z in zip(self.quantizes, z_list)]
+        loss = {k: torch.stack([o.loss[k] for o in outs]).mean() for k in ("vq", "commit", "entropy")}
+        stats = {k: torch.stack([o.stats[k] for o in outs]) for k in ("usage", "perplexity")}
+        indices = torch.stack([torch.cat(o.indices, dim=1) for o in outs], dim=1)
+        branch_outputs = [o.quantized for o in outs]
+        return ProductQuantOut(
+            quantized=torch.cat(branch_outputs, dim=1), branch_outputs=branch_outputs, indices=indices,
+            loss=loss, stats=stats, n_drop=n_drop,
+        )
+
+    # ---- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def quantize(self, z_list: Sequence[Tensor]) -> Tensor:
+        """Inference tokens ``[B, P, L]`` of P latents ``[B, D, H, W]``."""
+        self._check_z(z_list)
+        return torch.stack([torch.cat(q.quantize(z), dim=1) for q, z in zip(self.quantizes, z_list)], dim=1)
+
+    @torch.no_grad()
+    def tokens_to_fhat(self, tokens: Union[Tensor, np.ndarray], cumulative: bool = False
+                       ) -> Union[Tensor, List[Tensor]]:
+        """f_hat ``[B, P*D, H, W]`` of tokens ``[B, P, L]`` (or list over scales of cumulative maps)."""
+        per = [q.indices_to_fhat(ids, cumulative=cumulative)
+               for q, ids in zip(self.quantizes, self.split_tokens(tokens))]
+        if cumulative:
+            return [torch.cat([p[si] for p in per], dim=1) for si in range(len(per[0]))]
+        return torch.cat(per, dim=1)
+
+    def codes(self, ids: Tensor, si: int) -> Tensor:
+        """Code vectors ``[B, P*D, pn, pn]`` of ``ids: [B, P, pn*pn]`` at scale ``si``."""
+        pn = self.scales[si]
+        if not isinstance(ids, Tensor) or ids.dim() != 3 or ids.shape[1] != self.num_branches \
+                or ids.shape[2] != pn * pn or ids.dtype.is_floating_point:
+            raise TokenError(f"scale {si}: ids must be an integer tensor [B, {self.num_branches}, {pn * pn}], "
+                             f"got {getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+        bad = (ids < 0) | (ids >= self.codebook_size)
+        if bool(bad.any()):
+            row, branch, k = (int(v) for v in bad.nonzero()[0])
+            raise TokenError(f"token out of range at row {row}, branch {branch}, scale {si} (position {k}): "
+                             f"value {int(ids[row, branch, k])}, valid range is 0..{self.codebook_size - 1}")
+        return torch.cat([q.codes(ids[:, p].long(), si) for p, q in enumerate(self.quantizes)], dim=1)
+
+    # ---- VAR interface ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def var_input(self, tokens: Union[Tensor, np.ndarray]) -> Tensor:
+        """Teacher-forcing inputs ``[B, L − scales[0]², P*D]`` (branch 0 channels first)."""
+        return torch.cat([q.var_input(ids) for q, ids in zip(self.quantizes, self.split_tokens(tokens))], dim=-1)
+
+    @torch.no_grad()
+    def var_next(self, si: int, f_hat: Tensor, ids: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Sampling step: add scale ``si``'s codes of ``ids [B, P, pn*pn]`` to ``f_hat [B, P*D, H, W]``.
+
+        Returns ``(f_hat, next)`` with ``next`` ``[B, pn_next², P*D]`` (None at the last scale).
+        """
+        codes = self.codes(ids, si)
+        D = self.dim
+        new_f, nxt = [], []
+        for p, q in enumerate(self.quantizes):
+            f_p, n_p = q.var_next(si, f_hat[:, p * D:(p + 1) * D], codes[:, p * D:(p + 1) * D])
+            new_f.append(f_p)
+            nxt.append(n_p)
+        f_hat = torch.cat(new_f, dim=1)
+        if nxt[0] is None:
+            return f_hat, None
+        return f_hat, torch.cat(nxt, dim=1).flatten(2).transpose(1, 2)
