@@ -109,3 +109,76 @@ def test_inception_extractor_missing_weights_is_one_clear_error(tmp_path, monkey
     monkeypatch.setenv("XQTOOL_INCEPTION_WEIGHTS", str(tmp_path))
     with pytest.raises(WeightsMissingError, match="inception-2015-12-05.pt"):
         inception_extractor()
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lpips_missing_weights_raises(tmp_path, monkeypatch):
+    from xqtool.losses.lpips import LPIPS
+
+    monkeypatch.delenv("XQTOOL_LPIPS_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(WeightsMissingError, match="XQTOOL_LPIPS_WEIGHTS"):
+        LPIPS()
+    with pytest.raises(WeightsMissingError, match="nothere"):
+        LPIPS(weights=tmp_path / "nothere.pth")
+
+
+def test_lpips_loads_official_head_keys_and_full_state(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from xqtool.losses.lpips import CHANNELS, LPIPS
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    ref = LPIPS(allow_random=True)
+    # full module written in official taming/LPIPS key style: net.sliceK.i.* + lin{k}.model.1.weight
+    sd = {}
+    slice_of = lambda i: 1 + sum(i > e for e in (3, 8, 15, 22))  # noqa: E731
+    for k, v in ref.state_dict().items():
+        if k.startswith("features."):
+            _, i, name = k.split(".")
+            sd[f"net.slice{slice_of(int(i))}.{i}.{name}"] = v.clone()
+        else:
+            sd[k] = v.clone()
+    assert {f"lin{i}.model.1.weight" for i in range(5)} <= set(sd)
+    assert sd["lin4.model.1.weight"].shape == (1, CHANNELS[4], 1, 1)
+    path = tmp_path / "lpips_full.pth"
+    torch.save(sd, path)
+    loaded = LPIPS(weights=path)
+    x = _photos(2, 32)
+    y = x.flip(-1)
+    assert torch.allclose(loaded(x, y), ref(x, y), atol=1e-6)
+    # also via env var and a safetensors file
+    st = tmp_path / "lpips_vgg.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(st))
+    monkeypatch.setenv("XQTOOL_LPIPS_WEIGHTS", str(st))
+    assert torch.allclose(LPIPS()(x, y), ref(x, y), atol=1e-6)
+    # heads only (official vgg.pth layout) without a VGG16 backbone -> clear error
+    heads = tmp_path / "vgg.pth"
+    torch.save({k: v for k, v in sd.items() if k.startswith("lin")}, heads)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torchhome"))
+    monkeypatch.delenv("XQTOOL_VGG16_WEIGHTS", raising=False)
+    with pytest.raises(WeightsMissingError, match="vgg16-397923af.pth"):
+        LPIPS(weights=heads)
+
+
+def test_lpips_behaviour_and_gradients(tmp_path, monkeypatch):
+    from xqtool.losses.lpips import LPIPS
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    net = LPIPS(allow_random=True)
+    net.train()
+    assert not net.training
+    x = _photos(2, 32).requires_grad_(True)
+    d_same = net(x, x.detach())
+    assert d_same.shape == (2,) and torch.allclose(d_same, torch.zeros(2), atol=1e-6)
+    y = (x.detach() + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    d = net(x, y)
+    assert (d > 0).all()
+    d.mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.parameters())
