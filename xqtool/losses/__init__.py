@@ -1,0 +1,27 @@
+"""Training losses: GAN (hinge / vanilla / non-saturating, adaptive weight, LeCam), semantic
+distillation (InfoNCE against a frozen teacher), DiffAug, and LPIPS (``xqtool.losses.lpips``)."""
+
+from xqtool.losses.diffaug import DiffAug, fade_blur_schedule
+from xqtool.losses.gan import (
+    GAN_LOSSES,
+    LeCam,
+    adaptive_weight,
+    disc_loss_fn,
+    disc_weight_at,
+    gen_loss_fn,
+)
+from xqtool.losses.semantic import SemanticDistillLoss, clip_infonce, semantic_scale
+
+__all__ = [
+    "GAN_LOSSES",
+    "DiffAug",
+    "LeCam",
+    "SemanticDistillLoss",
+    "adaptive_weight",
+    "clip_infonce",
+    "disc_loss_fn",
+    "disc_weight_at",
+    "fade_blur_schedule",
+    "gen_loss_fn",
+    "semantic_scale",
+]
