@@ -1,0 +1,418 @@
+"""`xqtool encode`: images -> token ids [N, P, L] with a manifest, streaming and resumable.
+
+Work is cut into *units*: one input shard each, or ``unit_size`` consecutive files of a folder / list.
+Each process (Accelerate; units ``u`` with ``u % world == rank``) and each of its DataLoader workers
+encodes whole units and writes every finished unit atomically into ``OUT.partial/``. Re-running after an
+interruption keeps the finished units and encodes only the rest. When all units are done the main
+process merges them into the final output, which appears atomically:
+
+* ``OUT`` ending in ``.npy``: one int16/int32 array [N, P, L] (filled unit by unit through a memory map,
+  never held whole) + ``OUT.json``; skipped inputs in ``OUT.skipped.txt``;
+* otherwise a folder of token shards ``tokens-000000.tar`` ... + ``manifest.json`` (+ ``skipped.txt``).
+
+Memory is bounded by the batch size and the token rows of the units in flight, not by the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from xqtool.data.images import check_policy, process_records
+from xqtool.data.shards import iter_shard_records, write_token_shard
+from xqtool.data.sources import SourceLike, SourceSpec, file_records, resolve_source
+from xqtool.data.tokens import TokenManifest, manifest_path, token_dtype
+from xqtool.data.transforms import EVAL_PREPROCESSING, view_names, view_transform
+from xqtool.errors import ConfigError, DataError
+from xqtool.fsutil import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("none", "flip", "ten-crop")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+UNITS_DIR = "_units"
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class EncodeResult:
+    """Outcome of :func:`encode_images` (on non-main processes ``output`` is None)."""
+
+    output: Optional[Path]
+    count: int
+    skipped: Dict[str, str] = field(default_factory=dict)
+    manifest: Optional[TokenManifest] = None
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    units_total: int = 0
+    units_resumed: int = 0
+    skipped_file: Optional[Path] = None
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def partial_dir(output: Path) -> Path:
+    """Where unfinished work lives: ``OUT.partial`` next to the output."""
+    return output.with_name(output.name + ".partial")
+
+
+def skipped_path(output: Path) -> Path:
+    """``OUT.skipped.txt`` for a .npy output, ``OUT/skipped.txt`` for a shard folder."""
+    return output.with_name(output.name + ".skipped.txt") if output.suffix == ".npy" else output / "skipped.txt"
+
+
+def _unit_meta(work: Path, u: int) -> Path:
+    return work / UNITS_DIR / f"unit-{u:06d}.json"
+
+
+def _unit_npy(work: Path, u: int) -> Path:
+    return work / UNITS_DIR / f"unit-{u:06d}.npy"
+
+
+def _unit_shard_name(u: int) -> str:
+    return f"tokens-{u:06d}.tar"
+
+
+# ------------------------------------------------------------------------------------------ units
+
+
+def _units(spec: SourceSpec, unit_size: int) -> List[Any]:
+    """Unit u -> list of FileItems (files) or a shard URL."""
+    if spec.kind == "shards":
+        return list(spec.urls)
+    return [spec.items[i : i + unit_size] for i in range(0, len(spec.items), unit_size)]
+
+
+def _plan(spec: SourceSpec, unit_size: int, manifest: TokenManifest, output: Path) -> Dict[str, Any]:
+    h = hashlib.sha256()
+    if spec.kind == "files":
+        for it in spec.items:
+            h.update(f"{it.path}\t{it.key}\t{it.label}\n".encode())
+    else:
+        for u in spec.urls:
+            h.update(f"{u}\n".encode())
+    return {
+        "source": spec.description,
+        "listing_sha256": h.hexdigest(),
+        "unit_size": unit_size if spec.kind == "files" else None,
+        "config_hash": manifest.config_hash,
+        "augmentation": manifest.augmentation,
+        "image_size": manifest.image_size,
+        "output_kind": "npy" if output.suffix == ".npy" else "shards",
+    }
+
+
+class _UnitStream(IterableDataset):
+    """Samples of the given units; each DataLoader worker takes whole units and ends each with a marker.
+
+    Sample: {"image": [3,S,S], "unit", "key", "path", "label", "view"}; marker: {"image": None,
+    "unit", "bad": [(name, reason)]} after the unit's last sample.
+    """
+
+    def __init__(self, units: List[Any], unit_ids: List[int], kind: str, image_size: int, augmentation: str,
+                 bad_files: str) -> None:
+        super().__init__()
+        self.units, self.unit_ids, self.kind = units, unit_ids, kind
+        self.image_size, self.augmentation, self.bad_files = image_size, augmentation, bad_files
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        views = view_transform(self.image_size, self.augmentation)
+        suffixes = view_names(self.augmentation)
+        for u in self.unit_ids[worker::nworkers]:
+            unit = self.units[u]
+            records = file_records(unit) if self.kind == "files" else iter_shard_records(unit)
+            bad: List[Tuple[str, str]] = []
+            for rec, tensors in process_records(
+                records, views, bad_files=self.bad_files, on_bad=lambda n, r: bad.append((n, r))
+            ):
+                for vi, (t, suffix) in enumerate(zip(tensors, suffixes)):
+                    yield {"image": t, "unit": u, "key": rec.key + suffix, "path": rec.name,
+                           "label": int(rec.label), "view": vi}
+            yield {"image": None, "unit": u, "bad": bad}
+
+
+def _collate(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    real = [s for s in samples if s["image"] is not None]
+    return {
+        "image": torch.stack([s["image"] for s in real]) if real else None,
+        "rows": [{k: s[k] for k in ("unit", "key", "path", "label", "view")} for s in real],
+        "ends": [(s["unit"], s["bad"]) for s in samples if s["image"] is None],
+    }
+
+
+# ------------------------------------------------------------------------------------------ writing units
+
+
+def _write_unit(work: Path, u: int, rows: List[Dict[str, Any]], tokens: List[np.ndarray], bad: List[Tuple[str, str]],
+                shards: bool, dtype: np.dtype) -> None:
+    """Persist one finished unit atomically; its JSON (written last) marks it done."""
+    arr = np.stack(tokens).astype(dtype) if tokens else None
+    meta: Dict[str, Any] = {
+        "unit": u,
+        "count": len(rows),
+        "keys": [r["key"] for r in rows],
+        "paths": [r["path"] for r in rows],
+        "labels": [r["label"] for r in rows],
+        "bad": [list(b) for b in bad],
+    }
+    if shards:
+        if arr is not None:
+            with atomic_path(work / _unit_shard_name(u)) as tmp:
+                write_token_shard(
+                    tmp,
+                    ({"key": r["key"], "tokens": t, "label": r["label"],
+                      "meta": {"key": r["key"], "path": r["path"], "label": r["label"], "view": r["view"]}}
+                     for r, t in zip(rows, arr)),
+                )
+            meta["shard"] = _unit_shard_name(u)
+    elif arr is not None:
+        with atomic_path(_unit_npy(work, u)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
+    atomic_write_text(_unit_meta(work, u), json.dumps(meta) + "\n")
+
+
+def _done_units(work: Path) -> Dict[int, Path]:
+    out = {}
+    for p in (work / UNITS_DIR).glob("unit-*.json"):
+        try:
+            out[int(p.stem.split("-")[1])] = p
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def _prepare_work_dir(work: Path, plan: Dict[str, Any], is_main: bool) -> None:
+    plan_file = work / PLAN_FILE
+    if is_main:
+        if plan_file.exists():
+            try:
+                old = json.loads(plan_file.read_text())
+            except ValueError:
+                old = None
+            if old != plan:
+                log.warning("discarding unfinished work in %s: it was for a different source or tokenizer", work)
+                shutil.rmtree(work)
+        (work / UNITS_DIR).mkdir(parents=True, exist_ok=True)
+        if not plan_file.exists():
+            atomic_write_text(plan_file, json.dumps(plan, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ merge
+
+
+def _merge(work: Path, output: Path, n_units: int, manifest: TokenManifest, dtype: np.dtype) -> Tuple[TokenManifest, Dict[str, str]]:
+    done = _done_units(work)
+    missing = [u for u in range(n_units) if u not in done]
+    if missing:
+        raise DataError(f"{len(missing)} work units are unfinished (first: {missing[0]}): re-run the same command to resume")
+    metas = [json.loads(done[u].read_text()) for u in range(n_units)]
+    skipped: Dict[str, str] = {}
+    for m in metas:
+        for name, reason in m["bad"]:
+            skipped[name] = reason
+    total = sum(m["count"] for m in metas)
+    manifest.count = total
+    manifest.dtype = dtype.name
+    manifest.skipped = len(skipped)
+    P, L = manifest.num_branches, manifest.tokens_per_branch
+    if output.suffix == ".npy":
+        keys: List[str] = []
+        paths: List[str] = []
+        labels: List[int] = []
+        with atomic_path(output) as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, P, L))
+            row = 0
+            for u, m in enumerate(metas):
+                keys += m["keys"]
+                paths += m["paths"]
+                labels += m["labels"]
+                if m["count"]:
+                    part = np.load(_unit_npy(work, u), mmap_mode="r")
+                    arr[row : row + m["count"]] = part
+                    row += m["count"]
+            arr.flush()
+            del arr
+        manifest.keys, manifest.paths, manifest.labels = keys, paths, labels
+        manifest.save(manifest_path(output))
+        sp = skipped_path(output)
+        if skipped:
+            atomic_write_text(sp, "".join(f"{n}\t{r}\n" for n, r in sorted(skipped.items())))
+        elif sp.exists():
+            sp.unlink()
+        shutil.rmtree(work)
+    else:
+        manifest.shards = [{"name": m["shard"], "count": m["count"]} for m in metas if m.get("shard")]
+        shutil.rmtree(work / UNITS_DIR)
+        (work / PLAN_FILE).unlink()
+        manifest.save(work / "manifest.json")
+        if skipped:
+            (work / "skipped.txt").write_text("".join(f"{n}\t{r}\n" for n, r in sorted(skipped.items())))
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(work, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work, output)
+    return manifest, skipped
+
+
+# ------------------------------------------------------------------------------------------ main entry
+
+
+def _load_tok(ckpt: Union[str, Path], config: Optional[Union[str, Path]], device: torch.device) -> Any:
+    from xqtool.checkpoint import load_tokenizer
+
+    return load_tokenizer(ckpt, config=config, map_location=device)
+
+
+def encode_images(
+    source: SourceLike,
+    output: Union[str, Path],
+    *,
+    ckpt: Optional[Union[str, Path]] = None,
+    config: Optional[Union[str, Path]] = None,
+    tokenizer: Any = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: Optional[str] = None,
+    precision: str = "fp32",
+    augmentation: str = "none",
+    bad_files: str = "skip",
+    unit_size: int = 1000,
+    progress: Optional[Callable[[int], None]] = None,
+    on_start: Optional[Callable[[Optional[int]], None]] = None,
+) -> EncodeResult:
+    """Encode every image of `source` into token ids; see the module docstring for outputs.
+
+    Args:
+        source: any image source of :func:`xqtool.data.sources.resolve_source`.
+        output: ``X.npy`` or a folder for token shards.
+        ckpt / config: tokenizer checkpoint (xqtool dir or official .pt) and optional config YAML;
+            or pass a built ``tokenizer`` (tests).
+        augmentation: 'none', 'flip' (2 rows per image, keys ``k`` and ``k@flip``) or 'ten-crop'
+            (10 rows, keys ``k@crop0`` .. ``k@crop9``); recorded in the manifest.
+        unit_size: files per resumable work unit (folder / list sources).
+        progress: called with the number of images (views) just encoded.
+        on_start: called once with the number of images to encode now (None when unknown: shards).
+    """
+    from accelerate import PartialState
+
+    if augmentation not in AUGMENTATIONS:
+        raise ConfigError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, not {augmentation!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
+    if batch_size < 1 or unit_size < 1:
+        raise ConfigError("--batch-size and the unit size must be at least 1")
+    check_policy(bad_files)
+    output = Path(output)
+    state = PartialState()
+    dev = torch.device(device) if device else state.device
+    spec = resolve_source(source)
+
+    tok = tokenizer if tokenizer is not None else _load_tok(_require(ckpt), config, dev)
+    tok = tok.to(dev).eval()
+    n_views = len(view_names(augmentation))
+    manifest = TokenManifest.from_tokenizer(
+        tok,
+        checkpoint=str(ckpt) if ckpt is not None else "",
+        preprocessing=EVAL_PREPROCESSING,
+        augmentation=augmentation,
+        views=n_views,
+        source=spec.description,
+        classes=spec.classes,
+    )
+    dtype = token_dtype(tok.codebook_size)
+    units = _units(spec, unit_size)
+    work = partial_dir(output)
+    _prepare_work_dir(work, _plan(spec, unit_size, manifest, output), state.is_main_process)
+    state.wait_for_everyone()
+
+    done_before = _done_units(work)
+    mine = [u for u in range(len(units)) if u % state.num_processes == state.process_index and u not in done_before]
+    if on_start is not None:
+        on_start(sum(len(units[u]) for u in mine) * n_views if spec.kind == "files" else None)
+
+    start = time.perf_counter()
+    n_encoded = _encode_units(
+        tok, units, mine, spec.kind, work, dtype, output.suffix != ".npy",
+        image_size=int(tok.image_size), augmentation=augmentation, bad_files=bad_files,
+        batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision, progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    state.wait_for_everyone()
+    result = EncodeResult(None, n_encoded, seconds=seconds, images_per_s=n_encoded / max(seconds, 1e-9),
+                          units_total=len(units), units_resumed=len(done_before))
+    if not state.is_main_process:
+        return result
+    manifest, skipped = _merge(work, output, len(units), manifest, dtype)
+    result.output = output
+    result.count = manifest.count
+    result.manifest = manifest
+    result.skipped = skipped
+    result.skipped_file = skipped_path(output) if skipped else None
+    return result
+
+
+def _require(ckpt: Optional[Union[str, Path]]) -> Union[str, Path]:
+    if ckpt is None:
+        raise ConfigError("--ckpt is required: give a tokenizer checkpoint directory or official .pt file")
+    return ckpt
+
+
+def _encode_units(
+    tok: Any, units: List[Any], mine: List[int], kind: str, work: Path, dtype: np.dtype, shards: bool, *,
+    image_size: int, augmentation: str, bad_files: str, batch_size: int, num_workers: int,
+    device: torch.device, precision: str, progress: Optional[Callable[[int], None]],
+) -> int:
+    """Encode the units `mine` of this process; write each as it completes -> number of rows encoded."""
+    if not mine:
+        return 0
+    ds = _UnitStream(units, mine, kind, image_size, augmentation, bad_files)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    amp_dtype = PRECISIONS[precision]
+    amp = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    pending: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}
+    n = 0
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        except DataError as exc:
+            from xqtool.data.images import _one_line_data_error
+
+            raise _one_line_data_error(exc) from None
+        if batch["image"] is not None:
+            with torch.inference_mode(), amp:
+                codes = tok.encode(batch["image"].to(device, non_blocking=True))
+            codes_np = codes.cpu().numpy()
+            for row, t in zip(batch["rows"], codes_np):
+                rows, toks = pending.setdefault(row["unit"], ([], []))
+                rows.append(row)
+                toks.append(t)
+            n += len(batch["rows"])
+            if progress is not None:
+                progress(len(batch["rows"]))
+        for u, bad in batch["ends"]:
+            rows, toks = pending.pop(u, ([], []))
+            _write_unit(work, u, rows, toks, bad, shards, dtype)
+    return n
