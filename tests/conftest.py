@@ -1,0 +1,62 @@
+"""Shared fixtures: real photos from scikit-image, tiny configs, seeded RNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "tokenizer"
+
+
+def photo_crops(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """`n` distinct uint8 RGB crops [n, size, size, 3] cut from scikit-image's sample photos."""
+    from skimage import data, transform
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w)))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = transform.resize(img[y : y + side, x : x + side], (size, size), anti_aliasing=True)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append((crop * 255).round().astype(np.uint8))
+    return np.stack(out)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def images32() -> torch.Tensor:
+    """8 real photo crops as a [8, 3, 32, 32] tensor in [-1, 1]."""
+    return to_tensor(photo_crops(8, 32))
+
+
+@pytest.fixture
+def tiny_cnn_cfg():
+    from xqtool.config import load_tokenizer_config
+
+    return load_tokenizer_config(CONFIGS / "tiny-cnn.yaml")
+
+
+@pytest.fixture
+def tiny_vit_cfg():
+    from xqtool.config import load_tokenizer_config
+
+    return load_tokenizer_config(CONFIGS / "tiny-vit.yaml")

@@ -1,0 +1,314 @@
+"""Checkpoints: xqtool's own format, safe loading, and official XQ-GAN `.pt` import.
+
+xqtool format: a directory with ``model.safetensors`` (+ ``ema.safetensors``) and the resolved
+``config.yaml``, written atomically (temp dir + rename).
+
+Official XQ-GAN files are ``torch.save`` dicts with ``model`` / ``ema`` / ``optimizer`` /
+``discriminator`` / ``optimizer_disc`` / ``steps`` / ``args`` (an ``argparse.Namespace``). They are
+read with ``torch.load(weights_only=True)`` and an allow-list of exactly ``argparse.Namespace``;
+nothing in the file can run code. Keys are mapped onto xqtool's names (teacher weights dropped,
+LoRA-wrapped backbones merged), then loaded strictly: missing, unexpected or mis-shaped keys are
+reported by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from xqtool.config import TokenizerConfig, load_tokenizer_config, save_config_yaml, tokenizer_config_from_args
+from xqtool.errors import CheckpointError, ConfigError
+from xqtool.fsutil import atomic_dir
+
+PathLike = Union[str, Path]
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+CONFIG_FILE = "config.yaml"
+
+# Prefixes of frozen teachers stored inside official checkpoints (not needed for inference).
+TEACHER_PREFIXES = ("semantic_model.", "detail_model.")
+# Persistent buffers of the reference that xqtool recomputes.
+RECOMPUTED_KEYS = re.compile(r"(^|\.)lvl1LC$")
+
+
+# ------------------------------------------------------------------------------------ safe loading
+
+
+def safe_torch_load(path: PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` with ``argparse.Namespace`` allowed; CheckpointError otherwise.
+
+    A pickle that would import anything else (code execution) is refused, as are truncated or
+    non-PyTorch files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, expected a .pt/.pth file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        hint = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" (it references {hint.group(1)})" if hint else ""
+        raise CheckpointError(
+            f"{path} cannot be loaded safely{what}: only tensors and plain containers are allowed ({first[:120]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({msg[:160]})") from None
+
+
+def _load_safetensors(path: Path) -> Dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({str(exc)[:160]})") from None
+
+
+# ------------------------------------------------------------------------------------ key mapping
+
+
+def _merge_lora(state: Dict[str, Tensor], scale: float = 1.0) -> Dict[str, Tensor]:
+    """Undo a peft LoRA wrapping: ``X.base_model.model.Y`` → ``X.Y``; W ← W + scale·B·A; keep modules_to_save copies."""
+    out: Dict[str, Tensor] = {}
+    lora_a: Dict[str, Tensor] = {}
+    lora_b: Dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = key.replace(".base_model.model.", ".")
+        m = re.match(r"(.*)\.lora_([AB])\.default\.weight$", key)
+        if m:
+            (lora_a if m.group(2) == "A" else lora_b)[m.group(1)] = value
+            continue
+        if ".original_module." in key:
+            continue
+        key = key.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
+        out[key] = value
+    for module, a in lora_a.items():
+        b = lora_b.get(module)
+        weight = f"{module}.weight"
+        if b is None or weight not in out:
+            raise CheckpointError(f"LoRA weights for '{module}' are incomplete in the checkpoint")
+        out[weight] = out[weight] + scale * (b.float() @ a.float()).to(out[weight].dtype)
+    return out
+
+
+def map_official_tokenizer_keys(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Official XQ-GAN ``VQModel`` state_dict → xqtool ``XQTokenizer`` names."""
+    state = dict(state)
+    if any(".lora_A." in k or ".base_model.model." in k for k in state):
+        state = _merge_lora(state)
+    out: Dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(TEACHER_PREFIXES) or RECOMPUTED_KEYS.search(key):
+            continue
+        if key.startswith("module."):
+            key = key[len("module.") :]
+        if key.startswith("quantizes."):
+            key = "quantizer." + key
+        elif key.startswith("quantize."):
+            key = "quantizer.quantizes.0." + key[len("quantize.") :]
+        out[key] = value
+    return out
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Load `state` into `model`; CheckpointError naming the first missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: {list(state[k].shape)} in {source} vs {list(own[k].shape)} in the model"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+
+    def few(items: list) -> str:
+        more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+        return ", ".join(items[:3]) + more
+
+    if mismatched:
+        raise CheckpointError(f"{source} does not fit the config: shape mismatch {few(mismatched)}")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {few(unexpected)}")
+        raise CheckpointError(f"{source} does not fit the config: " + "; ".join(parts))
+    model.load_state_dict(dict(state), strict=True)
+
+
+# ------------------------------------------------------------------------------------ xqtool format
+
+
+def _contiguous(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_model_dir(
+    directory: PathLike,
+    state: Mapping[str, Tensor],
+    config: Any,
+    ema_state: Optional[Mapping[str, Tensor]] = None,
+    extra_files: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Write ``model.safetensors`` (+ ``ema.safetensors``) and ``config.yaml`` atomically into `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        save_file(_contiguous(state), str(tmp / MODEL_FILE), metadata={"format": "pt", "xqtool": "1"})
+        if ema_state is not None:
+            save_file(_contiguous(ema_state), str(tmp / EMA_FILE), metadata={"format": "pt", "xqtool": "1"})
+        (tmp / CONFIG_FILE).write_text(config if isinstance(config, str) else save_config_yaml(config))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return directory
+
+
+def save_tokenizer(
+    directory: PathLike,
+    tokenizer: nn.Module,
+    ema_state: Optional[Mapping[str, Tensor]] = None,
+    extra_files: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Save an :class:`XQTokenizer` (and optionally its EMA weights) in xqtool's format."""
+    return save_model_dir(directory, tokenizer.state_dict(), tokenizer.config, ema_state, extra_files)
+
+
+def is_xqtool_dir(path: PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------ official format
+
+
+def _args_dict(args: Any) -> Dict[str, Any]:
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if isinstance(args, Mapping):
+        return dict(args)
+    return {}
+
+
+def read_official_tokenizer(path: PathLike, prefer_ema: bool = True) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """Official XQ-GAN file → (xqtool-named state_dict, args dict). Raises CheckpointError on foreign files."""
+    blob = safe_torch_load(path)
+    if not isinstance(blob, Mapping):
+        raise CheckpointError(f"{path} holds a {type(blob).__name__}, not an XQ-GAN checkpoint dict")
+    if "trainer" in blob or "var_wo_ddp" in blob:
+        raise CheckpointError(f"{path} is a VAR generator checkpoint, not a tokenizer (use it with `xqtool sample`)")
+    order = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
+    state = next((blob[k] for k in order if isinstance(blob.get(k), Mapping)), None)
+    if state is None:
+        if blob and all(isinstance(v, Tensor) for v in blob.values()):
+            state = blob  # a bare state_dict
+        else:
+            keys = ", ".join(list(map(str, blob.keys()))[:6])
+            raise CheckpointError(f"{path} has no 'ema', 'model' or 'state_dict' entry (top-level keys: {keys})")
+    if not any(str(k).startswith(("encoder.", "decoder.", "quantize")) for k in state):
+        raise CheckpointError(f"{path} does not look like an XQ-GAN tokenizer (no encoder/decoder/quantizer keys)")
+    return map_official_tokenizer_keys(state), _args_dict(blob.get("args"))
+
+
+def _resolve_config(config: Union[None, PathLike, TokenizerConfig, Mapping[str, Any]]) -> Optional[TokenizerConfig]:
+    if config is None or isinstance(config, TokenizerConfig):
+        return config
+    return load_tokenizer_config(config)
+
+
+def load_tokenizer(
+    path: PathLike,
+    config: Union[None, PathLike, TokenizerConfig, Mapping[str, Any]] = None,
+    map_location: Union[str, torch.device] = "cpu",
+    prefer_ema: bool = True,
+) -> nn.Module:
+    """Load an xqtool checkpoint directory or an official XQ-GAN ``.pt`` into an :class:`XQTokenizer` (eval mode).
+
+    Config: `config` when given, else the directory's ``config.yaml`` or the official file's ``args``.
+    """
+    from xqtool.models.tokenizer import build_tokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    cfg = _resolve_config(config)
+    if path.is_dir():
+        if not is_xqtool_dir(path):
+            raise CheckpointError(f"{path} is not an xqtool checkpoint directory (needs {MODEL_FILE} and {CONFIG_FILE})")
+        if cfg is None:
+            try:
+                cfg = load_tokenizer_config(path / CONFIG_FILE)
+            except ConfigError as exc:
+                raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from None
+        weights = path / (EMA_FILE if prefer_ema and (path / EMA_FILE).is_file() else MODEL_FILE)
+        state = _load_safetensors(weights)
+        source = str(weights)
+    else:
+        if path.suffix == ".safetensors":
+            state, args = map_official_tokenizer_keys(_load_safetensors(path)), {}
+        else:
+            state, args = read_official_tokenizer(path, prefer_ema=prefer_ema)
+        if cfg is None:
+            if not args:
+                raise CheckpointError(f"{path} carries no config ('args'): pass --config CFG.yaml")
+            try:
+                cfg = tokenizer_config_from_args(args)
+            except ConfigError as exc:
+                raise CheckpointError(f"the config stored in {path} is invalid: {exc}") from None
+        source = str(path)
+    with torch.device("meta"):
+        probe = build_tokenizer(cfg)
+    own_keys = probe.state_dict()
+    _check_fit(own_keys, state, source)
+    tok = build_tokenizer(cfg)
+    load_state_strict(tok, state, source)
+    return tok.to(map_location).eval()
+
+
+def _check_fit(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
+    """Cheap pre-check on the meta model so a wrong file fails before the real model is allocated."""
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    if mismatched or missing or any(k not in own for k in state):
+        load_state_strict(_ShapeOnly(own), state, source)
+
+
+class _ShapeOnly(nn.Module):
+    """Minimal module whose state_dict is a given shape table (for error reporting only)."""
+
+    def __init__(self, table: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self._table = dict(table)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Tensor]:  # type: ignore[override]
+        return self._table
+
+
+def read_config_yaml(directory: PathLike) -> Dict[str, Any]:
+    """The raw ``config.yaml`` mapping of an xqtool checkpoint directory."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a YAML mapping")
+    return data
