@@ -193,6 +193,8 @@ def test_vit_shapes_properties_and_buffers():
     assert p1.lvl_embed.num_embeddings == 2 and p1(x).shape == (2, 4, 64)
     with pytest.raises(ConfigError, match="perfect square"):
         ViTEncoder(DINO, image_size=32, patch_size=4, num_latent_tokens=10, **TINY)
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        ViTEncoder("vit_nonexistent_model", image_size=32, patch_size=4, num_latent_tokens=4, **TINY)
     with pytest.raises(ConfigError, match="multiple"):
         ViTDecoder(DINO, image_size=30, patch_size=4, num_latent_tokens=4, **TINY)
 
@@ -390,6 +392,11 @@ def test_load_resamples_patch14_to_patch16(tmp_path, empty_caches):
     want_w = resample_patch_embed(sd["patch_embed.proj.weight"], (16, 16), interpolation="bicubic", antialias=True)
     torch.testing.assert_close(dst.patch_embed.proj.weight.detach(), want_w)
     assert torch.equal(dst.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+    # original (facebookresearch) DINOv2 layout carries a mask_token; the decoder backbone drops the patch kernel
+    torch.save({**sd, "mask_token": torch.zeros(1, 64)}, tmp_path / "dinov2_fb.pth")
+    dec = ViTDecoder(DINO, image_size=64, patch_size=16, num_latent_tokens=4, **TINY)
+    load_backbone_weights(dec.model, tmp_path / "dinov2_fb.pth", kind="DINOv2", env_var="XQTOOL_DINOV2_WEIGHTS")
+    torch.testing.assert_close(dec.model.pos_embed.detach(), want_pos)
 
 
 def test_load_from_local_hub_cache(tmp_path, empty_caches):
