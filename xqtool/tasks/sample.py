@@ -1,0 +1,209 @@
+"""``xqtool sample``: class-conditional images from a VAR + its frozen tokenizer (spec var.md §4).
+
+Labels: ``classes`` (list) each repeated ``per_class`` times, or ``per_class`` over all classes (class-major:
+image i has class i // per_class), or ``num_samples`` cycling over the given / all classes.
+Image i (global index) is drawn with its own generator seeded ``seed + i``, so the output does not depend on
+the batch size or the number of processes (``upstream_rng=True`` instead seeds one generator per batch with
+``seed + batch start``, upstream's scheme, which does depend on the batch size).
+Outputs: PNGs ``DIR/{i:06d}.png``, and/or an ``.npz`` with ``arr_0`` uint8 [N, H, W, 3] (FID tools), and/or a
+preview grid. Multi-GPU: each Accelerate process takes a contiguous slice; the main process merges the npz.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from xqtool.errors import ConfigError
+from xqtool.fsutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["plan_labels", "parse_classes", "sample_images", "SampleResult", "to_uint8"]
+
+
+@dataclass
+class SampleResult:
+    """What :func:`sample_images` produced."""
+
+    count: int
+    seconds: float
+    images_per_s: float
+    out_dir: Optional[Path]
+    npz: Optional[Path]
+    grid: Optional[Path]
+    peak_mem_mb: float = 0.0
+
+
+def parse_classes(spec: Union[str, Sequence[int], None]) -> Optional[List[int]]:
+    """'1,207,980' → [1, 207, 980]; None/'' → None."""
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, str):
+        try:
+            return [int(s) for s in spec.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise ConfigError(f"--classes must be comma-separated integers like 1,207,980, got '{spec}'") from None
+    return [int(c) for c in spec]
+
+
+def plan_labels(num_classes: int, classes: Optional[Sequence[int]] = None, per_class: Optional[int] = None,
+                num_samples: Optional[int] = None) -> List[int]:
+    """The label of every image, in global index order."""
+    pool = list(classes) if classes else list(range(num_classes))
+    bad = [c for c in pool if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(f"class {bad[0]} is out of range: the model has classes 0..{num_classes - 1}")
+    if per_class is not None:
+        if per_class < 1:
+            raise ConfigError("--per-class must be >= 1")
+        labels = [c for c in pool for _ in range(per_class)]
+        return labels[:num_samples] if num_samples else labels
+    if not num_samples or num_samples < 1:
+        raise ConfigError("give --num-samples N or --per-class N")
+    return [pool[i % len(pool)] for i in range(num_samples)]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3] (rounded)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def sample_images(
+    var: Any,
+    tokenizer: Any,
+    labels: Sequence[int],
+    *,
+    cfg: float = 3.25,
+    top_k: int = 750,
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 25,
+    out_dir: Optional[Union[str, Path]] = None,
+    npz: Optional[Union[str, Path]] = None,
+    grid: Optional[Union[str, Path]] = None,
+    use_cache: bool = True,
+    precision: str = "fp32",
+    upstream_rng: bool = False,
+    cpu: bool = False,
+    console: Any = None,
+) -> SampleResult:
+    """Sample ``len(labels)`` images. `var` / `tokenizer` are models or checkpoint paths (loaded frozen, eval)."""
+    from accelerate import Accelerator
+
+    from xqtool.models.var_sampling import sample_tokens
+
+    if out_dir is None and npz is None and grid is None:
+        raise ConfigError("nothing to write: give -o DIR, --npz FILE and/or --grid FILE")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
+    accelerator = Accelerator(cpu=cpu)
+    device = accelerator.device
+    if isinstance(var, (str, Path)):
+        from xqtool.var_checkpoint import load_var
+
+        var, _ = load_var(var)
+    if isinstance(tokenizer, (str, Path)):
+        from xqtool.checkpoint import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    var = var.to(device).eval().requires_grad_(False)
+    tokenizer = tokenizer.to(device).eval().requires_grad_(False)
+    from xqtool.tasks.train_var import check_tokenizer_fit
+
+    check_tokenizer_fit(var.config, tokenizer)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    n = len(labels)
+    mine = np.array_split(np.arange(n), accelerator.num_processes)[accelerator.process_index]
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    keep = npz is not None or grid is not None
+    chunks: List[np.ndarray] = []
+    progress = None
+    if console is not None and accelerator.is_main_process:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("[bold]sample"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console)
+        progress.start()
+        task = progress.add_task("sample", total=len(mine), rate="")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start:start + batch_size]
+            lab = torch.tensor([labels[i] for i in idx], device=device)
+            if upstream_rng:
+                gen = torch.Generator(device=device).manual_seed(seed + int(idx[0]))
+                out = sample_tokens(var, tokenizer.quantizer, lab, cfg=cfg, top_k=top_k, top_p=top_p,
+                                    temperature=temperature, generator=gen, use_cache=use_cache, amp_dtype=amp)
+            else:
+                out = sample_tokens(var, tokenizer.quantizer, lab, cfg=cfg, top_k=top_k, top_p=top_p,
+                                    temperature=temperature, seeds=[seed + int(i) for i in idx],
+                                    use_cache=use_cache, amp_dtype=amp)
+            with torch.no_grad():
+                images = to_uint8(tokenizer.decode_fhat(out.f_hat))
+            if out_dir is not None:
+                for i, arr in zip(idx, images):
+                    _save_png(out_dir / f"{int(i):06d}.png", arr)
+            if keep:
+                chunks.append(images)
+            done += len(idx)
+            if progress is not None:
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                progress.update(task, advance=len(idx), rate=f"{rate:.2f} img/s")
+    finally:
+        if progress is not None:
+            progress.stop()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0.0
+
+    npz_path = Path(npz) if npz is not None else None
+    grid_path = Path(grid) if grid is not None else None
+    if keep:
+        local = np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 3), np.uint8)
+        if accelerator.num_processes > 1:
+            part = (npz_path or grid_path).with_name(f".{(npz_path or grid_path).name}.part{accelerator.process_index}.npy")
+            np.save(part, local)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                parts = [part.with_name(f".{(npz_path or grid_path).name}.part{r}.npy")
+                         for r in range(accelerator.num_processes)]
+                local = np.concatenate([np.load(p) for p in parts])
+                for p in parts:
+                    p.unlink()
+        if accelerator.is_main_process:
+            if npz_path is not None:
+                npz_path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(npz_path) as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.savez(fh, arr_0=local)
+            if grid_path is not None:
+                from torchvision.utils import make_grid
+
+                k = min(len(local), 64)
+                g = make_grid(torch.from_numpy(local[:k]).permute(0, 3, 1, 2), nrow=int(np.ceil(np.sqrt(k))), padding=2)
+                _save_png(grid_path, g.permute(1, 2, 0).numpy())
+    accelerator.wait_for_everyone()
+    total = n if accelerator.num_processes > 1 else done
+    return SampleResult(count=total, seconds=seconds, images_per_s=done / max(seconds, 1e-9),
+                        out_dir=out_dir, npz=npz_path, grid=grid_path, peak_mem_mb=peak)
