@@ -15,7 +15,7 @@ from xqtool.errors import CheckpointError, ConfigError, WeightsMissingError
 from xqtool.models import pretrained as pretrained_mod
 from xqtool.models.cnn import CNNDecoder, CNNEncoder, cnn_ch_mult
 from xqtool.models.pos_embed import resample_pos_grid
-from xqtool.models.pretrained import load_backbone_weights
+from xqtool.models.pretrained import load_backbone_weights, load_vit_tokenizer_weights, weights_available
 from xqtool.models.teachers import SemanticTeacher, teacher_weights_available
 from xqtool.models.vit import ViTDecoder, ViTEncoder, build_vit_backbone, unpatchify
 
@@ -371,7 +371,7 @@ def test_load_same_shape_safetensors_pth_and_dir(tmp_path, empty_caches, monkeyp
     assert torch.equal(dst.pos_embed, sd["pos_embed"])
     # a ViT decoder backbone (no patch embedding) takes the same file
     dec = ViTDecoder(DINO, image_size=32, patch_size=4, num_latent_tokens=4, **TINY)
-    load_backbone_weights(dec.model, tmp_path / "w.pth", kind="DINOv2", env_var="XQTOOL_DINOV2_WEIGHTS")
+    load_vit_tokenizer_weights(dec, tmp_path / "w.pth", config_key="model.decoder_weights")
     assert torch.equal(dec.model.blocks[1].mlp.fc1.weight, sd["blocks.1.mlp.fc1.weight"])
 
 
@@ -422,6 +422,10 @@ def test_missing_and_bad_weights_errors(tmp_path, empty_caches, monkeypatch):
         "DINOv2 weights for 'vit_base_patch14_dinov2.lvd142m' not found: pass --set model.encoder_weights=PATH "
         "or set XQTOOL_DINOV2_WEIGHTS=PATH (a timm .pth/.safetensors file)"
     )
+    assert not weights_available(None, env_var="XQTOOL_DINOV2_WEIGHTS", model_name=DINO)
+    assert not weights_available(tmp_path / "nope.pth", env_var="XQTOOL_DINOV2_WEIGHTS")
+    torch.save(model.state_dict(), tmp_path / "ok.pth")
+    assert weights_available(tmp_path / "ok.pth", env_var="XQTOOL_DINOV2_WEIGHTS")
     with pytest.raises(WeightsMissingError, match="does not exist"):
         load_backbone_weights(model, tmp_path / "nope.pth", kind="DINOv2", env_var="XQTOOL_DINOV2_WEIGHTS")
     monkeypatch.setenv("XQTOOL_DINOV2_WEIGHTS", str(tmp_path / "nope.pth"))

@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 #: file names looked up inside a weights directory / a hub snapshot, in order
+DINOV2_ENV_VAR = "XQTOOL_DINOV2_WEIGHTS"
+CLIP_ENV_VAR = "XQTOOL_CLIP_WEIGHTS"
+DINO_DISC_ENV_VAR = "XQTOOL_DINO_DISC_WEIGHTS"
+
 WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 _SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -114,6 +118,25 @@ def resolve_weights(
     return None, ""
 
 
+def weights_available(
+    source: Optional[PathLike] = None,
+    *,
+    env_var: str,
+    kind: str = "",
+    model_name: Optional[str] = None,
+    use_cache: bool = True,
+) -> bool:
+    """True when weights can be found offline: existing ``source``, existing ``$env_var``, or (with a timm
+    ``model_name``) the local hub cache. Never raises for missing paths and never reads the weights.
+    ``kind`` is a label only (kept for symmetry with :func:`load_backbone_weights`).
+    """
+    try:
+        path, _ = resolve_weights(model_name or "", source, env_var, use_cache=use_cache and bool(model_name))
+    except WeightsMissingError:
+        return False
+    return path is not None
+
+
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file (weights_only), unwrapping model/state_dict/ema."""
     path = Path(path)
@@ -191,3 +214,21 @@ def load_backbone_weights(
         )
     logger.info("loaded %s weights for %s from %s (%s)", kind, name, path, origin)
     return str(path)
+
+
+def load_vit_tokenizer_weights(
+    module: nn.Module,
+    source: Optional[PathLike],
+    *,
+    config_key: str = "model.encoder_weights",
+    use_cache: bool = True,
+) -> str:
+    """Load DINOv2 weights into a :class:`~xqtool.models.vit.ViTEncoder` / ``ViTDecoder`` backbone (``module.model``).
+
+    Source order as :func:`load_backbone_weights` with ``$XQTOOL_DINOV2_WEIGHTS``; the decoder simply drops the patch
+    kernel. Latent tokens, level embeddings, mask token and ``to_pixel`` keep their random init.
+    """
+    backbone = getattr(module, "model", module)
+    return load_backbone_weights(
+        backbone, source, kind="DINOv2", env_var=DINOV2_ENV_VAR, config_key=config_key, use_cache=use_cache
+    )
