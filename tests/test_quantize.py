@@ -387,3 +387,24 @@ def test_single_quantizer_matches_vq4096_layout():
     assert isinstance(q, VectorQuantizer)
     assert _keys(q, "quantize.") == _layout("VQ-4096", "quantize.")
     assert isinstance(build_branch_quantizer(codebook_size=16, dim=4, scales=SMALL, side=5, lfq=True), MultiScaleLFQ)
+
+
+# ---- RobustTok perturbation ---------------------------------------------------------------------------
+
+
+def test_latent_perturbation_first_samples_and_schedule():
+    from xqtool.quantize.perturb import perturb_latent, perturbation_schedule
+
+    q = _make("vq").eval()
+    z = torch.randn(4, 8, 6, 6, requires_grad=True)
+    zq = q(z).quantized
+    assert perturb_latent(q, z, zq, alpha=0.0, beta=0.5, delta=8) is zq
+    out = perturb_latent(q, z, zq, alpha=1.0, beta=0.5, delta=8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[2:], zq[2:])
+    assert not torch.equal(out[:2], zq[:2])
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4, 6, 6))  # still codebook rows (unit)
+    out.sum().backward()
+    assert float(z.grad.abs().sum()) > 0
+    assert perturbation_schedule(10, 1.0, 100, 40, 120, 0.5) == (1.0, 100)
+    assert perturbation_schedule(80, 1.0, 100, 40, 120, 0.5) == (0.75, 75)
+    assert perturbation_schedule(200, 1.0, 100, 40, 120, 0.3) == (0.3, 30)
