@@ -34,6 +34,7 @@ import functools
 import io
 import logging
 import random
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -70,7 +71,9 @@ def decode_image(data: Optional[bytes]) -> Image.Image:
     if data is None or len(data) == 0:
         raise BadInput("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
+            img = Image.open(io.BytesIO(data))
         w, h = img.size
         limit = Image.MAX_IMAGE_PIXELS
         if limit and w * h > limit:

@@ -306,18 +306,21 @@ def check_manifest(manifest: TokenManifest, tokenizer: Any) -> None:
         ("tokens_per_branch", manifest.tokens_per_branch, int(tokenizer.tokens_per_branch)),
         ("image_size", manifest.image_size, int(tokenizer.image_size)),
     ]
-    try:
-        from xqtool.config import config_hash
 
-        pairs.append(("config_hash", manifest.config_hash, config_hash(tokenizer.config)))
-    except ImportError:  # pragma: no cover - config module always present in releases
-        pass
+    def differ(name: str, theirs: Any, ours: Any) -> TokenError:
+        return TokenError(
+            f"tokens do not match the tokenizer: {name} is {theirs} in the tokens' manifest but {ours} in the "
+            f"tokenizer (decode with the checkpoint that encoded them: {manifest.checkpoint or 'unknown'})"
+        )
+
     for name, theirs, ours in pairs:
         if theirs != ours:
-            raise TokenError(
-                f"tokens do not match the tokenizer: {name} is {theirs} in the tokens' manifest but {ours} in the "
-                f"tokenizer (decode with the checkpoint that encoded them: {manifest.checkpoint or 'unknown'})"
-            )
+            raise differ(name, theirs, ours)
+    from xqtool.config import config_hash
+
+    ours = config_hash(tokenizer.config)
+    if manifest.config_hash != ours:
+        raise differ("config_hash", manifest.config_hash, ours)
 
 
 def check_token_rows(
