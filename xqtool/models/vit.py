@@ -303,7 +303,9 @@ class ViTDecoder(nn.Module):
         m = self.model
         b, n, e = z.shape
         if n != self._num_latent or e != self.embed_dim:
-            raise ValueError(f"decoder expects [B, {self._num_latent}, {self.embed_dim}] latents, got {tuple(z.shape)}")
+            raise ValueError(
+                f"decoder expects [B, {self._num_latent}, {self.embed_dim}] latents, got {tuple(z.shape)}"
+            )
         num_patches = m.patch_embed.num_patches
         cast = _autocast_dtype(z.device.type)
         with torch.autocast(device_type=z.device.type, enabled=False):
