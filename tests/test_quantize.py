@@ -36,6 +36,15 @@ def _make(kind: str, **kw):
     raise ValueError(kind)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids spin-wait stalls on a shared CPU; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -227,6 +236,11 @@ def test_eval_cache_follows_weight_changes():
     after = q.quantize(z)
     assert all(torch.equal(a, b) for a, b in zip(after, other.quantize(z)))
     assert not all(torch.equal(a, b) for a, b in zip(before, after))
+    # `.data` edits (e.g. an EMA helper) do not bump the version counter; the value probe catches them
+    third = _make("msvq").eval()
+    q.embedding.weight.data.copy_(third.embedding.weight)
+    q.quant_resi.load_state_dict(third.quant_resi.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(q.quantize(z), third.quantize(z)))
 
 
 # ---- VAR interface ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Scales are listed coarse to fine (``scales = (1, 1, 2, 3, ..., H)``); a single-s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -117,6 +117,41 @@ def straight_through(value: Tensor, source: Tensor) -> Tensor:
     no float rounding: eval-mode outputs equal the decoded tokens bit for bit.
     """
     return value.detach() + (source - source.detach())
+
+
+class CodebookCache:
+    """Eval-mode cache of a value derived from a codebook weight (e.g. the normalised codebook).
+
+    The cached value is reused while the weight has the same storage, device, dtype, autograd version
+    counter and a strided probe of its values (the probe also catches ``weight.data.copy_(...)``
+    edits, which do not bump the version counter). Training mode always recomputes.
+    """
+
+    _PROBE_STRIDE = 61
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._probe: Optional[Tensor] = None
+        self._value: Any = None
+
+    def clear(self) -> None:
+        """Drop the cached value."""
+        self._key, self._probe, self._value = None, None, None
+
+    def get(self, weight: Tensor, compute: Callable[[], Any], training: bool) -> Any:
+        """Return ``compute()`` (run without grad, outside inference mode), cached when not ``training``."""
+        if training:
+            with torch.inference_mode(False), torch.no_grad():
+                return compute()
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape))
+        probe = weight.detach().reshape(-1)[:: self._PROBE_STRIDE]
+        if self._key == key and self._probe is not None and torch.equal(self._probe, probe):
+            return self._value
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+            self._probe = probe.clone()
+        self._key, self._value = key, value
+        return value
 
 
 def check_index_list(indices: Sequence[Tensor], scales: Sequence[int], codebook_size: int) -> int:

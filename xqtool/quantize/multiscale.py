@@ -23,6 +23,7 @@ from torch import Tensor
 
 from xqtool.errors import ConfigError
 from xqtool.quantize.base import (
+    CodebookCache,
     QuantOut,
     check_index_list,
     check_scales,
@@ -256,29 +257,21 @@ class MultiScaleVQ(MultiScaleBase):
             self.embedding.weight.uniform_(-1.0 / self.codebook_size, 1.0 / self.codebook_size)
             if self.l2_norm:
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=1))
-        self._cache_key: Optional[tuple] = None
-        self._cache: Optional[Tuple[Tensor, Tensor]] = None
+        self._cache = CodebookCache()
 
     def _search_codebook(self) -> Tuple[Tensor, Tensor]:
         """(codebook used by the search ``[D, K]``, squared row norms ``[K]``), cached in eval mode."""
-        w = self.embedding.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype, self.l2_norm)
-        if not self.training and self._cache is not None and self._cache_key == key:
-            return self._cache
-        with torch.inference_mode(False), torch.no_grad():
-            wf = w.detach().float()
+
+        def compute() -> Tuple[Tensor, Tensor]:
+            wf = self.embedding.weight.detach().float()
             if self.l2_norm:
-                cb = F.normalize(wf, dim=1).t().contiguous()
-                sq = torch.empty(0, device=w.device)
-            else:
-                cb = wf.t().contiguous()
-                sq = wf.square().sum(dim=1)
-        if not self.training:
-            self._cache_key, self._cache = key, (cb, sq)
-        return cb, sq
+                return F.normalize(wf, dim=1).t().contiguous(), wf.new_empty(0)
+            return wf.t().contiguous(), wf.square().sum(dim=1)
+
+        return self._cache.get(self.embedding.weight, compute, self.training)
 
     def train(self, mode: bool = True) -> "MultiScaleVQ":  # noqa: D102
-        self._cache_key, self._cache = None, None
+        self._cache.clear()
         return super().train(mode)
 
     def lookup(self, r: Tensor, si: int) -> Tensor:  # noqa: D102

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from xqtool.errors import ConfigError
 from xqtool.quantize.base import (
+    CodebookCache,
     QuantOut,
     check_index_list,
     check_scales,
@@ -60,8 +61,7 @@ class VectorQuantizer(nn.Module):
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=1))
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(self.codebook_size))
         self.record_hit = 0
-        self._cache_key: Optional[tuple] = None
-        self._cache: Optional[Tuple[Tensor, Tensor]] = None
+        self._cache = CodebookCache()
 
     # ---- codebook --------------------------------------------------------------------------------
     def _codebook(self) -> Tensor:
@@ -71,19 +71,15 @@ class VectorQuantizer(nn.Module):
 
     def _search_codebook(self) -> Tuple[Tensor, Tensor]:
         """(``[K, D]`` codebook, ``[K]`` squared norms) without grad; cached in eval mode."""
-        w = self.embedding.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype, self.l2_norm)
-        if not self.training and self._cache is not None and self._cache_key == key:
-            return self._cache
-        with torch.inference_mode(False), torch.no_grad():
+
+        def compute() -> Tuple[Tensor, Tensor]:
             cb = self._codebook().detach()
-            sq = cb.square().sum(dim=1)
-        if not self.training:
-            self._cache_key, self._cache = key, (cb, sq)
-        return cb, sq
+            return cb, cb.square().sum(dim=1)
+
+        return self._cache.get(self.embedding.weight, compute, self.training)
 
     def train(self, mode: bool = True) -> "VectorQuantizer":  # noqa: D102
-        self._cache_key, self._cache = None, None
+        self._cache.clear()
         return super().train(mode)
 
     def _check_input(self, z: Tensor) -> None:
