@@ -217,7 +217,10 @@ class ToPixel(nn.Module):
 
 
 def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
-    """``[B, g·g, p·p·C] -> [B, C, g·p, g·p]``: pixel (c, p·i + u, p·j + v) = feature (u·p + v)·C + c of token i·g + j."""
+    """``[B, g·g, p·p·C] -> [B, C, g·p, g·p]``.
+
+    Pixel (c, p·i + u, p·j + v) = feature (u·p + v)·C + c of token i·g + j (spec §2.5).
+    """
     b, n, f = tokens.shape
     g = math.isqrt(n)
     p = patch_size
