@@ -4,11 +4,12 @@ _xqtool() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "decode encode eval-fid finetune inspect make-fid-stats make-shards sample train-tokenizer train-var --help --version" -- "$cur") )
+        COMPREPLY=( $(compgen -W "decode demo-images encode eval-fid finetune inspect make-fid-stats make-shards sample train-tokenizer train-var --help --version" -- "$cur") )
         return 0
     fi
     case "$cmd" in
         decode) opts="--batch-size --ckpt --config --device --help --output --precision --progressive" ;;
+        demo-images) opts="--help --per-class --seed --size --val-per-class" ;;
         encode) opts="--bad-files --batch-size --ckpt --config --device --flip --help --num-workers --output --precision --ten-crop --unit-size" ;;
         eval-fid) opts="--bad-files --batch-size --ckpt --config --device --ema --force --help --image-size --inception-weights --is --kid --lpips --lpips-weights --max-images --mode --name --no-ema --no-is --no-kid --num-workers --ref-stats --report --rfid --save-recon --seed --stats-dir --use-npz-stats" ;;
         finetune) opts="--dec --enc --freeze-codebook --from --help --lora-rank --lora-targets --max-steps --no-progress --output-dir --resume --set" ;;

@@ -10,6 +10,13 @@ complete -c xqtool -n '__fish_seen_subcommand_from decode' -l output
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l precision
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l progressive
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -F
+complete -c xqtool -n '__fish_use_subcommand' -a demo-images -d 'Write random crops of scikit-images bundled photos as a class-tree dataset (no network).'
+complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l per-class
+complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l seed
+complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l size
+complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l val-per-class
+complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -F
 complete -c xqtool -n '__fish_use_subcommand' -a encode -d 'Encode images into token ids, streaming (memory bounded by the batch) and resumable.'
 complete -c xqtool -n '__fish_seen_subcommand_from encode' -l bad-files
 complete -c xqtool -n '__fish_seen_subcommand_from encode' -l batch-size

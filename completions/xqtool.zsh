@@ -4,6 +4,7 @@ _xqtool() {
   local -a commands
   commands=(
     'decode:Decode token ids back to PNG images.'
+    'demo-images:Write random crops of scikit-images bundled photos as a class-tree dataset (no network).'
     'encode:Encode images into token ids, streaming (memory bounded by the batch) and resumable.'
     'eval-fid:FID / KID / Inception Score between two image sets, or rFID + PSNR + SSIM + LPIPS of a tokenizer.'
     'finetune:Fine-tune a released or trained tokenizer on your images, then export merged weights.'
@@ -20,6 +21,7 @@ _xqtool() {
   fi
   case "$words[2]" in
     decode) _arguments '--batch-size[]' '--ckpt[]' '--config[]' '--device[]' '--help[]' '--output[]' '--precision[]' '--progressive[]' '*:file:_files' ;;
+    demo-images) _arguments '--help[]' '--per-class[]' '--seed[]' '--size[]' '--val-per-class[]' '*:file:_files' ;;
     encode) _arguments '--bad-files[]' '--batch-size[]' '--ckpt[]' '--config[]' '--device[]' '--flip[]' '--help[]' '--num-workers[]' '--output[]' '--precision[]' '--ten-crop[]' '--unit-size[]' '*:file:_files' ;;
     eval-fid) _arguments '--bad-files[]' '--batch-size[]' '--ckpt[]' '--config[]' '--device[]' '--ema[]' '--force[]' '--help[]' '--image-size[]' '--inception-weights[]' '--is[]' '--kid[]' '--lpips[]' '--lpips-weights[]' '--max-images[]' '--mode[]' '--name[]' '--no-ema[]' '--no-is[]' '--no-kid[]' '--num-workers[]' '--ref-stats[]' '--report[]' '--rfid[]' '--save-recon[]' '--seed[]' '--stats-dir[]' '--use-npz-stats[]' '*:file:_files' ;;
     finetune) _arguments '--dec[]' '--enc[]' '--freeze-codebook[]' '--from[]' '--help[]' '--lora-rank[]' '--lora-targets[]' '--max-steps[]' '--no-progress[]' '--output-dir[]' '--resume[]' '--set[]' '*:file:_files' ;;

@@ -39,9 +39,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from xqtool.cli import data_cmds, eval_cmds, inspect_cmd, train_cmds, var_cmds
+    from xqtool.cli import data_cmds, eval_cmds, inspect_cmd, misc_cmds, train_cmds, var_cmds
 
-    for module in (inspect_cmd, train_cmds, data_cmds, var_cmds, eval_cmds):
+    for module in (inspect_cmd, train_cmds, data_cmds, var_cmds, eval_cmds, misc_cmds):
         module.register(app)
 
 
