@@ -182,3 +182,14 @@ def test_lpips_behaviour_and_gradients(tmp_path, monkeypatch):
     d.mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_low_rank_fid_path_matches_matrix_sqrt():
+    from xqtool.metrics import feature_stats
+
+    rng = np.random.default_rng(1)
+    f1 = rng.normal(size=(20, 64))
+    f2 = rng.normal(loc=0.3, scale=1.5, size=(30, 64))
+    fast = fid_from_features(f1, f2)  # N < F: low-rank identity
+    slow = frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    assert fast == pytest.approx(slow, rel=1e-6)

@@ -1,9 +1,172 @@
-"""Subcommands of this group (not built yet)."""
+"""Evaluation commands: `xqtool eval-fid`, `xqtool make-fid-stats`, `xqtool probe`.
+
+``xqtool eval-fid make-stats DIR --name NAME`` is accepted as an alias of ``xqtool make-fid-stats DIR --name NAME``
+(Typer cannot make a command that is also a group, so the first positional word is checked).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Dict, Optional
+
 import typer
+from rich.table import Table
+
+from xqtool.cli._common import add_command, console
+from xqtool.errors import ConfigError
+
+_MODE_HELP = "clean-fid mode: clean (PIL bicubic to 299, recommended) | legacy_tensorflow (ADM/TF-like) | legacy_pytorch."
+_WEIGHTS_HELP = (
+    "Inception file (inception-2015-12-05.pt; legacy_pytorch: pt_inception-2015-12-05-6726825d.pth) or its folder. "
+    "Default: $XQTOOL_INCEPTION_WEIGHTS, /tmp, ~/.cache/torch/hub/checkpoints, ~/.cache/xqtool. Never downloaded."
+)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _print_report(report: Dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in report["metrics"].items():
+        table.add_row(k, _fmt(v))
+    console.print(table)
+    info = Table(show_header=False, box=None)
+    info.add_column(style="dim")
+    info.add_column()
+    backend = report.get("backend", {})
+    info.add_row("backend", f"{backend.get('library')} / {backend.get('feature_extractor')}")
+    info.add_row("images", ", ".join(f"{k} {v}" for k, v in report.get("image_counts", {}).items()))
+    info.add_row("preprocessing", str(report.get("preprocessing", "")))
+    if report.get("config_hash"):
+        info.add_row("config hash", str(report["config_hash"]))
+    if report.get("report_path"):
+        info.add_row("report", str(report["report_path"]))
+    console.print(info)
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _print_stats(summary: Dict[str, Any]) -> None:
+    console.print(
+        f"[green]saved[/] FID statistics '{summary['name']}' ({summary['count']} images, mode {summary['mode']}, "
+        f"{summary['extractor']}) to {summary['stats_path']}"
+    )
+
+
+def eval_fid(
+    gen: str = typer.Argument(..., help="Generated images: folder, images .npz (arr_0) or stats .npz (mu/sigma). "
+                              "With --rfid: the DATA to reconstruct. 'make-stats' = alias of make-fid-stats."),
+    ref: Optional[str] = typer.Argument(None, help="Reference: folder, images .npz or stats .npz (or use --ref-stats)."),
+    ref_stats: Optional[str] = typer.Option(None, "--ref-stats", help="Custom statistics NAME (see make-fid-stats)."),
+    stats_dir: Optional[Path] = typer.Option(None, "--stats-dir", help="Folder of custom stats (default: "
+                                             "$XQTOOL_FID_STATS_DIR, else clean-fid's stats folder)."),
+    mode: str = typer.Option("clean", "--mode", help=_MODE_HELP),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    num_workers: int = typer.Option(0, "--num-workers", min=0),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=2, help="Use only the first N images per side."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=8,
+                                             help="ADM center crop to SxS first (default: native resolution)."),
+    use_npz_stats: bool = typer.Option(False, "--use-npz-stats", help="For .npz with both images and mu/sigma "
+                                       "(ADM reference batch): use the stored statistics instead of the images."),
+    kid: bool = typer.Option(True, "--kid/--no-kid", help="Also compute KID."),
+    isc: bool = typer.Option(True, "--is/--no-is", help="Also compute the Inception Score of GEN."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the KID subset sampler (and data order)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default fid_report.json / "
+                                          "rfid_report.json in the current folder)."),
+    rfid: bool = typer.Option(False, "--rfid", help="Reconstruction FID of a tokenizer: reconstruct GEN (=DATA)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Tokenizer checkpoint (xqtool dir or official .pt)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Tokenizer config when the checkpoint has none."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use EMA weights when the checkpoint has them."),
+    lpips: str = typer.Option("auto", "--lpips", help="auto (when weights are found) | on | off."),
+    lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="LPIPS weights (else "
+                                                 "$XQTOOL_LPIPS_WEIGHTS / ~/.cache/xqtool/lpips)."),
+    save_recon: Optional[Path] = typer.Option(None, "--save-recon", help="Write reconstructions as PNG here."),
+    bad_files: str = typer.Option("skip", "--bad-files", help="rFID data: skip (count, list) or fail."),
+    name: Optional[str] = typer.Option(None, "--name", help="Only with 'eval-fid make-stats DIR': stats name."),
+    force: bool = typer.Option(False, "--force", help="Only with 'make-stats': overwrite existing stats."),
+) -> None:
+    """FID / KID / Inception Score between two image sets, or rFID + PSNR + SSIM + LPIPS of a tokenizer.
+
+    Examples:
+
+      [bold]xqtool eval-fid samples.npz VIRTUAL_imagenet256_labeled.npz --mode legacy_tensorflow[/]
+
+      [bold]xqtool eval-fid samples/ --ref-stats imagenet256-val[/]
+
+      [bold]xqtool eval-fid --rfid --ckpt runs/tok/best imagenet/val --max-images 5000[/]
+
+      [bold]xqtool eval-fid make-stats imagenet/val --name imagenet256-val --image-size 256[/]
+    """
+    from xqtool.tasks.eval_fid import evaluate_fid, evaluate_rfid, make_fid_stats
+
+    if gen == "make-stats":
+        if ref is None or not name:
+            raise ConfigError("usage: xqtool eval-fid make-stats DIR --name NAME")
+        _print_stats(make_fid_stats(ref, name, mode=mode, stats_dir=stats_dir, batch_size=batch_size,
+                                    num_workers=num_workers, device=device, inception_weights=inception_weights,
+                                    max_images=max_images, image_size=image_size, force=force))
+        return
+    if rfid:
+        if ckpt is None:
+            raise ConfigError("--rfid needs --ckpt CKPT (the tokenizer to evaluate)")
+        if ref is not None or ref_stats is not None:
+            raise ConfigError("--rfid scores DATA against its own reconstructions: give only DATA, no REF/--ref-stats")
+        out = evaluate_rfid(ckpt, gen, config=config, prefer_ema=ema, mode=mode, batch_size=batch_size,
+                            num_workers=num_workers, device=device, inception_weights=inception_weights,
+                            lpips=lpips, lpips_weights=lpips_weights, max_images=max_images, bad_files=bad_files,
+                            kid=kid, seed=seed, save_recon=save_recon,
+                            report_path=report if report is not None else "rfid_report.json")
+        _print_report(out, f"Reconstruction metrics ({out['image_counts']['originals']} images)")
+        return
+    if ckpt is not None:
+        raise ConfigError("--ckpt is only used with --rfid")
+    out = evaluate_fid(gen, ref, ref_stats=ref_stats, stats_dir=stats_dir, mode=mode, batch_size=batch_size,
+                       num_workers=num_workers, device=device, inception_weights=inception_weights,
+                       max_images=max_images, image_size=image_size, use_npz_stats=use_npz_stats, kid=kid,
+                       inception_score=isc, seed=seed,
+                       report_path=report if report is not None else "fid_report.json")
+    _print_report(out, "FID")
+
+
+def make_fid_stats_cmd(
+    source: str = typer.Argument(..., help="Folder of images or images .npz (arr_0)."),
+    name: str = typer.Option(..., "--name", help="Statistics name, used later as --ref-stats NAME."),
+    mode: str = typer.Option("clean", "--mode", help=_MODE_HELP),
+    stats_dir: Optional[Path] = typer.Option(None, "--stats-dir", help="Where to write (default: "
+                                             "$XQTOOL_FID_STATS_DIR, else clean-fid's stats folder)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    num_workers: int = typer.Option(0, "--num-workers", min=0),
+    device: str = typer.Option("cpu", "--device"),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=2),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=8, help="ADM center crop to SxS first."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing statistics of that name."),
+) -> None:
+    """Save clean-fid custom statistics (mu, sigma, KID features) of an image set under NAME.
+
+    Same files as clean-fid's make_custom_stats, so either tool can read them.
+
+    Example: [bold]xqtool make-fid-stats imagenet/val --name imagenet256-val --image-size 256[/]
+    """
+    from xqtool.tasks.eval_fid import make_fid_stats
+
+    _print_stats(make_fid_stats(source, name, mode=mode, stats_dir=stats_dir, batch_size=batch_size,
+                                num_workers=num_workers, device=device, inception_weights=inception_weights,
+                                max_images=max_images, image_size=image_size, force=force))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's subcommands to `app`."""
+    """Add `eval-fid`, `make-fid-stats` and `probe` to `app`."""
+    add_command(app, eval_fid, "eval-fid")
+    add_command(app, make_fid_stats_cmd, "make-fid-stats")

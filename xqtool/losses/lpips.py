@@ -105,11 +105,16 @@ class LPIPS(nn.Module):
         vgg_weights: Optional[PathLike] = None,
     ):
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-        self.features = vgg16(weights=None).features[: _SLICE_ENDS[-1] + 1]
+        # torchvision's VGG16 'features' (config "D"), without allocating the 120M-parameter classifier
+        self.features = make_layers(cfgs["D"], batch_norm=False)[: _SLICE_ENDS[-1] + 1]
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         for i, c in enumerate(CHANNELS):
             self.add_module(f"lin{i}", NetLinLayer(c))
         with torch.no_grad():  # random heads stay non-negative so that d >= 0 even without weights

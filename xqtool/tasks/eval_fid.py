@@ -1,0 +1,750 @@
+"""FID / KID / Inception Score (clean-fid backend) and tokenizer reconstruction metrics (rFID, PSNR, SSIM, LPIPS).
+
+Inputs for :func:`evaluate_fid` (each side):
+
+* a folder of images (searched recursively, sorted, clean-fid's extensions), read at native resolution
+  (RGB; alpha over white) unless ``image_size`` asks for an ADM center crop first;
+* an ``.npz`` holding uint8 images ``arr_0`` ``[N, H, W, 3]`` (what ``xqtool sample`` and ADM write);
+* a statistics ``.npz`` with ``mu`` / ``sigma`` (clean-fid custom stats, or an ADM reference batch, which also
+  holds images in ``arr_0``: by default the images are used, so that both sides go through the same
+  Inception; ``use_npz_stats=True`` uses the stored ``mu``/``sigma`` instead);
+* ``ref_stats=NAME``: clean-fid custom statistics made by :func:`make_fid_stats` (or by clean-fid's own
+  ``make_custom_stats``), looked up in ``stats_dir`` / ``$XQTOOL_FID_STATS_DIR`` / clean-fid's stats folder.
+
+Every evaluation writes a JSON report (atomic) and returns it as a dict.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from xqtool import __version__
+from xqtool.errors import ConfigError, DataError, WeightsMissingError
+from xqtool.fsutil import atomic_path, atomic_write_text
+from xqtool.metrics import (
+    FID_MODES,
+    extractor_name,
+    feature_stats,
+    fid_from_features,
+    frechet_distance,
+    inception_extractor,
+    inception_score,
+    kernel_inception_distance,
+    psnr,
+    ssim,
+)
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+STATS_ENV = "XQTOOL_FID_STATS_DIR"
+IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy"}
+
+NATIVE_PREPROCESSING = "RGB (alpha over white) at native resolution; no crop"
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature sets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSet:
+    """Features (or only statistics) of one side of an FID comparison."""
+
+    kind: str  # folder | npz-images | stats | custom-stats | reconstructions | originals
+    path: str
+    count: int
+    mu: np.ndarray
+    sigma: np.ndarray
+    feats: Optional[np.ndarray] = None  # [N, F] (None for stats-only inputs)
+    probs: Optional[np.ndarray] = None  # [N, C] class probabilities (for IS)
+    sizes: List[str] = field(default_factory=list)  # distinct "HxW" input sizes (before the extractor)
+    preprocessing: str = ""
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "count": self.count,
+            "sizes": self.sizes,
+            "preprocessing": self.preprocessing,
+        }
+
+
+def _adm_text(size: int) -> str:
+    """The data layer's eval preprocessing text with S filled in."""
+    import re
+
+    from xqtool.data.transforms import EVAL_PREPROCESSING
+
+    text = EVAL_PREPROCESSING.replace("2S", str(2 * size)).replace("SxS", f"{size}x{size}")
+    return re.sub(r"\bS\b", str(size), text)
+
+
+def _preprocessing_text(image_size: Optional[int], extractor: Any) -> str:
+    base = NATIVE_PREPROCESSING if image_size is None else _adm_text(image_size).split("; x/127.5")[0]
+    mode = getattr(extractor, "mode", None)
+    inside = {
+        "clean": "clean-fid clean: PIL bicubic (float, antialiased) to 299x299",
+        "legacy_tensorflow": "clean-fid legacy_tensorflow: TF-style bilinear resize inside the network",
+        "legacy_pytorch": "clean-fid legacy_pytorch: torch bilinear (align_corners=False) to 299x299",
+    }.get(mode or "", "extractor-defined")
+    return f"{base}; uint8 [0,255] -> {inside}"
+
+
+class _ImageFiles(Dataset):
+    """Image files → float tensors ``[3, h, w]`` with values in [0, 255] after ``preprocess``."""
+
+    def __init__(self, files: Sequence[Path], preprocess: Optional[Callable], image_size: Optional[int]):
+        self.files = list(files)
+        self.preprocess = preprocess
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        from xqtool.data.transforms import center_crop_arr, to_rgb
+
+        path = self.files[i]
+        try:
+            if path.suffix.lower() == ".npy":
+                arr = np.load(path, allow_pickle=False)
+            else:
+                with Image.open(path) as im:
+                    img = to_rgb(im)
+                    img.load()
+                arr = center_crop_arr(img, self.image_size) if self.image_size else np.asarray(img)
+        except Exception as exc:  # noqa: BLE001 - unreadable input is a user/data error
+            raise DataError(f"cannot read image {path}: {exc}".splitlines()[0]) from None
+        return _to_item(arr, self.preprocess, self.image_size)
+
+
+class _ImageArray(Dataset):
+    """uint8 array ``[N, H, W, 3]`` → float tensors ``[3, h, w]`` in [0, 255] after ``preprocess``."""
+
+    def __init__(self, arr: np.ndarray, preprocess: Optional[Callable], image_size: Optional[int]):
+        self.arr = arr
+        self.preprocess = preprocess
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return int(self.arr.shape[0])
+
+    def __getitem__(self, i: int):
+        arr = np.asarray(self.arr[i])
+        if self.image_size and arr.shape[:2] != (self.image_size, self.image_size):
+            from PIL import Image
+
+            from xqtool.data.transforms import center_crop_arr
+
+            arr = center_crop_arr(Image.fromarray(arr), self.image_size)
+        return _to_item(arr, self.preprocess, self.image_size)
+
+
+def _to_item(arr: np.ndarray, preprocess: Optional[Callable], image_size: Optional[int]):
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(f"expected RGB images [H, W, 3], got an array of shape {arr.shape}")
+    size = f"{arr.shape[0]}x{arr.shape[1]}"
+    if preprocess is not None:
+        arr = preprocess(arr)
+    t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float()
+    return t, size
+
+
+def _list_images(folder: Path) -> List[Path]:
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise DataError(f"no images found in {folder} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def extract_features(
+    dataset: Dataset,
+    extractor: Any,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    want_probs: bool = True,
+) -> tuple[np.ndarray, Optional[np.ndarray], List[str]]:
+    """Run `extractor` over a dataset of (image [3,h,w] in [0,255], "HxW") → (features [N,F], probs|None, sizes)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
+    classify = getattr(extractor, "classify", None) if want_probs else None
+    feats, probs, sizes = [], [], set()
+    it = iter(loader)
+    while True:
+        try:
+            images, batch_sizes = next(it)
+        except StopIteration:
+            break
+        except RuntimeError as exc:
+            if "stack expects each tensor to be equal size" in str(exc) or "equal size" in str(exc):
+                raise DataError(
+                    "images have different sizes and this feature extractor does not resize: "
+                    "pass --image-size S (ADM center crop) or use --mode clean"
+                ) from None
+            raise
+        f = extractor(images)
+        f = f.detach().float().cpu() if isinstance(f, torch.Tensor) else torch.as_tensor(np.asarray(f)).float()
+        feats.append(f.reshape(images.shape[0], -1).numpy().astype(np.float64))
+        if classify is not None:
+            try:
+                probs.append(np.asarray(torch.as_tensor(classify(f)).float().cpu().numpy(), dtype=np.float64))
+            except NotImplementedError:
+                classify = None
+                probs = []
+        sizes.update(batch_sizes)
+    if not feats:
+        raise DataError("no images to evaluate")
+    return np.concatenate(feats), (np.concatenate(probs) if probs and classify is not None else None), sorted(sizes)
+
+
+def _npz_meta(z: Any) -> Dict[str, Any]:
+    if "xqtool_meta" in z.files:
+        try:
+            return json.loads(str(z["xqtool_meta"]))
+        except (ValueError, TypeError):
+            return {}
+    return {}
+
+
+def load_feature_set(
+    path: PathLike,
+    extractor: Any,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    max_images: Optional[int] = None,
+    image_size: Optional[int] = None,
+    use_npz_stats: bool = False,
+    want_probs: bool = True,
+) -> FeatureSet:
+    """Features or statistics of a folder / images ``.npz`` / statistics ``.npz`` (see module docstring)."""
+    p = Path(path).expanduser()
+    preprocess = getattr(extractor, "preprocess", None)
+    prep = _preprocessing_text(image_size, extractor)
+    if p.is_dir():
+        files = _list_images(p)[: max_images or None]
+        ds: Dataset = _ImageFiles(files, preprocess, image_size)
+        kind = "folder"
+    elif p.is_file() and p.suffix == ".npz":
+        try:
+            z = np.load(p, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"cannot read {p}: {exc}".splitlines()[0]) from None
+        has_stats = "mu" in z.files and "sigma" in z.files
+        has_images = "arr_0" in z.files and z["arr_0"].ndim == 4
+        if has_stats and (use_npz_stats or not has_images):
+            meta = _npz_meta(z)
+            return FeatureSet(
+                kind="stats",
+                path=str(p.resolve()),
+                count=int(meta.get("count", -1)),
+                mu=np.asarray(z["mu"], dtype=np.float64),
+                sigma=np.asarray(z["sigma"], dtype=np.float64),
+                preprocessing=str(meta.get("preprocessing", "unknown (precomputed statistics)")),
+                sizes=list(meta.get("sizes", [])),
+            )
+        if not has_images:
+            raise DataError(f"{p} has neither images 'arr_0' [N,H,W,3] nor statistics 'mu'/'sigma'")
+        arr = z["arr_0"]
+        if arr.dtype != np.uint8:
+            raise DataError(f"{p}: 'arr_0' must be uint8 images [N, H, W, 3], got {arr.dtype}")
+        if max_images:
+            arr = arr[:max_images]
+        ds = _ImageArray(arr, preprocess, image_size)
+        kind = "npz-images"
+    elif not p.exists():
+        raise DataError(f"FID input not found: {p}")
+    else:
+        raise DataError(f"FID input {p} must be a folder of images or an .npz (images 'arr_0' or 'mu'/'sigma')")
+    feats, probs, sizes = extract_features(
+        ds, extractor, batch_size=batch_size, num_workers=num_workers, want_probs=want_probs
+    )
+    mu, sigma = feature_stats(feats)
+    return FeatureSet(kind, str(p.resolve()), feats.shape[0], mu, sigma, feats, probs, sizes, prep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom statistics (clean-fid layout)
+# ----------------------------------------------------------------------------------------------
+
+
+def stats_dir_default(stats_dir: Optional[PathLike] = None) -> Path:
+    """Where custom statistics live: `stats_dir`, else ``$XQTOOL_FID_STATS_DIR``, else clean-fid's stats folder."""
+    if stats_dir is not None:
+        return Path(stats_dir).expanduser()
+    env = os.environ.get(STATS_ENV)
+    if env:
+        return Path(env).expanduser()
+    import cleanfid
+
+    return Path(cleanfid.__file__).parent / "stats"
+
+
+def custom_stats_paths(name: str, mode: str, stats_dir: Optional[PathLike] = None) -> tuple[Path, Path]:
+    """clean-fid's file names for custom stats: ``{name}_{mode}_custom_na.npz`` and ``..._kid.npz`` (lowercase)."""
+    d = stats_dir_default(stats_dir)
+    base = f"{name}_{mode}_custom_na".lower()
+    return d / f"{base}.npz", d / f"{base}_kid.npz"
+
+
+def load_custom_stats(name: str, mode: str, stats_dir: Optional[PathLike] = None) -> FeatureSet:
+    """Load custom statistics ``name`` for ``mode`` (mu/sigma, and features for KID when present)."""
+    fid_path, kid_path = custom_stats_paths(name, mode, stats_dir)
+    if not fid_path.is_file():
+        raise DataError(
+            f"no custom FID statistics '{name}' for mode '{mode}' at {fid_path}: "
+            f"make them with `xqtool make-fid-stats DIR --name {name} --mode {mode}`"
+        )
+    with np.load(fid_path, allow_pickle=False) as z:
+        mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+        meta = _npz_meta(z)
+    feats = None
+    if kid_path.is_file():
+        with np.load(kid_path, allow_pickle=False) as z:
+            feats = np.asarray(z["feats"], np.float64) if "feats" in z.files else None
+    return FeatureSet(
+        kind="custom-stats",
+        path=str(fid_path),
+        count=int(meta.get("count", feats.shape[0] if feats is not None else -1)),
+        mu=mu,
+        sigma=sigma,
+        feats=feats,
+        sizes=list(meta.get("sizes", [])),
+        preprocessing=str(meta.get("preprocessing", "unknown (clean-fid custom statistics)")),
+    )
+
+
+def _check_meta_matches(fs: FeatureSet, meta_extractor: Optional[str], extractor: Any) -> None:
+    if meta_extractor and meta_extractor != extractor_name(extractor):
+        raise ConfigError(
+            f"statistics {fs.path} were made with '{meta_extractor}', not '{extractor_name(extractor)}': "
+            "use the same --mode (and extractor) on both sides"
+        )
+
+
+def make_fid_stats(
+    source: PathLike,
+    name: str,
+    *,
+    mode: str = "clean",
+    stats_dir: Optional[PathLike] = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    inception_weights: Optional[PathLike] = None,
+    max_images: Optional[int] = None,
+    image_size: Optional[int] = None,
+    force: bool = False,
+    feature_extractor: Any = None,
+) -> Dict[str, Any]:
+    """Compute and save custom FID statistics ``name`` of `source` (folder or images ``.npz``).
+
+    Writes clean-fid's files (``mu``/``sigma`` and ``feats`` for KID) atomically, plus an ``xqtool_meta`` JSON
+    entry (extractor, mode, count, preprocessing) that clean-fid ignores. Returns a summary dict.
+    """
+    _check_mode(mode)
+    if not name or any(c in name for c in "/\\ "):
+        raise ConfigError(f"invalid statistics name '{name}': use letters, digits, '-' or '_'")
+    fid_path, kid_path = custom_stats_paths(name, mode, stats_dir)
+    if fid_path.exists() and not force:
+        raise DataError(f"statistics '{name}' already exist at {fid_path}: pass --force to overwrite")
+    extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
+    fs = load_feature_set(
+        source, extractor, batch_size=batch_size, num_workers=num_workers, max_images=max_images,
+        image_size=image_size, want_probs=False,
+    )
+    if fs.feats is None:
+        raise DataError(f"{source} holds only statistics; make-stats needs images")
+    meta = {
+        "count": fs.count,
+        "extractor": extractor_name(extractor),
+        "mode": mode,
+        "sizes": fs.sizes,
+        "preprocessing": fs.preprocessing,
+        "source": fs.path,
+        "xqtool_version": __version__,
+    }
+    fid_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(fid_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, mu=fs.mu, sigma=fs.sigma, xqtool_meta=np.array(json.dumps(meta)))
+    with atomic_path(kid_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, feats=fs.feats.astype(np.float32))
+    return {"name": name, "mode": mode, "stats_path": str(fid_path), "kid_path": str(kid_path), **meta}
+
+
+# ----------------------------------------------------------------------------------------------
+# FID between two sets
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in FID_MODES:
+        raise ConfigError(f"unknown --mode '{mode}': use one of {', '.join(FID_MODES)}")
+
+
+def _distribution_metrics(
+    gen: FeatureSet, ref: FeatureSet, *, kid: bool, isc: bool, kid_subsets: int, is_splits: int, seed: int
+) -> Dict[str, Any]:
+    if gen.feats is not None and ref.feats is not None:
+        fid = fid_from_features(gen.feats, ref.feats)
+    else:
+        fid = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+    out: Dict[str, Any] = {"fid": fid}
+    if kid and gen.feats is not None and ref.feats is not None:
+        out["kid"] = kernel_inception_distance(gen.feats, ref.feats, num_subsets=kid_subsets, seed=seed)
+    else:
+        out["kid"] = None
+    if isc and gen.probs is not None:
+        m, s = inception_score(gen.probs, splits=is_splits)
+        out["inception_score"], out["inception_score_std"] = m, s
+    else:
+        out["inception_score"], out["inception_score_std"] = None, None
+    return out
+
+
+def _backend(extractor: Any, mode: Optional[str], injected: bool) -> Dict[str, Any]:
+    try:
+        from importlib.metadata import version
+
+        cf = version("clean-fid")
+    except Exception:  # noqa: BLE001
+        cf = "unknown"
+    return {
+        "library": f"clean-fid {cf}",
+        "feature_extractor": extractor_name(extractor),
+        "injected_extractor": injected,
+        "mode": mode,
+        "weights": getattr(extractor, "weights_path", None),
+    }
+
+
+def _write_report(report: Dict[str, Any], report_path: Optional[PathLike]) -> Dict[str, Any]:
+    if report_path is not None:
+        rp = Path(report_path).expanduser()
+        report["report_path"] = str(rp.resolve())
+        atomic_write_text(rp, json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
+    return report
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (np.floating, np.integer)):
+        return _jsonable(x.item())
+    return x
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def evaluate_fid(
+    gen: PathLike,
+    ref: Optional[PathLike] = None,
+    *,
+    ref_stats: Optional[str] = None,
+    stats_dir: Optional[PathLike] = None,
+    mode: str = "clean",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    inception_weights: Optional[PathLike] = None,
+    max_images: Optional[int] = None,
+    image_size: Optional[int] = None,
+    use_npz_stats: bool = False,
+    kid: bool = True,
+    inception_score: bool = True,
+    kid_subsets: int = 100,
+    is_splits: int = 10,
+    seed: int = 0,
+    report_path: Optional[PathLike] = "fid_report.json",
+    feature_extractor: Any = None,
+) -> Dict[str, Any]:
+    """FID (+ KID, Inception Score of GEN) between GEN and REF (or custom stats ``ref_stats``).
+
+    Args:
+        gen, ref: folder / images ``.npz`` / stats ``.npz`` (see module docstring); exactly one of `ref`,
+            `ref_stats` is required.
+        mode: clean-fid mode ``clean | legacy_tensorflow | legacy_pytorch`` (Inception preprocessing).
+        image_size: ADM center crop of every image to S×S before feature extraction (None = native size).
+        feature_extractor: inject any :class:`~xqtool.metrics.FeatureExtractor` (tests); default Inception.
+        report_path: JSON report destination (None = do not write).
+    Returns:
+        The report dict (``metrics``: fid, kid, inception_score, inception_score_std; ``backend``; ``gen``/``ref``
+        descriptions with counts, sizes, preprocessing and paths; ``xqtool_version``; ...).
+    """
+    _check_mode(mode)
+    if (ref is None) == (ref_stats is None):
+        raise ConfigError("give exactly one reference: REF (folder / .npz) or --ref-stats NAME")
+    extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
+    common = dict(
+        batch_size=batch_size, num_workers=num_workers, max_images=max_images, image_size=image_size,
+        use_npz_stats=use_npz_stats,
+    )
+    gen_set = load_feature_set(gen, extractor, want_probs=inception_score, **common)
+    if ref_stats is not None:
+        ref_set = load_custom_stats(ref_stats, mode, stats_dir)
+        with np.load(ref_set.path, allow_pickle=False) as z:
+            _check_meta_matches(ref_set, _npz_meta(z).get("extractor"), extractor)
+    else:
+        ref_set = load_feature_set(ref, extractor, want_probs=False, **common)
+    metrics = _distribution_metrics(
+        gen_set, ref_set, kid=kid, isc=inception_score, kid_subsets=kid_subsets, is_splits=is_splits, seed=seed
+    )
+    notes = []
+    if gen_set.count >= 0 and gen_set.count < 10000:
+        notes.append(f"only {gen_set.count} generated images: FID is biased upwards for small sets (papers use 50k)")
+    if "stats" in (gen_set.kind, ref_set.kind) and ref_set.kind != "custom-stats":
+        notes.append("precomputed mu/sigma were used: they are only comparable if made with the same extractor/mode")
+    report = {
+        "task": "fid",
+        "metrics": metrics,
+        "backend": _backend(extractor, mode if feature_extractor is None else getattr(extractor, "mode", mode),
+                            feature_extractor is not None),
+        "gen": gen_set.describe(),
+        "ref": ref_set.describe() | ({"name": ref_stats} if ref_stats else {}),
+        "image_counts": {"gen": gen_set.count, "ref": ref_set.count},
+        "resolution": {"gen": gen_set.sizes, "ref": ref_set.sizes, "center_crop": image_size},
+        "preprocessing": gen_set.preprocessing,
+        "settings": {
+            "batch_size": batch_size, "max_images": max_images, "kid_subsets": kid_subsets,
+            "is_splits": is_splits, "seed": seed, "use_npz_stats": use_npz_stats, "device": str(device),
+        },
+        "notes": notes,
+        "xqtool_version": __version__,
+        "created": _now(),
+    }
+    return _write_report(report, report_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction metrics (rFID) of a tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_lpips(lpips: str, lpips_weights: Optional[PathLike], lpips_model: Any, device: str):
+    """→ (module or None, description)."""
+    if lpips_model is not None:
+        return lpips_model, "injected"
+    if lpips == "off":
+        return None, "disabled"
+    from xqtool.losses.lpips import LPIPS
+
+    try:
+        net = LPIPS(weights=lpips_weights)
+    except WeightsMissingError:
+        if lpips == "on" or lpips_weights is not None:
+            raise
+        log.warning("LPIPS weights not found: LPIPS is skipped (give --lpips-weights PATH or set XQTOOL_LPIPS_WEIGHTS)")
+        return None, "skipped: weights not found"
+    return net.to(device), f"LPIPS-VGG16 ({net.source})"
+
+
+def evaluate_rfid(
+    ckpt: PathLike,
+    data: PathLike,
+    *,
+    config: Optional[PathLike] = None,
+    prefer_ema: bool = True,
+    mode: str = "clean",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "cpu",
+    inception_weights: Optional[PathLike] = None,
+    lpips: str = "auto",
+    lpips_weights: Optional[PathLike] = None,
+    max_images: Optional[int] = None,
+    bad_files: str = "skip",
+    kid: bool = True,
+    kid_subsets: int = 100,
+    seed: int = 0,
+    save_recon: Optional[PathLike] = None,
+    report_path: Optional[PathLike] = "rfid_report.json",
+    feature_extractor: Any = None,
+    lpips_model: Any = None,
+    tokenizer: Any = None,
+) -> Dict[str, Any]:
+    """Reconstruct `data` through a tokenizer and score against the originals in one pass.
+
+    Originals and reconstructions are both quantised to uint8 (``round(127.5 x + 127.5)``, clamped) before
+    every metric, exactly as if both were saved as PNG. Images come from ``xqtool.data.images.make_loader``
+    (ADM center crop to the tokenizer's image size).
+
+    Args:
+        ckpt: xqtool checkpoint dir or official ``.pt`` (ignored when `tokenizer` is given).
+        data: any image source the data layer accepts (folder, class tree, list file, WebDataset shards).
+        lpips: ``auto`` (compute when weights are found), ``on`` (error when missing) or ``off``.
+        save_recon: optional folder to write the reconstructions as PNG (``<index>.png``).
+        feature_extractor / lpips_model / tokenizer: injections for tests.
+    Returns:
+        The report dict (``metrics``: rfid, kid, psnr, ssim, lpips, codebook usage/perplexity per branch).
+    """
+    from xqtool.checkpoint import load_tokenizer
+    from xqtool.config import config_hash
+    from xqtool.data.images import make_loader
+    from xqtool.metrics import codebook_stats, from_uint8, to_uint8
+
+    _check_mode(mode)
+    if lpips not in ("auto", "on", "off"):
+        raise ConfigError(f"--lpips must be auto, on or off, not '{lpips}'")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(ckpt, config=config, map_location=device,
+                                                                  prefer_ema=prefer_ema)
+    tok = tok.to(device).eval()
+    extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
+    lp, lp_desc = _resolve_lpips(lpips, lpips_weights, lpips_model, device)
+    preprocess = getattr(extractor, "preprocess", None)
+    S = int(tok.image_size)
+    loader = make_loader(str(data), image_size=S, batch_size=batch_size, num_workers=num_workers,
+                         bad_files=bad_files, seed=seed)
+    recon_dir = Path(save_recon) if save_recon else None
+    if recon_dir is not None:
+        recon_dir.mkdir(parents=True, exist_ok=True)
+    f_real, f_fake, p_fake = [], [], []
+    psnrs, ssims, lps, tokens_all = [], [], [], []
+    n = 0
+    classify = getattr(extractor, "classify", None)
+    for batch in loader:
+        x = batch["image"]
+        if max_images:
+            x = x[: max(0, max_images - n)]
+        if x.shape[0] == 0:
+            break
+        x = x.to(device)
+        with torch.inference_mode():
+            tokens = tok.encode(x)
+            y = tok.decode(tokens)
+        tokens_all.append(tokens.cpu())
+        xu, yu = to_uint8(x).cpu(), to_uint8(y).cpu()
+        xq, yq = from_uint8(xu), from_uint8(yu)
+        psnrs.append(psnr(xq, yq))
+        ssims.append(ssim(xq, yq))
+        if lp is not None:
+            with torch.no_grad():
+                lps.append(lp(xq.to(device), yq.to(device)).float().cpu())
+        for src, dst, probs in ((xu, f_real, None), (yu, f_fake, p_fake)):
+            imgs = _apply_preprocess(src, preprocess)
+            f = extractor(imgs)
+            f = f.detach().float().cpu() if isinstance(f, torch.Tensor) else torch.as_tensor(np.asarray(f)).float()
+            dst.append(f.reshape(imgs.shape[0], -1).numpy().astype(np.float64))
+            if probs is not None and classify is not None:
+                try:
+                    probs.append(np.asarray(torch.as_tensor(classify(f)).float().cpu().numpy(), np.float64))
+                except NotImplementedError:
+                    classify = None
+        if recon_dir is not None:
+            _save_pngs(recon_dir, yu, start=n)
+        n += x.shape[0]
+        if max_images and n >= max_images:
+            break
+    if n < 2:
+        raise DataError(f"rFID needs at least 2 images, {data} gave {n}")
+    real = FeatureSet("originals", str(Path(str(data)).resolve()) if Path(str(data)).exists() else str(data), n,
+                      *feature_stats(np.concatenate(f_real)), feats=np.concatenate(f_real), sizes=[f"{S}x{S}"])
+    fake_feats = np.concatenate(f_fake)
+    fake = FeatureSet("reconstructions", str(recon_dir or ""), n, *feature_stats(fake_feats), feats=fake_feats,
+                      probs=np.concatenate(p_fake) if p_fake and classify is not None else None, sizes=[f"{S}x{S}"])
+    dist = _distribution_metrics(fake, real, kid=kid, isc=True, kid_subsets=kid_subsets, is_splits=10, seed=seed)
+    ps, ss = torch.cat(psnrs), torch.cat(ssims)
+    toks = torch.cat(tokens_all)  # [N, P, L]
+    usage = [codebook_stats(toks[:, b], int(tok.codebook_size)) for b in range(toks.shape[1])]
+    metrics = {
+        "rfid": dist["fid"],
+        "kid": dist["kid"],
+        "inception_score": dist["inception_score"],
+        "psnr": float(ps.mean()),
+        "ssim": float(ss.mean()),
+        "lpips": float(torch.cat(lps).mean()) if lps else None,
+        "codebook_usage": [u["usage"] for u in usage],
+        "codebook_perplexity": [u["perplexity"] for u in usage],
+    }
+    try:
+        chash = config_hash(tok.config)
+    except Exception:  # noqa: BLE001 - injected toy tokenizers may have no config
+        chash = None
+    report = {
+        "task": "rfid",
+        "metrics": metrics,
+        "backend": _backend(extractor, mode if feature_extractor is None else getattr(extractor, "mode", mode),
+                            feature_extractor is not None),
+        "checkpoint": str(Path(ckpt).resolve()) if ckpt is not None and tokenizer is None else (
+            str(ckpt) if ckpt is not None else None),
+        "config_hash": chash,
+        "prefer_ema": prefer_ema,
+        "data": real.path,
+        "image_counts": {"originals": n, "reconstructions": n, "skipped_bad_files": len(loader.bad_files)},
+        "bad_files": dict(list(loader.bad_files.items())[:50]),
+        "resolution": {"image_size": S},
+        "preprocessing": f"{_adm_text(S)}; originals and reconstructions quantised to "
+                         f"uint8 round(127.5x+127.5) before all metrics; "
+                         + _preprocessing_text(None, extractor).split("; ", 1)[1],
+        "metric_definitions": {
+            "psnr": "dB on the [0,1] scale (== uint8 / 255), per image then mean; capped at 100 dB",
+            "ssim": "Gaussian 11x11 sigma 1.5, per channel, mean over images",
+            "lpips": lp_desc,
+        },
+        "settings": {"batch_size": batch_size, "max_images": max_images, "seed": seed, "device": str(device),
+                     "mode": mode, "bad_files": bad_files},
+        "recon_dir": str(recon_dir.resolve()) if recon_dir else None,
+        "notes": ([f"only {n} images: rFID is biased upwards for small sets (papers use 50k ImageNet val)"]
+                  if n < 10000 else []),
+        "xqtool_version": __version__,
+        "created": _now(),
+    }
+    return _write_report(report, report_path)
+
+
+def _apply_preprocess(images_u8: torch.Tensor, preprocess: Optional[Callable]) -> torch.Tensor:
+    """uint8 ``[B,3,H,W]`` → float ``[B,3,h,w]`` in [0,255] through the extractor's per-image resize."""
+    if preprocess is None:
+        return images_u8.float()
+    out = [torch.from_numpy(np.ascontiguousarray(preprocess(im.permute(1, 2, 0).numpy()))).permute(2, 0, 1)
+           for im in images_u8]
+    return torch.stack(out).float()
+
+
+def _save_pngs(folder: Path, images_u8: torch.Tensor, start: int) -> None:
+    from PIL import Image
+
+    for i, im in enumerate(images_u8):
+        with atomic_path(folder / f"{start + i:06d}.png") as tmp:
+            Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+
+
+__all__ = [
+    "FeatureSet",
+    "evaluate_fid",
+    "evaluate_rfid",
+    "make_fid_stats",
+    "load_feature_set",
+    "load_custom_stats",
+    "custom_stats_paths",
+    "extract_features",
+    "stats_dir_default",
+]
