@@ -101,9 +101,15 @@ def sample_images(
     precision: str = "fp32",
     upstream_rng: bool = False,
     cpu: bool = False,
+    decode_batch: int = 1,
     console: Any = None,
 ) -> SampleResult:
-    """Sample ``len(labels)`` images. `var` / `tokenizer` are models or checkpoint paths (loaded frozen, eval)."""
+    """Sample ``len(labels)`` images. `var` / `tokenizer` are models or checkpoint paths (loaded frozen, eval).
+
+    Tokens and f_hat never depend on the batch size. The tokenizer decoder's float rounding can (kernels pick
+    different blockings per batch size), so images are decoded ``decode_batch`` (default 1) at a time: with 1 the
+    PNG/npz bytes are identical whatever ``batch_size`` or the number of processes.
+    """
     from accelerate import Accelerator
 
     from xqtool.models.var_sampling import sample_tokens
@@ -161,7 +167,9 @@ def sample_images(
                                     temperature=temperature, seeds=[seed + int(i) for i in idx],
                                     use_cache=use_cache, amp_dtype=amp)
             with torch.no_grad():
-                images = to_uint8(tokenizer.decode_fhat(out.f_hat))
+                step = max(int(decode_batch), 1)
+                images = np.concatenate([to_uint8(tokenizer.decode_fhat(out.f_hat[j:j + step]))
+                                         for j in range(0, len(idx), step)])
             if out_dir is not None:
                 for i, arr in zip(idx, images):
                     _save_png(out_dir / f"{int(i):06d}.png", arr)

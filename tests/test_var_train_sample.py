@@ -1,0 +1,128 @@
+"""train-var on tiny-tokenizer tokens (loss falls, exact resume, manifest check) and the sample CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import photo_crops, to_tensor
+from xqtool.checkpoint import save_tokenizer
+from xqtool.cli import app
+from xqtool.config import load_tokenizer_config
+from xqtool.config_var import load_var_config
+from xqtool.data.tokens import TokenManifest, write_tokens
+from xqtool.errors import TokenError
+from xqtool.models.tokenizer import build_tokenizer
+from xqtool.tasks.sample import plan_labels
+from xqtool.tasks.train_var import lr_factor, param_groups, train_var
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VAR = ROOT / "configs" / "var" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Tiny CNN tokenizer (random init, saved) and tokens of 16 real photo crops with 10 classes."""
+    root = tmp_path_factory.mktemp("var")
+    torch.manual_seed(0)
+    tok = build_tokenizer(load_tokenizer_config(ROOT / "configs" / "tokenizer" / "tiny-cnn.yaml")).eval()
+    tokens = tok.encode(to_tensor(photo_crops(16, 32, seed=3)))
+    labels = [i % 10 for i in range(16)]
+    manifest = TokenManifest.from_tokenizer(tok, labels=labels, keys=[f"img{i}" for i in range(16)])
+    write_tokens(root / "train.npy", tokens.numpy(), manifest)
+    save_tokenizer(root / "tok", tok)
+    return root, tok
+
+
+def _cfg(root: Path, run: str, *extra: str):
+    return load_var_config(TINY_VAR, [f"data.tokens={root / 'train.npy'}", f"train.results_dir={root / run}",
+                                      *extra])
+
+
+def test_tiny_var_loss_falls(tiny_data) -> None:
+    root, tok = tiny_data
+    cfg = _cfg(root, "run-loss", "train.max_steps=20", "train.tblr=0.1", "train.ckpt_every=0")
+    res = train_var(cfg, tokenizer=tok, cpu=True)
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    assert losses[0] == pytest.approx(np.log(64), abs=0.05)  # starts at chance (K = 64)
+    assert np.mean(losses[-5:]) < losses[0] - 0.4, losses  # and falls clearly
+    last = res.history[-1]
+    assert {"loss_s0", "acc_s3", "loss_tail", "acc"} <= set(last)  # per-scale metrics logged
+    assert (res.run_dir / "var-last" / "model.safetensors").is_file()
+
+
+def test_resume_is_exact(tiny_data) -> None:
+    root, tok = tiny_data
+    extra = ("train.max_steps=6", "train.ckpt_every=3", "train.keep_last=5")
+    full = train_var(_cfg(root, "run-a", *extra), tokenizer=tok, cpu=True)
+    cfg_b = _cfg(root, "run-b", *extra)
+    train_var(cfg_b, tokenizer=tok, cpu=True)
+    run_b = Path(cfg_b.train.results_dir)
+    shutil.rmtree(run_b / "checkpoints" / "step-0000006")  # as if killed after the step-3 checkpoint
+    shutil.rmtree(run_b / "var-last")
+    resumed = train_var(cfg_b, tokenizer=tok, resume="auto", cpu=True)
+    assert resumed.resumed_from == 3 and len(resumed.history) == 3
+    a = load_file(str(full.run_dir / "var-last" / "model.safetensors"))
+    b = load_file(str(run_b / "var-last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in full.history[3:]] == [h["loss"] for h in resumed.history]
+
+
+def test_token_manifest_mismatch_is_refused(tiny_data, tmp_path: Path) -> None:
+    root, tok = tiny_data
+    manifest = TokenManifest.from_tokenizer(tok, labels=[0] * 8)
+    manifest.config_hash = "0123456789ab"
+    write_tokens(tmp_path / "other.npy", np.zeros((8, 2, 85), np.int16), manifest)
+    cfg = load_var_config(TINY_VAR, [f"data.tokens={tmp_path / 'other.npy'}", f"train.results_dir={tmp_path}/r"])
+    with pytest.raises(TokenError, match="config_hash"):
+        train_var(cfg, tokenizer=tok, cpu=True)
+
+
+def test_schedule_groups_and_labels() -> None:
+    assert lr_factor(0, 10, 100) == pytest.approx(0.005)
+    assert lr_factor(10, 10, 100) == 1.0 and lr_factor(99, 10, 100) == pytest.approx(0.01)
+    from xqtool.models.var import VAR
+    from test_var_model import tiny_cfg
+
+    groups = param_groups(VAR(tiny_cfg()), 0.05)
+    no_wd = {id(p) for p in groups[1]["params"]}
+    model = VAR(tiny_cfg())
+    groups = param_groups(model, 0.05)
+    no_wd = {id(p) for p in groups[1]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_wd}
+    assert {"pos_1LC", "pos_start", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11", "head.bias"} <= names
+    assert "blocks.0.attn.mat_qkv.weight" not in names and "class_emb.weight" not in names
+    assert plan_labels(10, [1, 3], per_class=2) == [1, 1, 3, 3]
+    assert plan_labels(3, per_class=1) == [0, 1, 2] and plan_labels(3, num_samples=4) == [0, 1, 2, 0]
+
+
+def test_cli_train_then_sample_batch_size_invariant(tiny_data, tmp_path: Path) -> None:
+    root, _ = tiny_data
+    runner = CliRunner()
+    res = runner.invoke(app, ["train-var", str(TINY_VAR), "--tokens", str(root / "train.npy"), "--tokenizer",
+                              str(root / "tok"), "--set", "train.max_steps=2", "--set",
+                              f"train.results_dir={tmp_path / 'run'}", "--cpu"])
+    assert res.exit_code == 0, res.output
+    var_dir = tmp_path / "run" / "var-last"
+    common = ["sample", "--ckpt", str(var_dir), "--tokenizer", str(root / "tok"), "--classes", "1,3",
+              "--per-class", "2", "--top-k", "20", "--cfg", "2.0", "--seed", "7", "--cpu"]
+    res4 = runner.invoke(app, common + ["-b", "4", "--npz", str(tmp_path / "a.npz"), "-o", str(tmp_path / "png"),
+                                        "--grid", str(tmp_path / "grid.png")])
+    assert res4.exit_code == 0, res4.output
+    res1 = runner.invoke(app, common + ["-b", "1", "--npz", str(tmp_path / "b.npz")])
+    assert res1.exit_code == 0, res1.output
+    a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
+    assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "nope"), "--tokenizer", str(root / "tok"),
+                              "-n", "2", "--npz", str(tmp_path / "c.npz")])
+    assert bad.exit_code == 2 and "not found" in bad.output
