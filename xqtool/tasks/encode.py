@@ -227,6 +227,10 @@ def _merge(work: Path, output: Path, n_units: int, manifest: TokenManifest, dtyp
         for name, reason in m["bad"]:
             skipped[name] = reason
     total = sum(m["count"] for m in metas)
+    if total == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        first = next(iter(sorted(skipped.items())), ("", ""))
+        raise DataError(f"no readable images: all {len(skipped)} inputs were bad (first: {first[0]}: {first[1]})")
     manifest.count = total
     manifest.dtype = dtype.name
     manifest.skipped = len(skipped)
