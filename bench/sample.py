@@ -1,0 +1,109 @@
+"""Benchmark VAR sampling: images/s and peak memory with and without the KV cache, and the speed-up.
+
+Random weights, tokenizer decode included, class-conditional with CFG (the batch is doubled internally).
+
+    python bench/sample.py                                   # small depth on CPU (tiny tokenizer)
+    python bench/sample.py --depth 17 --tokenizer-config configs/tokenizer/MSVR10P2-4096.yaml \
+        --batch 2 --threads 2 --batches 1 --skip-nocache      # the d17 CPU target (fp32)
+    python bench/sample.py --depth 17 --tokenizer-config configs/tokenizer/MSVR10P2-4096.yaml \
+        --batch 16 --device cuda --precision bf16            # GPU
+
+Prints one JSON object. CPU peak memory is the process's max RSS (monotonic over the run);
+CUDA peak memory is ``torch.cuda.max_memory_allocated`` per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build(args: argparse.Namespace):
+    from xqtool.config import load_tokenizer_config
+    from xqtool.config_var import VARModelConfig
+    from xqtool.models.tokenizer import build_tokenizer
+    from xqtool.models.var import VAR
+
+    torch.manual_seed(0)
+    tcfg = load_tokenizer_config(args.tokenizer_config)
+    tok = build_tokenizer(tcfg).eval().requires_grad_(False)
+    with torch.no_grad():  # random, finite weights everywhere (spec §7.16)
+        for p in tok.parameters():
+            if not torch.isfinite(p).all():
+                p.normal_(0, 0.02)
+    cfg = VARModelConfig(depth=args.depth, width=args.width, num_heads=args.heads,
+                         patch_nums=tuple(tok.scales), codebook_size=tok.codebook_size,
+                         num_branches=tok.num_branches, branch_dim=tok.embed_dim)
+    var = VAR(cfg).eval().requires_grad_(False)
+    dev = torch.device(args.device)
+    return var.to(dev), tok.to(dev), dev
+
+
+def _measure(var, tok, dev, args, use_cache: bool) -> dict:
+    from xqtool.models.var_sampling import sample_tokens
+
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    labels = torch.arange(args.batch, device=dev) % var.num_classes
+
+    def one(b: int) -> None:
+        out = sample_tokens(var, tok.quantizer, labels, seeds=[b * args.batch + i for i in range(args.batch)],
+                            cfg=3.25, top_k=750, top_p=0.95, use_cache=use_cache, amp_dtype=amp)
+        with torch.no_grad(), (torch.autocast(dev.type, dtype=amp) if amp else torch.autocast(dev.type, enabled=False)):
+            img = tok.decode_fhat(out.f_hat)
+        assert torch.isfinite(img).all()
+
+    for _ in range(args.warmup):
+        one(-1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for b in range(args.batches):
+        one(b)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    sec = time.perf_counter() - t0
+    n = args.batches * args.batch
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    return {"images_per_s": round(n / sec, 4), "seconds": round(sec, 3), "images": n, "peak_mem_mb": round(peak, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--width", type=int, default=None, help="default 64·depth")
+    ap.add_argument("--heads", type=int, default=None, help="default depth")
+    ap.add_argument("--tokenizer-config", default=str(ROOT / "configs/tokenizer/tiny-cnn.yaml"))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--skip-nocache", action="store_true", help="only the KV-cache path (slow models)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    var, tok, dev = _build(args)
+    res = {"device": str(dev), "threads": torch.get_num_threads(), "depth": args.depth, "width": var.C,
+           "params": sum(p.numel() for p in var.parameters()), "batch": args.batch, "precision": args.precision,
+           "tokenizer": Path(args.tokenizer_config).name, "cfg": 3.25, "top_k": 750, "top_p": 0.95}
+    if dev.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(dev)
+    res["kv_cache"] = _measure(var, tok, dev, args, True)
+    if not args.skip_nocache:
+        res["no_cache"] = _measure(var, tok, dev, args, False)
+        res["speedup"] = round(res["kv_cache"]["images_per_s"] / res["no_cache"]["images_per_s"], 3)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
