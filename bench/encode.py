@@ -58,6 +58,17 @@ def main() -> None:
 
     fp32_tokens, fp32_ips = run("fp32")
     bf16_tokens, bf16_ips = run("bf16")
+
+    # Random init leaves DINOv2's LayerScale at 1e-5, so the blocks barely act and agreement is trivially
+    # high. Stress check: LayerScale 0.1 makes every block change the latents, as in a trained model.
+    with torch.no_grad():
+        for name, p in tok.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma")):
+                p.fill_(0.1)
+    with torch.inference_mode():
+        stressed_fp32 = tok.encode(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stressed_bf16 = tok.encode(x)
     print(json.dumps({
         "config": Path(args.config).stem,
         "batch": args.batch,
@@ -67,6 +78,7 @@ def main() -> None:
         "bf16_images_per_s": round(bf16_ips, 3),
         "bf16_speedup": round(bf16_ips / fp32_ips, 2),
         "bf16_token_agreement": round(float((fp32_tokens == bf16_tokens).float().mean()), 4),
+        "bf16_token_agreement_active_blocks": round(float((stressed_fp32 == stressed_bf16).float().mean()), 4),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }, indent=2))
 

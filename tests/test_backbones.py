@@ -310,10 +310,12 @@ def test_autocast_bf16_cpu():
     enc, dec = _tiny_pair(4, 1)
     seen, handle = _capture_block_input(enc.model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        z = enc(_images(1, 32))
-        y = dec(z)
+        z = enc.train()(_images(1, 32))
+        assert seen["x"].dtype == torch.bfloat16  # training: the fp32 insertion region is cast to autocast dtype
+        z = enc.eval()(_images(1, 32))
+        assert seen["x"].dtype == torch.float32  # inference keeps the residual stream fp32 (closer tokens)
+        y = dec.eval()(z)
     handle.remove()
-    assert seen["x"].dtype == torch.bfloat16  # the fp32 latent-insertion region is cast to the autocast dtype
     assert z.shape == (1, 4, 64) and y.shape == (1, 3, 32, 32) and torch.isfinite(y.float()).all()
 
 

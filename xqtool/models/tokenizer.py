@@ -191,11 +191,16 @@ class XQTokenizer(nn.Module):
             tokens = self.encoder(images)  # [B, P*N, E]
             B, PN, E = tokens.shape
             x = tokens.reshape(B, PN, 1, E).permute(0, 3, 1, 2)  # [B, E, P*N, 1]
-            x = self.quant_conv(x).float()  # [B, D, P*N, 1]
+            x = self._quant_conv_fp32(x)  # [B, D, P*N, 1]
             chunks = x.chunk(P, dim=2)
             return [c.reshape(B, -1, H, H) for c in chunks]
-        h = self.quant_conv(self.encoder(images)).float()  # [B, P*D, H, W]
+        h = self._quant_conv_fp32(self.encoder(images))  # [B, P*D, H, W]
         return list(h.chunk(P, dim=1))
+
+    def _quant_conv_fp32(self, x: Tensor) -> Tensor:
+        """The 1×1 ``quant_conv`` in fp32 even under autocast: code search is sensitive to rounding here."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.quant_conv(x.float())
 
     def encode_features(self, images: Tensor) -> Tensor:
         """Pre-quantization features ``[B, P, D, H, W]`` (for linear probing)."""

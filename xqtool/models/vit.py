@@ -185,7 +185,10 @@ class ViTEncoder(nn.Module):
             lat = self._latents().expand(b, -1, -1)
             h = torch.cat([h, lat], dim=1)
             h = h + self.lvl_embed(self.lvl1LC).float()
-        if cast is not None:
+        if cast is not None and self.training:
+            # Training under autocast runs the residual stream in the autocast dtype (as the reference
+            # does, saving memory); inference keeps it fp32 (matmuls still in bf16/fp16), which keeps
+            # tokens closer to fp32 at almost no cost.
             h = h.to(cast)
         h = _run_blocks(m, h)
         return h[:, -self.num_branches * self._num_latent :]
@@ -323,7 +326,10 @@ class ViTDecoder(nn.Module):
                 lat = lat + resample_pos_grid(_pos_grid(m).float(), side, side)
             h = torch.cat([h, prefix, lat], dim=1)
             h = h + self.lvl_embed(self.lvl1LC).float()
-        if cast is not None:
+        if cast is not None and self.training:
+            # Training under autocast runs the residual stream in the autocast dtype (as the reference
+            # does, saving memory); inference keeps it fp32 (matmuls still in bf16/fp16), which keeps
+            # tokens closer to fp32 at almost no cost.
             h = h.to(cast)
         h = _run_blocks(m, h)
         start = m.num_prefix_tokens
