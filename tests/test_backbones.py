@@ -311,7 +311,7 @@ def test_autocast_bf16_cpu():
     seen, handle = _capture_block_input(enc.model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         z = enc.train()(_images(1, 32))
-        assert seen["x"].dtype == torch.bfloat16  # training: the fp32 insertion region is cast to autocast dtype
+        assert seen.pop("x").dtype == torch.bfloat16  # training: the fp32 insertion region is cast to autocast dtype
         z = enc.eval()(_images(1, 32))
         assert seen["x"].dtype == torch.float32  # inference keeps the residual stream fp32 (closer tokens)
         y = dec.eval()(z)
