@@ -62,3 +62,18 @@ def test_msvr10p2_4096_parameter_count_on_meta() -> None:
         tok = build_tokenizer(cfg)
     assert count_parameters(tok) == 172_327_456
     assert tok.tokens_per_branch == 286 and tok.num_branches == 2
+
+
+def test_robusttok_perturbation_reaches_only_the_decoder_of_the_first_samples(images32) -> None:
+    cfg = load_tokenizer_config(
+        CONFIGS / "tiny-cnn.yaml",
+        ["v_patch_nums=[8]", "alpha=1.0", "beta=0.5", "delta=8", "anneal_start=0", "anneal_end=10"],
+    )
+    tok = build_tokenizer(cfg).train()
+    torch.manual_seed(1)
+    clean = tok(images32)
+    torch.manual_seed(1)
+    perturbed = tok(images32, epoch=0)
+    changed = (clean.recon - perturbed.recon).abs().flatten(1).sum(1) > 0
+    assert changed[:4].all() and not changed[4:].any()
+    assert torch.equal(clean.indices, perturbed.indices)  # losses/tokens come from the clean quantization

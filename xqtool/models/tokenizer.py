@@ -131,8 +131,9 @@ class XQTokenizer(nn.Module):
             for _ in range(P)
         ]
         self.quantizer = ProductQuantizer(branches, codebook_drop=q.codebook_drop, start_drop=q.start_drop)
-        if q.alpha > 0 and q.beta > 0:
-            logger.warning("RobustTok latent perturbation (alpha/beta) is not implemented in xqtool; it is ignored")
+        self.perturbs = q.alpha > 0 and q.beta > 0 and len(scales) == 1
+        if q.alpha > 0 and q.beta > 0 and not self.perturbs:
+            logger.warning("RobustTok latent perturbation needs a single-scale quantizer; it is ignored here")
 
     # ------------------------------------------------------------------ facts
     @property
@@ -254,11 +255,26 @@ class XQTokenizer(nn.Module):
         return [self.decode_fhat(f) for f in maps]
 
     # ------------------------------------------------------------------ training
-    def forward(self, images: Tensor) -> TokenizerOutput:
-        """Training forward: encode, quantize (with quantizer dropout in train mode), decode."""
+    def forward(self, images: Tensor, epoch: Optional[int] = None) -> TokenizerOutput:
+        """Training forward: encode, quantize (with quantizer dropout in train mode), decode.
+
+        With RobustTok settings (``quant.alpha``/``quant.beta`` > 0, single scale) and `epoch` given, the
+        decoder sees the annealed latent perturbation of spec §3.6 (losses use the clean quantization).
+        """
         latents = self.encode_latents(images)
         q = self.quantizer(latents)
-        recon = self.decode_fhat_raw(q.quantized)
+        decoder_input = q.quantized
+        if self.perturbs and self.training and epoch is not None:
+            from xqtool.quantize.perturb import perturb_latent, perturbation_schedule
+
+            c = self.config.quant
+            alpha, delta = perturbation_schedule(epoch, c.alpha, c.delta, c.anneal_start, c.anneal_end, c.end_ratio)
+            parts = [
+                perturb_latent(branch, z, zq, alpha=alpha, beta=c.beta, delta=delta)
+                for branch, z, zq in zip(self.quantizer.quantizes, latents, q.branch_outputs)
+            ]
+            decoder_input = torch.cat(parts, dim=1)
+        recon = self.decode_fhat_raw(decoder_input)
         return TokenizerOutput(
             recon=recon,
             loss=q.loss,
