@@ -166,7 +166,67 @@ def make_fid_stats_cmd(
                                 max_images=max_images, image_size=image_size, force=force))
 
 
+def probe(
+    ckpt: Path = typer.Argument(..., help="Tokenizer checkpoint (xqtool dir or official .pt)."),
+    train: str = typer.Option(..., "--train", help="Labelled train images: class-tree folder or WebDataset shards."),
+    val: str = typer.Option(..., "--val", help="Labelled validation images (same label ids as --train)."),
+    features: str = typer.Option("semantic", "--features", help="semantic | all | quantized."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Tokenizer config when the checkpoint has none."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use EMA weights when present."),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", min=2),
+    lr: float = typer.Option(1e-4, "--lr"),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    warmup_epochs: int = typer.Option(1, "--warmup-epochs", min=0),
+    warmup_lr: float = typer.Option(1e-5, "--warmup-lr"),
+    min_lr: float = typer.Option(1e-6, "--min-lr"),
+    decay_rate: float = typer.Option(0.1, "--decay-rate"),
+    milestones: str = typer.Option("0.3,0.6,0.9", "--milestones", help="LR decay points as fractions of --epochs."),
+    cache_features: bool = typer.Option(True, "--cache-features/--no-cache-features",
+                                        help="Encode once and reuse features (no train augmentation)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=2, help="Default: 1 + largest label."),
+    max_train_images: Optional[int] = typer.Option(None, "--max-train-images", min=2),
+    max_val_images: Optional[int] = typer.Option(None, "--max-val-images", min=1),
+    out: Path = typer.Option(Path("probe"), "--out", help="Output folder (best.safetensors, probe_report.json)."),
+    device: str = typer.Option("cpu", "--device"),
+    num_workers: int = typer.Option(0, "--num-workers", min=0),
+    seed: int = typer.Option(42, "--seed"),
+    bad_files: str = typer.Option("skip", "--bad-files", help="skip (count, list) or fail."),
+) -> None:
+    """Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.
+
+    Example: [bold]xqtool probe runs/tok/best --train imagenet/train --val imagenet/val --epochs 10 --out probe/[/]
+    """
+    from xqtool.tasks.probe import ProbeSettings, run_probe
+
+    try:
+        ms = tuple(float(m) for m in milestones.split(",") if m.strip())
+    except ValueError:
+        raise ConfigError(f"--milestones must be comma-separated fractions, got '{milestones}'") from None
+    settings = ProbeSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                             warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr, decay_rate=decay_rate,
+                             milestones=ms, seed=seed)
+    table = Table(title=f"Linear probe ({features} features)")
+    for col in ("epoch", "lr", "train loss", "train top-1", "val top-1", "val top-5"):
+        table.add_column(col, justify="right")
+
+    def row(rec: Dict[str, Any]) -> None:
+        table.add_row(str(rec["epoch"]), f"{rec['lr']:.2e}", f"{rec['train_loss']:.4f}",
+                      f"{100 * rec['train_top1']:.2f}", f"{100 * rec['val_top1']:.2f}", f"{100 * rec['val_top5']:.2f}")
+
+    rep = run_probe(ckpt, train, val, features=features, settings=settings, config=config, prefer_ema=ema,
+                    cache_features=cache_features, num_classes=num_classes, num_workers=num_workers, device=device,
+                    max_train_images=max_train_images, max_val_images=max_val_images, bad_files=bad_files,
+                    out_dir=out, on_epoch=row)
+    console.print(table)
+    console.print(f"best val top-1 [bold]{100 * rep['best_top1']:.2f}%[/] at epoch {rep['best_epoch']} "
+                  f"({rep['image_counts']['train']} train / {rep['image_counts']['val']} val images, "
+                  f"{rep['num_classes']} classes, feature dim {rep['feature_dim']})")
+    console.print(f"classifier: {rep['best_path']}\nreport: {rep['report_path']}")
+
+
 def register(app: typer.Typer) -> None:
     """Add `eval-fid`, `make-fid-stats` and `probe` to `app`."""
     add_command(app, eval_fid, "eval-fid")
     add_command(app, make_fid_stats_cmd, "make-fid-stats")
+    add_command(app, probe, "probe")
