@@ -239,7 +239,14 @@ class DinoDiscriminator(nn.Module):
         """Load DINO ViT-S/16 weights from `source` (file/dir) or ``$XQTOOL_DINO_DISC_WEIGHTS`` or the cache."""
         from xqtool.models.pretrained import load_backbone_weights
 
-        load_backbone_weights(self.backbone, source, kind="dino_vits16", env_var=DINO_DISC_ENV)
+        load_backbone_weights(
+            self.backbone,
+            source,
+            kind="DINO ViT-S/16 (discriminator)",
+            env_var=DINO_DISC_ENV,
+            config_key="loss.disc_weights",
+            model_name="vit_small_patch16_224.dino",
+        )
         _zero_qkv_key_bias(self.backbone)
 
     def _features(self, x: Tensor) -> List[Tensor]:

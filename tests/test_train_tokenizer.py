@@ -1,0 +1,179 @@
+"""Tokenizer training loop: loss falls, outputs, GAN variants, exact resume, EMA/best, NaN patience, teachers."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from xqtool.config import load_tokenizer_config
+from xqtool.errors import WeightsMissingError
+from xqtool.metrics import TorchFeatureExtractor
+from xqtool.tasks.train_tokenizer import TokenizerTrainer, lr_factor, sample_photo_folder, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.ch=8", "model.z_channels=8", "quant.codebook_size=16", "quant.codebook_embed_dim=4",
+    "train.global_batch_size=4", "train.warmup_steps=0", "train.log_every=1", "train.tracker=none",
+    "loss.disc_type=none", "data.max_val_images=4",
+]
+TINY_DISC = {"patchgan": dict(ndf=4, n_layers=2), "stylegan": dict(base_channels=4, max_channels=8),
+             "dinodisc": dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2)}
+
+
+def _fx() -> TorchFeatureExtractor:
+    """Tiny deterministic feature extractor for rFID (mean colour per 4x4 cell)."""
+    return TorchFeatureExtractor(lambda x: torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 2).flatten(1), name="tiny")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos") / "sample"
+    sample_photo_folder(root, 32)
+    return root
+
+
+def _cfg(photos: Path, *extra: str, base: str = "tiny-cnn"):
+    return load_tokenizer_config(
+        ROOT / "configs" / "tokenizer" / f"{base}.yaml",
+        overrides=TINY + [f"data.data_path={photos / 'train'}", f"data.val_data_path={photos / 'val'}", *extra],
+    )
+
+
+def test_lr_schedule():
+    assert lr_factor(0, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(0.1)
+    assert lr_factor(10, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(1.0)
+    assert lr_factor(99, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(50, total=100, warmup=0, kind="constant", base=1.0, min_lr=0.1) == 1.0
+
+
+def test_loss_falls_and_outputs(photos, tmp_path):
+    torch.manual_seed(0)
+    cfg = _cfg(photos, "train.lr=1e-3", "train.eval_every=40", "train.ckpt_every=40", "train.tracker=tensorboard",
+               "train.best_metric=rfid", "train.ema_decay=0.9", "model.ch=16", "model.z_channels=16")
+    res = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=40, feature_extractor=_fx(), progress=False)
+    assert res.status == "finished" and res.step == 40
+    rec = [h["rec_loss"] for h in res.history]
+    first, last = sum(rec[:5]) / 5, sum(rec[-5:]) / 5
+    assert last < 0.75 * first, (first, last)
+    out = tmp_path / "run"
+    for name in ("model.safetensors", "ema.safetensors", "config.yaml"):
+        assert (out / "last" / name).is_file() and (out / "best" / name).is_file()
+    assert list((out / "recon").glob("step-*.png"))
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+    assert "val/rfid" in res.last_val and math.isfinite(res.last_val["val/rfid"])
+    assert "val/usage/b1/s3" in res.last_val and "val/perplexity/b0/s0" in res.last_val
+    # EMA differs from the raw weights and is what `best` holds (best == last here: same step)
+    raw, ema = load_file(out / "best" / "model.safetensors"), load_file(out / "best" / "ema.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
+    last_ema = load_file(out / "last" / "ema.safetensors")
+    assert all(torch.equal(ema[k], last_ema[k]) for k in ema)
+    from xqtool.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(out / "best")
+    assert all(torch.equal(v.cpu(), ema[k]) for k, v in tok.state_dict().items() if k in ema)
+
+
+@pytest.mark.parametrize("disc_type,loss", [("patchgan", "hinge"), ("stylegan", "non_saturating"), ("dinodisc", "vanilla")])
+def test_gan_step_each_discriminator(photos, tmp_path, disc_type, loss):
+    torch.manual_seed(0)
+    cfg = _cfg(photos, f"loss.disc_type={disc_type}", f"loss.disc_loss={loss}", f"loss.gen_loss={loss}",
+               "loss.disc_start=1", "loss.lecam_loss_weight=0.001", "train.eval_every=100", "train.ckpt_every=100",
+               "train.best_metric=psnr")
+    trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=2, feature_extractor=None,
+                               disc_overrides=TINY_DISC[disc_type], allow_random_weights=True, progress=False)
+    before = [p.detach().clone() for p in trainer.disc.parameters()]
+    res = trainer.run()
+    h = res.history[-1]
+    for key in ("generator_adv_loss", "disc_adaptive_weight", "discriminator_adv_loss", "lecam_loss"):
+        assert math.isfinite(h[key]), key
+    assert h["disc_adaptive_weight"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.disc.parameters()))
+
+
+def _weights(d: Path):
+    return load_file(d / "model.safetensors"), load_file(d / "ema.safetensors")
+
+
+def test_exact_resume(photos, tmp_path):
+    extra = ("loss.disc_type=patchgan", "loss.disc_start=2", "loss.lecam_loss_weight=0.01", "train.eval_every=100",
+             "train.ckpt_every=100", "train.best_metric=psnr", "train.lr_scheduler=cosine", "train.warmup_steps=2",
+             "train.ema_decay=0.5")
+    kw = dict(feature_extractor=None, disc_overrides=TINY_DISC["patchgan"], progress=False)
+    cfg = _cfg(photos, *extra)
+    train_tokenizer(cfg, output_dir=tmp_path / "straight", max_steps=6, **kw)
+
+    def kill_at_3(tr):
+        if tr.pos.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    r1 = train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, callbacks=[kill_at_3], **kw)
+    assert r1.status == "interrupted" and r1.step == 3 and r1.state_dir.name == "step-0000003"
+    r2 = train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, resume="auto", **kw)
+    assert r2.status == "finished" and r2.step == 6
+    (m1, e1), (m2, e2) = _weights(tmp_path / "straight" / "last"), _weights(tmp_path / "resumed" / "last")
+    for k in m1:
+        if "ema_vocab_hit" not in k:
+            assert torch.equal(m1[k], m2[k]), k
+            assert torch.equal(e1[k], e2[k]), k
+    d1 = load_file(tmp_path / "straight" / "checkpoints" / "step-0000006" / "model_1.safetensors")
+    d2 = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000006" / "model_1.safetensors")
+    assert all(torch.equal(d1[k], d2[k]) for k in d1)
+
+
+def test_nan_patience_stops_and_keeps_last_good(photos, tmp_path):
+    cfg = _cfg(photos, "train.nan_patience=2", "train.ckpt_every=1", "train.eval_every=100", "train.best_metric=psnr")
+    trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=10, progress=False)
+    real = trainer._rec_loss
+    trainer._rec_loss = lambda x, r: real(x, r) * (float("nan") if trainer.pos.step >= 2 else 1.0)
+    res = trainer.run()
+    assert res.status == "diverged" and res.step == 2
+    assert "nan_patience" in res.message and "step-0000002" in res.message
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "COMPLETE").is_file()
+
+
+def test_semantic_guide_without_weights_fails_before_training(photos, tmp_path, monkeypatch):
+    for var in ("XQTOOL_DINOV2_WEIGHTS", "XQTOOL_CLIP_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = _cfg(photos, "loss.semantic_guide=dinov2")
+    with pytest.raises(WeightsMissingError, match="semantic_weights=PATH.*XQTOOL_DINOV2_WEIGHTS"):
+        train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=2, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    import xqtool.cli
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text((ROOT / "configs/tokenizer/tiny-cnn.yaml").read_text())
+    r = CliRunner().invoke(xqtool.cli.app, ["train-tokenizer", str(cfg_path), "--set", "loss.semantic_guide=dinov2",
+                                            "-o", str(tmp_path / "cli"), "--max-steps", "1", "--no-progress"])
+    assert r.exit_code == 2 and "XQTOOL_DINOV2_WEIGHTS" in r.output
+
+
+def test_semantic_distillation_runs_with_random_teacher(photos, tmp_path):
+    torch.manual_seed(0)
+    cfg = _cfg(photos, "loss.semantic_guide=dinov2", "loss.sem_loss_weight=0.1", "train.eval_every=100",
+               "train.ckpt_every=100", "train.best_metric=psnr", "quant.codebook_drop=0.5")
+    res = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=2, allow_random_weights=True,
+                          teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8), progress=False)
+    assert all(math.isfinite(h["sem_loss"]) and h["sem_loss"] > 0 for h in res.history)
+
+
+def test_cli_train_tiny_vit(photos, tmp_path):
+    import xqtool.cli
+
+    r = CliRunner().invoke(xqtool.cli.app, [
+        "train-tokenizer", str(ROOT / "configs/tokenizer/tiny-vit.yaml"), "-o", str(tmp_path / "vit"),
+        "--max-steps", "2", "--no-progress", "--set", f"data.data_path={photos / 'train'}",
+        "--set", f"data.val_data_path={photos / 'val'}", "--set", "train.global_batch_size=4",
+        "--set", "train.tracker=none", "--set", "loss.disc_type=none", "--set", "model.vit_embed_dim=16",
+    ])
+    assert r.exit_code == 0, r.output
+    assert "finished" in r.output and (tmp_path / "vit" / "last" / "model.safetensors").is_file()

@@ -1,0 +1,119 @@
+"""Fine-tune a trained tokenizer (xqtool directory or official XQ-GAN ``.pt``) on new images (spec §6).
+
+Flow: load the checkpoint (EMA weights preferred) → apply the encoder / decoder tuning methods
+(``full`` | ``lora`` | ``frozen``) and optionally freeze the codebook → train with
+:func:`xqtool.tasks.train_tokenizer.train_tokenizer` (its optimizer is built afterwards, from parameters
+that require grad, so LoRA parameters are trained and frozen ones are not even in the optimizer) →
+export ``OUT/export`` as a normal xqtool checkpoint with LoRA merged (raw + EMA weights) and each LoRA
+adapter alone in ``OUT/export/adapter_{encoder,decoder}`` (peft ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from xqtool.config import TokenizerConfig
+from xqtool.errors import CheckpointError
+from xqtool.tasks.lora import DEFAULT_LORA_TARGETS, apply_tuning, freeze_codebook, has_lora, merge_lora, save_adapters
+from xqtool.tasks.train_tokenizer import TokenizerTrainer, TrainResult, _default_extractor
+
+log = logging.getLogger(__name__)
+
+
+def _load_base(path: os.PathLike, cfg: TokenizerConfig) -> Any:
+    from xqtool.checkpoint import load_tokenizer
+
+    try:
+        return load_tokenizer(path, prefer_ema=True)
+    except CheckpointError as exc:
+        if "carries no config" not in str(exc):
+            raise
+        return load_tokenizer(path, config=cfg, prefer_ema=True)
+
+
+def finetune_tokenizer(
+    cfg: TokenizerConfig,
+    from_path: os.PathLike,
+    *,
+    enc: Optional[str] = None,
+    dec: Optional[str] = None,
+    freeze_codebook_ids: bool = False,
+    lora_rank: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
+    lora_targets: Optional[str] = None,
+    output_dir: Optional[os.PathLike] = None,
+    resume: Optional[str] = None,
+    max_steps: Optional[int] = None,
+    export: bool = True,
+    **train_kwargs: Any,
+) -> TrainResult:
+    """Fine-tune the tokenizer at `from_path` with the training settings of `cfg`.
+
+    The architecture (``model``/``quant`` sections) comes from the checkpoint; `cfg` supplies ``loss``, ``data``
+    and ``train``. `enc`/`dec` default to ``cfg.model.enc_tuning_method``/``dec_tuning_method``; LoRA rank,
+    alpha and target regex default to ``cfg.model.lora_*``. `train_kwargs` go to :class:`TokenizerTrainer`
+    (``feature_extractor``, ``disc_overrides``, ``allow_random_weights``, ``progress``, ``callbacks`` ...).
+    """
+    tok = _load_base(from_path, cfg)
+    m = cfg.model
+    enc = enc or m.enc_tuning_method
+    dec = dec or m.dec_tuning_method
+    rank = int(lora_rank or m.lora_rank)
+    alpha = lora_alpha if lora_alpha is not None else m.lora_alpha
+    targets = lora_targets or m.lora_targets or DEFAULT_LORA_TARGETS
+    base_cfg = tok.config
+    run_model = dataclasses.replace(base_cfg.model, enc_tuning_method=enc, dec_tuning_method=dec, lora_rank=rank,
+                                    lora_alpha=alpha, lora_targets=targets)
+    run_cfg = dataclasses.replace(cfg, model=run_model, quant=base_cfg.quant)
+    if (m.image_size, cfg.quant.codebook_size) != (base_cfg.model.image_size, base_cfg.quant.codebook_size):
+        log.warning("model/quant settings of the config differ from the checkpoint's: the checkpoint's are used")
+    tok.train()
+    apply_tuning(tok, "encoder", enc, rank=rank, alpha=alpha, targets=targets)
+    apply_tuning(tok, "decoder", dec, rank=rank, alpha=alpha, targets=targets)
+    if freeze_codebook_ids:
+        frozen = freeze_codebook(tok)
+        log.info("frozen for stable token ids: %d tensors (codebooks, phi convs, quant_conv)", len(frozen))
+
+    def on_finish(trainer: TokenizerTrainer, result: TrainResult) -> None:
+        if not export or result.status == "diverged":
+            return
+        result.export_dir, result.adapter_dirs = export_finetuned(trainer, Path(trainer.out) / "export")
+
+    if "feature_extractor" not in train_kwargs:
+        train_kwargs["feature_extractor"] = _default_extractor(run_cfg)
+    trainer = TokenizerTrainer(
+        run_cfg, output_dir=output_dir, resume=resume, max_steps=max_steps, tokenizer=tok, on_finish=on_finish,
+        **train_kwargs,
+    )
+    return trainer.run()
+
+
+def export_finetuned(trainer: TokenizerTrainer, directory: Path) -> tuple:
+    """Write the merged tokenizer (raw + EMA) as a normal xqtool checkpoint and the LoRA adapters alone."""
+    from xqtool.checkpoint import save_model_dir
+
+    adapters = []
+    if trainer.acc.is_main_process:
+        raw = trainer.unwrapped
+        lora = has_lora(raw)
+        merged = merge_lora(copy.deepcopy(raw)) if lora else raw
+        ema_state = None
+        if trainer.ema is not None:
+            ema_mod = merge_lora(copy.deepcopy(trainer.ema.module)) if lora else trainer.ema.module
+            ema_state = ema_mod.state_dict()
+        cfg = trainer.cfg
+        out_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, enc_tuning_method="full",
+                                                                     dec_tuning_method="full"))
+        save_model_dir(directory, merged.state_dict(), out_cfg, ema_state)
+        if lora:
+            adapters = save_adapters(raw, directory)
+    trainer.acc.wait_for_everyone()
+    return directory, adapters
+
+
+__all__ = ["export_finetuned", "finetune_tokenizer"]

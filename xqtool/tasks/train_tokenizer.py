@@ -1,0 +1,972 @@
+"""Tokenizer training on Accelerate (spec §5): one process, one GPU or many (``accelerate launch``).
+
+Public entry point: :func:`train_tokenizer`. Output directory layout::
+
+    OUT/config.yaml                 resolved config of the run
+    OUT/checkpoints/step-0000100/   Accelerate training state (both models, both optimizers, schedulers,
+                                    scaler, RNG states, EMA, LeCam, trainer position) — atomic, newest 2 kept
+    OUT/last/  OUT/best/            xqtool tokenizer checkpoints (model.safetensors + ema.safetensors + config.yaml)
+    OUT/recon/step-0000100.png      originals (top row) over reconstructions (bottom row)
+    OUT/logs/                       tracker logs (tensorboard by default)
+    OUT/summary.json                final summary
+
+Generator objective (spec §5.1): w_rec·L_rec + w_p·LPIPS + λ·w_disc·L_adv + vq + commit + entropy + L_sem + L_detail.
+Discriminator (spec §5.5): w_disc·(L_D + lecam_weight·R_LeCam), trained from ``disc_start`` on (the reference's
+pre-start LeCam updates and weight decay on an untrained discriminator are skipped, spec §9.11). The adaptive
+weight is only computed once the GAN weight is non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xqtool.config import TokenizerConfig, config_to_dict, save_config_yaml
+from xqtool.ema import EMAModel, EMAState
+from xqtool.errors import ConfigError, DataError, WeightsMissingError, XQError
+from xqtool.fsutil import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "checkpoints"
+STATE_PREFIX = "step-"
+COMPLETE_MARKER = "COMPLETE"
+KEEP_STATES = 2
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rfid": False}
+
+
+# ============================================================================ results / small state objects
+@dataclass
+class TrainResult:
+    """What a training run did (returned by :func:`train_tokenizer`, printed by the CLI)."""
+
+    output_dir: Path
+    status: str  # "finished" | "interrupted" | "diverged"
+    step: int
+    total_steps: int
+    best_metric: str
+    best_value: Optional[float]
+    best_step: Optional[int]
+    last_dir: Optional[Path]
+    best_dir: Optional[Path]
+    state_dir: Optional[Path]
+    last_val: Dict[str, float] = field(default_factory=dict)
+    history: List[Dict[str, float]] = field(default_factory=list)
+    bad_files: Dict[str, str] = field(default_factory=dict)
+    images_per_sec: float = 0.0
+    message: str = ""
+    export_dir: Optional[Path] = None
+    adapter_dirs: List[Path] = field(default_factory=list)
+
+
+class _Position:
+    """Checkpointable trainer position: optimizer step, epoch, micro-batches consumed in the epoch, best metric."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_value: Optional[float] = None
+        self.best_step: Optional[int] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.best_value = state.get("best_value")
+        self.best_step = state.get("best_step")
+
+
+# ============================================================================ schedules
+def scaled_lr(lr: float, global_batch: int, rule: str) -> float:
+    """Spec §5.6: ``batch/128`` → lr·global_batch/128; ``none`` → lr."""
+    return lr * global_batch / 128.0 if rule == "batch/128" else lr
+
+
+def lr_factor(step: int, *, total: int, warmup: int, kind: str, base: float, min_lr: float, start: int = 0) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based) for a schedule starting at `start`.
+
+    Linear warm-up over `warmup` steps, then ``cosine`` (to `min_lr`, clamped to ≤ base) or ``constant``/``none``.
+    """
+    s = step - start
+    if s < 0:
+        return 0.0
+    if warmup > 0 and s < warmup:
+        return (s + 1) / warmup
+    if kind != "cosine":
+        return 1.0
+    span = max(1, total - start - warmup)
+    progress = min(1.0, (s - warmup) / span)
+    floor = min(min_lr, base) / base if base > 0 else 0.0
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ============================================================================ data helpers
+def sample_photo_folder(root: Path, image_size: int) -> Tuple[Path, Path]:
+    """Write scikit-image's built-in photos (crops/flips) to ``root/{train,val}`` as PNGs (once); return both dirs.
+
+    Used when ``data.data_path`` is null, so demos and tests run offline on real images.
+    """
+    train_dir, val_dir = root / "train", root / "val"
+    if (root / COMPLETE_MARKER).is_file():
+        return train_dir, val_dir
+    try:
+        import numpy as np
+        from PIL import Image
+        from skimage import data as skdata
+    except ImportError:
+        raise ConfigError("data.data_path is not set and scikit-image is not installed: set data.data_path=DIR") from None
+    names = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+             "colorwheel", "cat", "camera", "brick", "grass", "gravel", "moon", "coins", "horse"]
+    images = []
+    for name in names:
+        try:
+            arr = getattr(skdata, name)()
+        except Exception:  # some sample images need a download: skip them
+            continue
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        arr = arr[..., :3].astype(np.uint8)
+        images.append((name, arr))
+    if not images:
+        raise DataError("no scikit-image sample photos could be loaded: set data.data_path=DIR")
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "val").mkdir(parents=True)
+    crop = max(2 * image_size, 64)
+    count = 0
+    for idx, (name, arr) in enumerate(images):
+        h, w = arr.shape[:2]
+        c = min(crop, h, w)
+        grid = [(y, x) for y in range(0, h - c + 1, max(1, (h - c) // 3 or 1)) for x in range(0, w - c + 1, max(1, (w - c) // 3 or 1))]
+        for j, (y, x) in enumerate(grid[:9]):
+            tile = arr[y : y + c, x : x + c]
+            for flip in (False, True):
+                img = tile[:, ::-1] if flip else tile
+                split = "val" if (j == 4 and not flip) else "train"
+                Image.fromarray(np.ascontiguousarray(img)).save(tmp / split / f"{name}_{j}_{int(flip)}.png")
+                count += 1
+    (tmp / COMPLETE_MARKER).write_text(str(count))
+    if root.exists():
+        shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return train_dir, val_dir
+
+
+def _num_files(source: Any) -> Optional[int]:
+    try:
+        from xqtool.data.sources import resolve_source
+
+        spec = resolve_source(source)
+    except XQError:
+        raise
+    except Exception:  # pragma: no cover
+        return None
+    return len(spec.items) if spec.kind == "files" else None
+
+
+# ============================================================================ metrics / images
+def _save_grid(path: Path, originals: Tensor, recons: Tensor) -> None:
+    """Originals ``[n,3,S,S]`` (top row) over reconstructions (bottom row), both in [-1,1] → PNG."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n = originals.shape[0]
+    grid = make_grid(torch.cat([originals, recons]).float().clamp(-1, 1) * 0.5 + 0.5, nrow=n, padding=2)
+    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def _extract(extractor: Callable[[Tensor], Tensor], images_u8: Tensor) -> Tensor:
+    pre = getattr(extractor, "preprocess", None)
+    if callable(pre):
+        import numpy as np
+
+        arrs = [pre(img.permute(1, 2, 0).cpu().numpy()) for img in images_u8]
+        images_u8 = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+    return extractor(images_u8).float().cpu()
+
+
+def _flat_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_config(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+# ============================================================================ checkpoints on disk
+def list_states(output_dir: Path) -> List[Path]:
+    """Complete training-state directories, oldest first."""
+    root = Path(output_dir) / STATE_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = re.fullmatch(rf"{STATE_PREFIX}(\d+)", p.name)
+        if m and p.is_dir() and (p / COMPLETE_MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
+    """``None`` → no resume; ``auto`` → newest complete state in `output_dir` (None if there is none);
+    a path → that state directory (CheckpointError-like ConfigError if it is not a complete one)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        states = list_states(output_dir)
+        return states[-1] if states else None
+    path = Path(resume)
+    if path.is_dir() and (path / STATE_DIR).is_dir():
+        states = list_states(path)
+        if states:
+            return states[-1]
+    if not (path.is_dir() and (path / COMPLETE_MARKER).is_file()):
+        raise ConfigError(f"--resume {resume}: not a complete training state (expected {STATE_DIR}/{STATE_PREFIX}N with a {COMPLETE_MARKER} file)")
+    return path
+
+
+# ============================================================================ the trainer
+class TokenizerTrainer:
+    """Builds everything from a config, then :meth:`run` trains. See :func:`train_tokenizer` for arguments."""
+
+    def __init__(
+        self,
+        cfg: TokenizerConfig,
+        *,
+        output_dir: Optional[os.PathLike] = None,
+        resume: Optional[str] = None,
+        max_steps: Optional[int] = None,
+        tokenizer: Optional[nn.Module] = None,
+        feature_extractor: Optional[Callable[[Tensor], Tensor]] = None,
+        disc_overrides: Optional[Dict[str, Any]] = None,
+        teacher_overrides: Optional[Dict[str, Any]] = None,
+        allow_random_weights: bool = False,
+        progress: bool = True,
+        console: Any = None,
+        callbacks: Sequence[Callable[["TokenizerTrainer"], None]] = (),
+        on_finish: Optional[Callable[["TokenizerTrainer", TrainResult], None]] = None,
+        prepare_model: Optional[Callable[[nn.Module], None]] = None,
+    ) -> None:
+        self.cfg = cfg
+        self.out = Path(output_dir or cfg.train.results_dir)
+        self.resume_arg = resume
+        self.max_steps_arg = max_steps
+        self.feature_extractor = feature_extractor
+        self.disc_overrides = disc_overrides
+        self.teacher_overrides = teacher_overrides or {}
+        self.allow_random = allow_random_weights
+        self.show_progress = progress
+        self.console = console
+        self.callbacks = list(callbacks)
+        self.on_finish = on_finish
+        self.stop_requested: Optional[str] = None
+        self.history: List[Dict[str, float]] = []
+        self.last_val: Dict[str, float] = {}
+        self.pos = _Position()
+        self._check_weights_first()
+        self._setup(tokenizer, prepare_model)
+
+    # ------------------------------------------------------------------ setup
+    def _check_weights_first(self) -> None:
+        """Fail before anything heavy when a needed pretrained network is not available offline."""
+        lc = self.cfg.loss
+        from xqtool.models.teachers import teacher_spec, teacher_weights_available
+
+        for kind, weights, key in (
+            (lc.semantic_guide, lc.semantic_weights, "loss.semantic_weights"),
+            ("clip" if lc.detail_guide in ("sam", "clip") else "none", lc.detail_weights, "loss.detail_weights"),
+        ):
+            if kind == "none" or self.allow_random:
+                continue
+            if not teacher_weights_available(kind, weights):
+                spec = teacher_spec(kind)
+                raise WeightsMissingError(
+                    f"{spec.label} teacher weights for {key.split('.')[1].split('_')[0]} guidance not found: pass "
+                    f"--set {key}=PATH or set {spec.env_var}=PATH (a timm .pth/.safetensors of {spec.model_name}), "
+                    f"or disable it with --set loss.{'semantic_guide' if 'semantic' in key else 'detail_guide'}=none"
+                )
+
+    def _setup(self, tokenizer: Optional[nn.Module], prepare_model: Optional[Callable[[nn.Module], None]]) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        cfg, tc, lc = self.cfg, self.cfg.train, self.cfg.loss
+        tracker = None if tc.tracker == "none" else tc.tracker
+        try:
+            self.acc = Accelerator(
+                mixed_precision=tc.mixed_precision,
+                gradient_accumulation_steps=max(1, tc.grad_accum),
+                log_with=tracker,
+                project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"train.mixed_precision={tc.mixed_precision!r} is not usable here: {exc}".splitlines()[0]) from None
+        acc = self.acc
+        world = acc.num_processes
+        per_proc = tc.global_batch_size // (world * max(1, tc.grad_accum))
+        if per_proc < 1 or per_proc * world * max(1, tc.grad_accum) != tc.global_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={tc.global_batch_size} must be a multiple of processes ({world}) x "
+                f"train.grad_accum ({tc.grad_accum})"
+            )
+        self.per_proc_batch = per_proc
+        set_seed(tc.global_seed * world + acc.process_index)  # spec §5.6 per-rank seed
+
+        # ---- data
+        image_size = cfg.model.image_size
+        train_src: Any = cfg.data.data_path
+        val_src: Any = cfg.data.val_data_path
+        if train_src is None:
+            root = self.out / "sample_data"
+            if acc.is_main_process:
+                sample_photo_folder(root, image_size)
+            acc.wait_for_everyone()
+            train_src, default_val = sample_photo_folder(root, image_size)
+            val_src = val_src or default_val
+        if val_src is None:
+            log.warning("data.val_data_path is not set: validating on the training source (not held out)")
+            val_src = train_src
+        from xqtool.data.images import make_loader
+
+        self.train_loader = make_loader(
+            train_src, image_size=image_size, batch_size=per_proc, train=True, num_workers=cfg.data.num_workers,
+            bad_files=cfg.data.bad_files, seed=tc.global_seed, drop_last=True,
+        )
+        self.train_loader.generator = torch.Generator().manual_seed(tc.global_seed)  # keep the global RNG untouched
+        self.val_loader = make_loader(
+            val_src, image_size=image_size, batch_size=per_proc, train=False, num_workers=cfg.data.num_workers,
+            bad_files=cfg.data.bad_files, seed=tc.global_seed,
+        )
+        self.val_loader.generator = torch.Generator().manual_seed(tc.global_seed)
+        n_files = _num_files(train_src)
+        self.steps_per_epoch: Optional[int] = None
+        if n_files is not None:
+            self.steps_per_epoch = max(1, n_files // tc.global_batch_size)
+            if n_files < tc.global_batch_size:
+                raise DataError(
+                    f"the training source has {n_files} images, fewer than train.global_batch_size={tc.global_batch_size}"
+                )
+        max_steps = self.max_steps_arg if self.max_steps_arg else tc.max_steps
+        if not max_steps:
+            if self.steps_per_epoch is None:
+                raise ConfigError("the number of images in shards is unknown: set train.max_steps (or --max-steps)")
+            max_steps = tc.epochs * self.steps_per_epoch
+        self.total_steps = int(max_steps)
+        if lc.disc_start >= 0:
+            self.disc_start = lc.disc_start
+        elif self.steps_per_epoch is not None:
+            self.disc_start = lc.disc_epoch_start * self.steps_per_epoch
+        else:
+            raise ConfigError("loss.disc_epoch_start needs a known epoch length: set loss.disc_start (steps) for shards")
+        warmup = tc.warmup_steps if tc.warmup_steps >= 0 else (self.steps_per_epoch or 0)
+        self.warmup = int(warmup)
+
+        # ---- models
+        from xqtool.models.discriminators import build_discriminator
+        from xqtool.models.tokenizer import build_tokenizer
+
+        tok = tokenizer if tokenizer is not None else build_tokenizer(cfg)
+        if prepare_model is not None:
+            prepare_model(tok)
+        tok.train()
+        self.ema = EMAModel(tok, tc.ema_decay) if tc.ema else None
+        disc = None
+        if lc.disc_type != "none" and lc.disc_weight > 0:
+            disc = build_discriminator(
+                lc.disc_type, image_size, disc_weights=lc.disc_weights, allow_random=self.allow_random,
+                overrides=self.disc_overrides,
+            )
+        from xqtool.losses import DiffAug, LeCam, SemanticDistillLoss, disc_loss_fn, gen_loss_fn
+
+        self.diffaug = DiffAug(prob=lc.aug_prob) if lc.disc_type == "dinodisc" else None
+        self.lecam = LeCam() if lc.lecam_loss_weight > 0 and disc is not None else None
+        self.d_loss_fn = disc_loss_fn(lc.disc_loss)
+        self.g_loss_fn = gen_loss_fn(lc.gen_loss)
+        self.lpips = None
+        if lc.perceptual_weight > 0:
+            from xqtool.losses.lpips import LPIPS
+
+            self.lpips = LPIPS(weights=lc.lpips_weights, allow_random=self.allow_random).to(acc.device)
+
+        # ---- teachers (frozen, outside the model and the EMA)
+        self.aux = nn.ModuleDict()  # trainable loss-side parameters (own teacher projections)
+        self.teachers: Dict[str, Tuple[nn.Module, SemanticDistillLoss, str]] = {}
+        D = cfg.quant.codebook_embed_dim
+        for role, kind, weights, guide in (
+            ("semantic", lc.semantic_guide, lc.semantic_weights, lc.guide_type_1),
+            ("detail", "clip" if lc.detail_guide in ("sam", "clip") else "none", lc.detail_weights, lc.guide_type_2),
+        ):
+            if kind == "none":
+                continue
+            from xqtool.models.teachers import SemanticTeacher
+
+            ov = dict(self.teacher_overrides)
+            patch = int(ov.pop("patch_size", 16 if image_size >= 64 else max(1, image_size // 4)))
+            teacher = SemanticTeacher(kind, image_size=image_size, patch_size=patch, weights=weights,
+                                      allow_random=self.allow_random, **ov).to(acc.device)
+            E = teacher.embed_dim
+            own = SemanticDistillLoss.needs_own_projection(getattr(tok, "quant_conv", None), E, D)
+            loss_mod = SemanticDistillLoss(E, D, own_projection=own, normalize=lc.clip_norm)
+            self.aux[role] = loss_mod
+            self.teachers[role] = (teacher, loss_mod, "patches" if guide == "patch" else "cls")
+
+        # ---- optimizers (built from parameters that require grad, AFTER any tuning method was applied)
+        b = tc.global_batch_size
+        gen_params = [p for p in tok.parameters() if p.requires_grad] + [p for p in self.aux.parameters()]
+        if not gen_params:
+            raise ConfigError("no trainable tokenizer parameters (everything is frozen)")
+        self.g_lr = scaled_lr(tc.lr, b, tc.lr_scale_rule)
+        self.d_lr = scaled_lr(tc.disc_lr, b, tc.lr_scale_rule)
+        opt_g = torch.optim.AdamW(gen_params, lr=self.g_lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        total, warm = self.total_steps, self.warmup
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(
+            opt_g, lambda s: lr_factor(s, total=total, warmup=warm, kind=tc.lr_scheduler, base=self.g_lr, min_lr=tc.min_lr)
+        )
+        self.opt_d = self.sched_d = None
+        if disc is not None:
+            opt_d = torch.optim.AdamW(disc.parameters(), lr=self.d_lr, betas=(tc.beta1, tc.beta2),
+                                      weight_decay=tc.disc_weight_decay)
+            d_warm = max(1, int(0.02 * max(1, total - self.disc_start)))
+            dstart = self.disc_start
+            # the disc scheduler counts discriminator steps, which begin at disc_start
+            self.sched_d = torch.optim.lr_scheduler.LambdaLR(
+                opt_d, lambda s: lr_factor(s, total=max(1, total - dstart), warmup=d_warm, kind=tc.lr_scheduler,
+                                           base=self.d_lr, min_lr=tc.min_lr)
+            )
+            self.opt_d = opt_d
+
+        # ---- accelerate
+        if disc is not None:
+            self.tok, self.disc, self.opt_g, self.opt_d = acc.prepare(tok, disc, opt_g, self.opt_d)
+        else:
+            self.tok, self.opt_g = acc.prepare(tok, opt_g)
+            self.disc = None
+        self.aux.to(acc.device)
+        if self.ema is not None:
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(EMAState(self.ema))
+        acc.register_for_checkpointing(self.sched_g, self.pos)
+        if self.sched_d is not None:
+            acc.register_for_checkpointing(self.sched_d)
+        if self.lecam is not None:
+            self.lecam.to(acc.device)
+            acc.register_for_checkpointing(self.lecam)
+        if len(self.aux):
+            acc.register_for_checkpointing(self.aux)
+
+        # ---- output dir, config, resume, trackers
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", save_config_yaml(cfg))
+        resume_dir = resolve_resume(self.resume_arg, self.out)
+        self.resumed_from: Optional[Path] = None
+        if resume_dir is not None:
+            acc.load_state(str(resume_dir))
+            self.resumed_from = resume_dir
+            log.info("resumed from %s at step %d", resume_dir, self.pos.step)
+        if tracker is not None:
+            try:
+                acc.init_trackers("xqtool", config=_flat_config(config_to_dict(cfg)))
+            except ImportError as exc:
+                raise ConfigError(f"train.tracker={tc.tracker!r} needs a package that is not installed: {exc}") from None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.acc.unwrap_model(self.tok)
+
+    def _rec_loss(self, x: Tensor, recon: Tensor) -> Tensor:
+        if self.cfg.loss.reconstruction_loss == "l1":
+            return (recon - x).abs().mean()
+        return F.mse_loss(recon, x)
+
+    def _disc_input(self, images: Tensor, blur: float) -> Tensor:
+        return self.diffaug(images, blur=blur) if self.diffaug is not None else images
+
+    def _blur(self, step: int) -> float:
+        from xqtool.losses import fade_blur_schedule
+
+        return fade_blur_schedule(step, self.disc_start, self.cfg.loss.aug_fade_steps) if self.diffaug is not None else 0.0
+
+    def _epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch if self.steps_per_epoch else 0
+
+    # ------------------------------------------------------------------ one micro-step
+    def _micro_step(self, x: Tensor, step: int) -> Tuple[Dict[str, float], bool]:
+        """Forward/backward for the generator and the discriminator on a batch ``x [b,3,S,S]``.
+
+        `step` is the 1-based optimizer step this micro-batch contributes to. Returns (logs, finite).
+        """
+        from xqtool.losses import adaptive_weight, disc_weight_at, semantic_scale
+
+        acc, lc = self.acc, self.cfg.loss
+        logs: Dict[str, float] = {}
+        w_disc = disc_weight_at(step, self.disc_start, lc.disc_weight) if self.disc is not None else 0.0
+        blur = self._blur(step)
+        raw_disc = acc.unwrap_model(self.disc) if self.disc is not None else None
+        with acc.accumulate(*( (self.tok, self.disc) if self.disc is not None else (self.tok,) )):
+            # ---------------- generator
+            with acc.autocast():
+                out = self.tok(x)
+            recon = out.recon.float()
+            rec = self._rec_loss(x, recon)
+            nll = lc.reconstruction_weight * rec
+            logs["rec_loss"] = rec.detach().item()
+            if self.lpips is not None:
+                with acc.autocast():
+                    p = self.lpips(recon, x).mean().float()
+                nll = nll + lc.perceptual_weight * p
+                logs["perceptual_loss"] = p.detach().item()
+            q = out.loss
+            loss = nll + q["vq"] + q["commit"] + q["entropy"]
+            for k in ("vq", "commit", "entropy"):
+                logs[f"{k}_loss"] = float(q[k].detach())
+            for role, (teacher, loss_mod, which) in self.teachers.items():
+                feats = teacher(x)[which]
+                scale_base = lc.sem_loss_scale if role == "semantic" else lc.detail_loss_scale
+                scale = semantic_scale(self._epoch_of(step), lc.clip_norm, scale_base)
+                student = out.semantic if role == "semantic" else out.detail
+                s_loss = loss_mod(student, feats, quant_conv=getattr(self.unwrapped, "quant_conv", None),
+                                  n_drop=int(out.n_drop), scale=scale)
+                weight = lc.sem_loss_weight if role == "semantic" else lc.detail_loss_weight
+                loss = loss + weight * s_loss
+                logs[f"{'sem' if role == 'semantic' else 'detail'}_loss"] = s_loss.detach().item()
+            if w_disc > 0 and raw_disc is not None:
+                raw_disc.requires_grad_(False)
+                with acc.autocast():
+                    logits_fake = raw_disc(self._disc_input(recon, blur)).float()
+                raw_disc.requires_grad_(True)
+                g_adv = self.g_loss_fn(logits_fake)
+                if lc.disc_adaptive_weight:
+                    lam = adaptive_weight(nll, g_adv, self.unwrapped.last_layer)
+                else:
+                    lam = torch.ones((), device=x.device)
+                loss = loss + lam * w_disc * g_adv
+                logs["generator_adv_loss"] = g_adv.detach().item()
+                logs["disc_adaptive_weight"] = lam.item()
+            logs["disc_weight"] = w_disc
+            finite = self._all_finite(loss)
+            logs["train_loss"] = loss.detach().item()
+            if finite:
+                acc.backward(loss)
+                if acc.sync_gradients and self.cfg.train.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.tok.parameters(), self.cfg.train.max_grad_norm)
+                self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
+
+            # ---------------- discriminator
+            if w_disc > 0 and self.disc is not None and finite:
+                with acc.autocast():
+                    lr_ = self.disc(self._disc_input(x, blur)).float()
+                    lf_ = self.disc(self._disc_input(recon.detach(), blur)).float()
+                d_loss = self.d_loss_fn(lr_, lf_)
+                logs["discriminator_adv_loss"] = d_loss.detach().item()
+                if self.lecam is not None:
+                    self.lecam.update(lr_, lf_)
+                    reg = self.lecam(lr_, lf_)
+                    d_loss = d_loss + lc.lecam_loss_weight * reg
+                    logs["lecam_loss"] = reg.detach().item()
+                d_loss = w_disc * d_loss
+                logs["logits_real"] = lr_.detach().mean().item()
+                logs["logits_fake"] = lf_.detach().mean().item()
+                d_ok = self._all_finite(d_loss)
+                if d_ok:
+                    acc.backward(d_loss)
+                    if acc.sync_gradients and self.cfg.train.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.disc.parameters(), self.cfg.train.max_grad_norm)
+                    self.opt_d.step()
+                    if acc.sync_gradients:
+                        self.sched_d.step()
+                self.opt_d.zero_grad(set_to_none=True)
+                if not d_ok:
+                    logs["disc_nonfinite"] = 1.0
+        for k, v in out.stats.items():
+            logs[f"codebook_{k}"] = float(v.float().mean())
+        return logs, finite
+
+    def _all_finite(self, loss: Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        return bool(flag.item() == 0)
+
+    # ------------------------------------------------------------------ batches with position
+    def _batches(self) -> Iterator[Tensor]:
+        """Endless training batches, starting at the saved (epoch, batch_in_epoch) position."""
+        while True:
+            self.train_loader._epoch = self.pos.epoch  # type: ignore[attr-defined]
+            skip = self.pos.batch_in_epoch
+            got = 0
+            for i, batch in enumerate(self.train_loader):
+                if i < skip:
+                    continue
+                got += 1
+                self.pos.batch_in_epoch = i + 1
+                yield batch["image"]
+            if got == 0 and skip == 0:
+                raise DataError("the training source produced no batch (all images bad, or fewer than one batch)")
+            self.pos.epoch += 1
+            self.pos.batch_in_epoch = 0
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self, step: int) -> Dict[str, float]:
+        """PSNR/SSIM/rFID and codebook usage on the held-out set (EMA weights when EMA is on); saves a grid PNG."""
+        from xqtool.metrics import fid_from_features, psnr, ssim, to_uint8
+
+        acc, cfg = self.acc, self.cfg
+        model = self.ema.module if self.ema is not None else self.unwrapped
+        was_training = model.training
+        model.eval()
+        psnr_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        ssim_sum = torch.zeros_like(psnr_sum)
+        count = torch.zeros_like(psnr_sum)
+        P, K = cfg.quant.product_quant, cfg.quant.codebook_size
+        scales = tuple(cfg.quant.v_patch_nums)
+        hist = torch.zeros(P, len(scales), K, device=acc.device, dtype=torch.float64)
+        feats_r: List[Tensor] = []
+        feats_o: List[Tensor] = []
+        grid: Optional[Tuple[Tensor, Tensor]] = None
+        limit = cfg.data.max_val_images or None
+        seen = 0
+        for batch in self.val_loader:
+            x = batch["image"].to(acc.device)
+            if limit is not None:
+                x = x[: max(0, limit - seen * acc.num_processes)] if seen * acc.num_processes < limit else x[:0]
+            if x.shape[0] == 0:
+                break
+            seen += x.shape[0]
+            with acc.autocast():
+                tokens = model.encode(x)
+                recon = model.decode(tokens).float()
+            psnr_sum += psnr(recon, x).double().sum()
+            ssim_sum += ssim(recon, x).double().sum()
+            count += x.shape[0]
+            offs = 0
+            for si, pn in enumerate(scales):
+                ids = tokens[:, :, offs : offs + pn * pn]
+                for b in range(P):
+                    hist[b, si] += torch.bincount(ids[:, b].reshape(-1), minlength=K).double()
+                offs += pn * pn
+            if self.feature_extractor is not None:
+                feats_r.append(_extract(self.feature_extractor, to_uint8(recon)))
+                feats_o.append(_extract(self.feature_extractor, to_uint8(x)))
+            if grid is None:
+                grid = (x[:8].cpu(), recon[:8].cpu())
+        if was_training:
+            model.train()
+        psnr_sum, ssim_sum, count, hist = (acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t
+                                           for t in (psnr_sum, ssim_sum, count, hist))
+        n = max(1.0, float(count.item()))
+        metrics: Dict[str, float] = {"val/psnr": float(psnr_sum.item()) / n, "val/ssim": float(ssim_sum.item()) / n,
+                                     "val/images": float(count.item())}
+        if self.feature_extractor is not None and feats_r:
+            fr, fo = torch.cat(feats_r), torch.cat(feats_o)
+            if acc.num_processes > 1:
+                fr, fo = self._gather_rows(fr), self._gather_rows(fo)
+            if fr.shape[0] >= 2:
+                metrics["val/rfid"] = float(fid_from_features(fo.numpy(), fr.numpy()))
+        usages = []
+        for b in range(P):
+            for si, pn in enumerate(scales):
+                h = hist[b, si]
+                p = h / h.sum().clamp_min(1.0)
+                nz = p[p > 0]
+                usage = float((h > 0).double().mean())
+                metrics[f"val/usage/b{b}/s{si}"] = usage
+                metrics[f"val/perplexity/b{b}/s{si}"] = float(torch.exp(-(nz * nz.log()).sum()))
+                usages.append(usage)
+        metrics["val/codebook_usage"] = sum(usages) / max(1, len(usages))
+        if acc.is_main_process and grid is not None:
+            path = self.out / "recon" / f"step-{step:07d}.png"
+            _save_grid(path, *grid)
+            self._log_image(grid, step)
+        self.last_val = metrics
+        return metrics
+
+    def _gather_rows(self, t: Tensor) -> Tensor:
+        t = t.to(self.acc.device)
+        n = torch.tensor([t.shape[0]], device=self.acc.device)
+        ns = self.acc.gather(n)
+        m = int(ns.max())
+        pad = torch.zeros(m - t.shape[0], *t.shape[1:], device=t.device, dtype=t.dtype)
+        g = self.acc.gather(torch.cat([t, pad]))
+        parts = [g[i * m : i * m + int(k)] for i, k in enumerate(ns.tolist())]
+        return torch.cat(parts).cpu()
+
+    def _log_image(self, grid: Tuple[Tensor, Tensor], step: int) -> None:
+        if self.cfg.train.tracker != "tensorboard":
+            return
+        try:
+            from torchvision.utils import make_grid
+
+            tb = self.acc.get_tracker("tensorboard", unwrap=True)
+            img = make_grid(torch.cat(grid).clamp(-1, 1) * 0.5 + 0.5, nrow=grid[0].shape[0])
+            tb.add_image("val/reconstructions", img, step)
+        except Exception as exc:  # pragma: no cover - logging must never stop training
+            log.debug("could not log image: %s", exc)
+
+    # ------------------------------------------------------------------ saving
+    def save_state(self) -> Optional[Path]:
+        """Accelerate training state at the current step, written atomically; keeps the newest few."""
+        acc = self.acc
+        root = self.out / STATE_DIR
+        final = root / f"{STATE_PREFIX}{self.pos.step:07d}"
+        tmp = root / f".{final.name}.tmp"
+        if acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(self.pos.state_dict()))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_states(self.out)[:-KEEP_STATES]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def export_model(self, directory: Path) -> Path:
+        """xqtool tokenizer checkpoint (raw weights + EMA + config) of the current model."""
+        from xqtool.checkpoint import save_tokenizer
+
+        if self.acc.is_main_process:
+            ema_state = self.ema.state_dict() if self.ema is not None else None
+            extra = {"train_state.json": json.dumps({"step": self.pos.step, "val": self.last_val}, indent=1)}
+            save_tokenizer(directory, self.unwrapped, ema_state=ema_state, extra_files=extra)
+        self.acc.wait_for_everyone()
+        return directory
+
+    def _is_better(self, value: float) -> bool:
+        best = self.pos.best_value
+        if best is None:
+            return True
+        return value >= best if HIGHER_IS_BETTER[self.cfg.train.best_metric] else value <= best
+
+    # ------------------------------------------------------------------ signals
+    def _install_signals(self) -> Dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self.stop_requested = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        return old
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        acc, tc = self.acc, self.cfg.train
+        metric_key = f"val/{tc.best_metric}"
+        if tc.best_metric == "rfid" and self.feature_extractor is None:
+            raise ConfigError("train.best_metric=rfid needs Inception weights: set train.inception_weights=PATH or choose psnr/ssim")
+        old_handlers = self._install_signals()
+        progress = self._progress()
+        status, message = "finished", ""
+        bad_streak = 0
+        last_good_state: Optional[Path] = None
+        t0 = time.perf_counter()
+        images = 0
+        start_step = self.pos.step
+        batches = self._batches()
+        task = None
+        try:
+            if progress is not None:
+                progress.start()
+                task = progress.add_task("train", total=self.total_steps, completed=self.pos.step, info="")
+            while self.pos.step < self.total_steps:
+                step = self.pos.step + 1
+                logs_acc: Dict[str, float] = {}
+                ok_all = True
+                for _ in range(max(1, tc.grad_accum)):
+                    x = next(batches).to(acc.device, non_blocking=True)
+                    logs, ok = self._micro_step(x, step)
+                    images += x.shape[0] * acc.num_processes
+                    ok_all = ok_all and ok
+                    for k, v in logs.items():
+                        logs_acc[k] = logs_acc.get(k, 0.0) + v / max(1, tc.grad_accum)
+                if not ok_all:
+                    bad_streak += 1
+                    log.warning("step %d: non-finite loss (%s); step skipped (%d/%d)", step,
+                                {k: v for k, v in logs_acc.items() if not math.isfinite(v)}, bad_streak, tc.nan_patience)
+                    if bad_streak >= max(1, tc.nan_patience):
+                        status = "diverged"
+                        message = (f"{bad_streak} consecutive steps with a NaN/Inf loss (train.nan_patience="
+                                   f"{tc.nan_patience}); stopped at step {step}; last good checkpoint kept"
+                                   + (f" in {last_good_state}" if last_good_state else ""))
+                        break
+                    continue
+                bad_streak = 0
+                self.pos.step = step
+                self.sched_g.step()
+                if self.ema is not None:
+                    self.ema.update(self.unwrapped)
+                logs_acc["lr"] = self.opt_g.param_groups[0]["lr"]
+                if step % max(1, tc.log_every) == 0 or step == 1 or step == self.total_steps:
+                    elapsed = max(1e-9, time.perf_counter() - t0)
+                    logs_acc["images_per_sec"] = images / elapsed
+                    self.history.append({"step": step, **logs_acc})
+                    acc.log(logs_acc, step=step)
+                if task is not None:
+                    elapsed = max(1e-9, time.perf_counter() - t0)
+                    info = f"rec {logs_acc.get('rec_loss', float('nan')):.4f} loss {logs_acc['train_loss']:.4f} {images / elapsed:.1f} img/s"
+                    progress.update(task, completed=step, info=info)
+                if step % max(1, tc.eval_every) == 0 or step == self.total_steps:
+                    val = self.validate(step)
+                    acc.log(val, step=step)
+                    value = val.get(metric_key)
+                    if value is not None and tc.save_best and self._is_better(value):
+                        self.pos.best_value, self.pos.best_step = value, step
+                        self.export_model(self.out / "best")
+                if step % max(1, tc.ckpt_every) == 0 or step == self.total_steps:
+                    last_good_state = self.save_state()
+                    self.export_model(self.out / "last")
+                for cb in self.callbacks:
+                    cb(self)
+                if self.stop_requested:
+                    status = "interrupted"
+                    message = f"stopped by {self.stop_requested} at step {step}; resume with --resume auto"
+                    if last_good_state is None or not last_good_state.name.endswith(f"{step:07d}"):
+                        last_good_state = self.save_state()
+                        self.export_model(self.out / "last")
+                    break
+        finally:
+            if progress is not None:
+                progress.stop()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        elapsed = max(1e-9, time.perf_counter() - t0)
+        states = list_states(self.out)
+        result = TrainResult(
+            output_dir=self.out,
+            status=status,
+            step=self.pos.step,
+            total_steps=self.total_steps,
+            best_metric=tc.best_metric,
+            best_value=self.pos.best_value,
+            best_step=self.pos.best_step,
+            last_dir=self.out / "last" if (self.out / "last").is_dir() else None,
+            best_dir=self.out / "best" if (self.out / "best").is_dir() else None,
+            state_dir=states[-1] if states else None,
+            last_val=dict(self.last_val),
+            history=self.history,
+            bad_files=dict(getattr(self.train_loader, "bad_files", {}) or {}) | dict(getattr(self.val_loader, "bad_files", {}) or {}),
+            images_per_sec=images / elapsed if self.pos.step > start_step else 0.0,
+            message=message,
+        )
+        if self.on_finish is not None:
+            self.on_finish(self, result)
+        if acc.is_main_process:
+            summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()
+                       if k != "history"}
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, default=str))
+        acc.end_training()
+        return result
+
+    def _progress(self) -> Any:
+        if not self.show_progress or not self.acc.is_main_process:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        return Progress(
+            TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+
+
+def train_tokenizer(
+    cfg: TokenizerConfig,
+    *,
+    output_dir: Optional[os.PathLike] = None,
+    resume: Optional[str] = None,
+    max_steps: Optional[int] = None,
+    feature_extractor: Optional[Callable[[Tensor], Tensor]] = None,
+    disc_overrides: Optional[Dict[str, Any]] = None,
+    teacher_overrides: Optional[Dict[str, Any]] = None,
+    allow_random_weights: bool = False,
+    progress: bool = True,
+    console: Any = None,
+    callbacks: Sequence[Callable[[TokenizerTrainer], None]] = (),
+    tokenizer: Optional[nn.Module] = None,
+) -> TrainResult:
+    """Train an XQ-GAN tokenizer from `cfg` (see the module docstring for what is written where).
+
+    Args:
+        cfg: the resolved config.
+        output_dir: run directory (default ``cfg.train.results_dir``).
+        resume: ``None``, ``"auto"`` (newest complete state in `output_dir`, if any) or a state directory.
+        max_steps: overrides ``train.max_steps``.
+        feature_extractor: images uint8 ``[B,3,H,W]`` → features ``[B,F]`` for rFID; default: clean-fid Inception
+            from ``train.inception_weights`` / cache when available (rFID skipped otherwise unless best_metric=rfid).
+        disc_overrides / teacher_overrides: size overrides for tests (tiny discriminator / teacher).
+        allow_random_weights: tests only: keep random init for LPIPS / teachers / DINO disc when weights are missing.
+        progress / console: rich progress bar on the main process.
+        callbacks: called after every optimizer step with the trainer.
+        tokenizer: start from this (already loaded / tuned) tokenizer instead of a random one.
+    """
+    if feature_extractor is None:
+        feature_extractor = _default_extractor(cfg)
+    trainer = TokenizerTrainer(
+        cfg, output_dir=output_dir, resume=resume, max_steps=max_steps, tokenizer=tokenizer,
+        feature_extractor=feature_extractor, disc_overrides=disc_overrides, teacher_overrides=teacher_overrides,
+        allow_random_weights=allow_random_weights, progress=progress, console=console, callbacks=callbacks,
+    )
+    return trainer.run()
+
+
+def _default_extractor(cfg: TokenizerConfig) -> Optional[Callable[[Tensor], Tensor]]:
+    """clean-fid Inception when its weights are available offline; None (rFID skipped) otherwise."""
+    from xqtool.metrics import inception_extractor
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return inception_extractor(cfg.train.inception_weights, device=device)
+    except WeightsMissingError:
+        if cfg.train.best_metric == "rfid":
+            raise
+        log.warning("Inception weights not found: rFID is skipped (set train.inception_weights=PATH to enable it)")
+        return None
+
+
+__all__ = ["TokenizerTrainer", "TrainResult", "list_states", "lr_factor", "resolve_resume", "sample_photo_folder",
+           "scaled_lr", "train_tokenizer"]
