@@ -88,7 +88,6 @@ def test_folder_npz_and_stats_inputs_agree(tmp_path, sets):
     by_name = evaluate_fid(tmp_path / "gen_png", ref_stats="toyref", stats_dir=tmp_path / "stats",
                            feature_extractor=ext, report_path=None)
     # a plain mu/sigma stats file (ADM reference batch layout: images + mu + sigma)
-    mu = by_folder["metrics"]  # noqa: F841 - keep names short below
     from xqtool.tasks.eval_fid import load_feature_set
 
     fs = load_feature_set(folder, ext)
