@@ -18,6 +18,11 @@ _SET_HELP = "Override a config value, repeatable: --set train.lr=1e-4 --set quan
 _RESUME_HELP = "'auto' = continue from the newest complete checkpoint in the output dir (if any); or a state dir."
 
 
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
 def _load_cfg(config: Path, overrides: Optional[List[str]], max_steps: Optional[int]) -> Any:
     from xqtool.config import load_tokenizer_config
 
@@ -66,7 +71,7 @@ def train_tokenizer_cmd(
     """
     from xqtool.tasks.train_tokenizer import train_tokenizer
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _logging()
     cfg = _load_cfg(config, set_, max_steps)
     result = train_tokenizer(cfg, output_dir=output_dir, resume=resume, max_steps=max_steps,
                              progress=not no_progress, console=console)
@@ -101,7 +106,7 @@ def finetune_cmd(
     for name, value in (("--enc", enc), ("--dec", dec)):
         if value is not None and value not in TUNING_METHODS:
             raise ConfigError(f"{name} must be one of {', '.join(TUNING_METHODS)}, got {value!r}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _logging()
     cfg = _load_cfg(config, set_, max_steps)
     result = finetune_tokenizer(cfg, from_, enc=enc, dec=dec, freeze_codebook_ids=freeze_codebook,
                                 lora_rank=lora_rank, lora_targets=lora_targets, output_dir=output_dir, resume=resume,
