@@ -44,24 +44,46 @@ def block_causal_mask(patch_nums: Sequence[int], device: Optional[torch.device] 
 
 
 class KVCache:
-    """Keys (L2-normalised, unscaled) and values of earlier scales, one entry per block: [B, H, T, hd]."""
+    """Keys (L2-normalised, unscaled) and values of earlier scales, one entry per block: [B, H, T, hd].
 
-    def __init__(self, num_layers: int) -> None:
+    With ``capacity`` (the full sequence length L), each layer's k/v live in one buffer [B, H, capacity, hd]
+    allocated on the first :meth:`extend`; every step writes its slice and attention reads the filled prefix
+    (a view), so no scale re-copies the whole cache. Without it, k/v grow by concatenation.
+    """
+
+    def __init__(self, num_layers: int, capacity: Optional[int] = None) -> None:
+        self.capacity = capacity
         self.k: List[Optional[Tensor]] = [None] * num_layers
         self.v: List[Optional[Tensor]] = [None] * num_layers
+        self._len: List[int] = [0] * num_layers
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Append this step's k, v [B, H, t, hd] and return the full cached k, v [B, H, T+t, hd]."""
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        t0 = self._len[layer]
+        t1 = t0 + int(k.shape[2])
+        if self.capacity is None:
+            if self.k[layer] is not None:
+                k = torch.cat([self.k[layer], k], dim=2)
+                v = torch.cat([self.v[layer], v], dim=2)
+            self.k[layer], self.v[layer] = k, v
+            self._len[layer] = t1
+            return k, v
+        if t1 > self.capacity:
+            raise ValueError(f"KV cache overflow: {t1} positions > capacity {self.capacity}")
+        if self.k[layer] is None:
+            b, h, _, d = k.shape
+            self.k[layer] = k.new_empty(b, h, self.capacity, d)
+            self.v[layer] = v.new_empty(b, h, self.capacity, v.shape[-1])
+        kb, vb = self.k[layer], self.v[layer]
+        kb[:, :, t0:t1].copy_(k)
+        vb[:, :, t0:t1].copy_(v)
+        self._len[layer] = t1
+        return kb[:, :, :t1], vb[:, :, :t1]
 
     @property
     def length(self) -> int:
         """Number of cached positions (0 when empty)."""
-        return 0 if self.k[0] is None else int(self.k[0].shape[2])
+        return self._len[0]
 
 
 class SelfAttention(nn.Module):
@@ -93,7 +115,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
         if self.attn_l2_norm:
             scale = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1).mul(scale).to(v.dtype)
+            q = F.normalize(q, dim=-1).mul_(scale).to(v.dtype)
             k = F.normalize(k, dim=-1).to(v.dtype)
         if cache is not None:
             k, v = cache.extend(layer, k, v)
@@ -144,7 +166,7 @@ class AdaLNSelfAttn(nn.Module):
         h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
         x = x + self.drop_path(self.attn(h, attn_mask, cache, layer).mul_(gamma1))
         h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
-        x = x + self.drop_path(self.ffn(h).mul(gamma2))
+        x = x + self.drop_path(self.ffn(h).mul_(gamma2))
         return x
 
 
@@ -293,10 +315,14 @@ class VAR(nn.Module):
         sos = cond.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start
         return sos + self.lvl_pos()[:, : self.first_l]
 
-    def embed_scale(self, features: Tensor, si: int) -> Tensor:
-        """Teacher-forcing / next-scale features [B, pn_si², Cvae] of scale si (≥ 1) → input tokens [B, pn², C]."""
+    def embed_scale(self, features: Tensor, si: int, lvl_pos: Optional[Tensor] = None) -> Tensor:
+        """Teacher-forcing / next-scale features [B, pn_si², Cvae] of scale si (≥ 1) → input tokens [B, pn², C].
+
+        `lvl_pos` [1, L, C]: a precomputed :meth:`lvl_pos` (sampling computes it once per call).
+        """
         b, e = self.begin_ends[si]
-        return self.word_embed(features.float()) + self.lvl_pos()[:, b:e]
+        table = self.lvl_pos() if lvl_pos is None else lvl_pos
+        return self.word_embed(features.float()) + table[:, b:e]
 
     # ------------------------------------------------------------------ teacher forcing
     def drop_labels(self, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from xqtool.models.var import VAR, KVCache
@@ -137,6 +138,33 @@ def _initial_fhat(quantizer: object, batch: int, device: torch.device) -> Tensor
     return torch.zeros(batch, dim, side, side, device=device)
 
 
+
+@contextlib.contextmanager
+def _low_precision_linears(modules: Sequence[nn.Module], dtype: torch.dtype):
+    """Temporarily swap every ``nn.Linear`` weight/bias under `modules` for a `dtype` copy.
+
+    Autocast casts Linear inputs to `dtype` on every call and caches the cast only for parameters that require
+    grad, so a frozen model would re-cast all block weights at every scale. Casting once per sampling call gives
+    bit-identical results (the same ``.to(dtype)`` rounding) for the Linear layers that run under autocast.
+    The original parameters are always restored.
+    """
+    saved = []
+    try:
+        for root in modules:
+            for mod in root.modules():
+                if not isinstance(mod, nn.Linear):
+                    continue
+                for name in ("weight", "bias"):
+                    prm = mod._parameters.get(name)
+                    if prm is not None and prm.is_floating_point() and prm.dtype != dtype:
+                        saved.append((mod, name, prm))
+                        mod._parameters[name] = nn.Parameter(prm.detach().to(dtype), requires_grad=False)
+        yield
+    finally:
+        for mod, name, prm in reversed(saved):
+            mod._parameters[name] = prm
+
+
 @torch.no_grad()
 def sample_tokens(
     var: VAR,
@@ -186,17 +214,32 @@ def sample_tokens(
     if gens is None and generator is None:
         generator = None  # global RNG, upstream g_seed=None
     lab = _labels_tensor(labels, B, var.num_classes, device, gens, generator)
-    null = torch.full_like(lab, var.num_classes)
-    P, K = var.num_branches, var.codebook_size
 
     amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
+    # The Linear layers that run under autocast (blocks, head_nm, head; not word_embed) get their weights cast
+    # once per call instead of once per scale: same numbers, no per-scale weight copies.
+    with (_low_precision_linears([var.blocks, var.head_nm, var.head], amp_dtype) if amp_dtype is not None
+          else contextlib.nullcontext()):
+        return _sample(var, quantizer, lab, gens, generator, cfg=cfg, top_k=top_k, top_p=top_p,
+                       temperature=temperature, use_cache=use_cache, amp=amp, logits_hook=logits_hook)
+
+
+def _sample(var: VAR, quantizer: QuantizerLike, lab: Tensor, gens: Optional[List[torch.Generator]],
+            generator: Optional[torch.Generator], *, cfg: float, top_k: int, top_p: float, temperature: float,
+            use_cache: bool, amp: object, logits_hook: Optional[Callable[[int, Tensor], None]]) -> SampleOutput:
+    """The scale loop of :func:`sample_tokens` (labels resolved, generators made)."""
+    device = var.pos_1LC.device
+    B = int(lab.shape[0])
+    null = torch.full_like(lab, var.num_classes)
+    P, K = var.num_branches, var.codebook_size
     cond = var.class_cond(torch.cat([lab, null]))  # [2B, C] fp32
     with amp:
         mods = var.block_modulations(cond)
         head_mod = var.head_nm.modulation(cond)
     x = var.start_tokens(cond)  # [2B, first_l, C]
+    lvl_pos = var.lvl_pos()  # [1, L, C], token-independent: once per call
     f_hat = _initial_fhat(quantizer, B, device)
-    cache = KVCache(var.depth) if use_cache else None
+    cache = KVCache(var.depth, capacity=var.L) if use_cache else None
     prefix: List[Tensor] = []
     mask = var.attn_mask(device) if not use_cache else None
     ids_all: List[Tensor] = []
@@ -221,6 +264,6 @@ def sample_tokens(
         if si + 1 < var.num_scales:
             if nxt is None:
                 raise RuntimeError("quantizer.var_next returned no next input before the last scale")
-            x = var.embed_scale(nxt, si + 1)
+            x = var.embed_scale(nxt, si + 1, lvl_pos)
             x = torch.cat([x, x], dim=0)
     return SampleOutput(tokens=torch.cat(ids_all, dim=-1), f_hat=f_hat)
