@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from xqtool.config import load_tokenizer_config
-from xqtool.errors import WeightsMissingError
+from xqtool.errors import ConfigError, WeightsMissingError
 from xqtool.metrics import TorchFeatureExtractor
 from xqtool.tasks.train_tokenizer import TokenizerTrainer, lr_factor, sample_photo_folder, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.ch=8", "model.z_channels=8", "quant.codebook_size=16", "quant.codebook_embed_dim=4",
+    "model.vit_embed_dim=16", "quant.codebook_size=16", "quant.codebook_embed_dim=4",
     "train.global_batch_size=4", "train.warmup_steps=0", "train.log_every=1", "train.tracker=none",
     "loss.disc_type=none", "data.max_val_images=4",
 ]
@@ -39,7 +39,7 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
-def _cfg(photos: Path, *extra: str, base: str = "tiny-cnn"):
+def _cfg(photos: Path, *extra: str, base: str = "tiny-vit"):
     return load_tokenizer_config(
         ROOT / "configs" / "tokenizer" / f"{base}.yaml",
         overrides=TINY + [f"data.data_path={photos / 'train'}", f"data.val_data_path={photos / 'val'}", *extra],
@@ -55,10 +55,10 @@ def test_lr_schedule():
 
 def test_loss_falls_and_outputs(photos, tmp_path):
     torch.manual_seed(0)
-    cfg = _cfg(photos, "train.lr=1e-3", "train.eval_every=40", "train.ckpt_every=40", "train.tracker=tensorboard",
-               "train.best_metric=rfid", "train.ema_decay=0.9", "model.ch=16", "model.z_channels=16")
-    res = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=40, feature_extractor=_fx(), progress=False)
-    assert res.status == "finished" and res.step == 40
+    cfg = _cfg(photos, "train.lr=1e-3", "train.eval_every=30", "train.ckpt_every=30", "train.tracker=tensorboard",
+               "train.best_metric=rfid", "train.ema_decay=0.9", "model.vit_embed_dim=32")
+    res = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=30, feature_extractor=_fx(), progress=False)
+    assert res.status == "finished" and res.step == 30
     rec = [h["rec_loss"] for h in res.history]
     first, last = sum(rec[:5]) / 5, sum(rec[-5:]) / 5
     assert last < 0.75 * first, (first, last)
@@ -69,7 +69,7 @@ def test_loss_falls_and_outputs(photos, tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents*"))
     assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
     assert "val/rfid" in res.last_val and math.isfinite(res.last_val["val/rfid"])
-    assert "val/usage/b1/s3" in res.last_val and "val/perplexity/b0/s0" in res.last_val
+    assert "val/usage/b1/s2" in res.last_val and "val/perplexity/b0/s0" in res.last_val
     # EMA differs from the raw weights and is what `best` holds (best == last here: same step)
     raw, ema = load_file(out / "best" / "model.safetensors"), load_file(out / "best" / "ema.safetensors")
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
@@ -116,6 +116,8 @@ def test_exact_resume(photos, tmp_path):
 
     r1 = train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, callbacks=[kill_at_3], **kw)
     assert r1.status == "interrupted" and r1.step == 3 and r1.state_dir.name == "step-0000003"
+    with pytest.raises(ConfigError, match="--resume auto"):  # never clobber a run by accident
+        train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, **kw)
     r2 = train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, resume="auto", **kw)
     assert r2.status == "finished" and r2.step == 6
     (m1, e1), (m2, e2) = _weights(tmp_path / "straight" / "last"), _weights(tmp_path / "resumed" / "last")
@@ -157,13 +159,15 @@ def test_semantic_guide_without_weights_fails_before_training(photos, tmp_path, 
     assert r.exit_code == 2 and "XQTOOL_DINOV2_WEIGHTS" in r.output
 
 
-def test_semantic_distillation_runs_with_random_teacher(photos, tmp_path):
+def test_semantic_distillation_and_lpips_run_with_random_weights(photos, tmp_path):
     torch.manual_seed(0)
     cfg = _cfg(photos, "loss.semantic_guide=dinov2", "loss.sem_loss_weight=0.1", "train.eval_every=100",
-               "train.ckpt_every=100", "train.best_metric=psnr", "quant.codebook_drop=0.5")
+               "train.ckpt_every=100", "train.best_metric=psnr", "quant.codebook_drop=0.5", "model.ch=8",
+               "model.z_channels=8", "loss.perceptual_weight=0.5", base="tiny-cnn")
     res = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=2, allow_random_weights=True,
                           teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8), progress=False)
     assert all(math.isfinite(h["sem_loss"]) and h["sem_loss"] > 0 for h in res.history)
+    assert all(math.isfinite(h["perceptual_loss"]) and h["perceptual_loss"] >= 0 for h in res.history)
 
 
 def test_cli_train_tiny_vit(photos, tmp_path):

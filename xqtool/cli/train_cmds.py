@@ -30,6 +30,10 @@ def _load_cfg(config: Path, overrides: Optional[List[str]], max_steps: Optional[
 
 
 def _summary(result: Any, title: str) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: only the main process prints
+        return
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
     t.add_column()

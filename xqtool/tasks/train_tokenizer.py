@@ -296,6 +296,10 @@ class TokenizerTrainer:
         self.history: List[Dict[str, float]] = []
         self.last_val: Dict[str, float] = {}
         self.pos = _Position()
+        if not resume and list_states(self.out):
+            raise ConfigError(
+                f"{self.out} already holds training checkpoints: pass --resume auto to continue, or choose another --output-dir"
+            )
         self._check_weights_first()
         self._setup(tokenizer, prepare_model)
 
@@ -582,6 +586,11 @@ class TokenizerTrainer:
             logs["train_loss"] = loss.detach().item()
             if finite:
                 acc.backward(loss)
+                if acc.sync_gradients and acc.num_processes > 1 and len(self.aux):
+                    # loss-side projections are not DDP-wrapped: average their gradients by hand
+                    for prm in self.aux.parameters():
+                        if prm.grad is not None:
+                            prm.grad = acc.reduce(prm.grad, reduction="mean")
                 if acc.sync_gradients and self.cfg.train.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.tok.parameters(), self.cfg.train.max_grad_norm)
                 self.opt_g.step()
