@@ -112,11 +112,15 @@ class SelfAttention(nn.Module):
         b, t, c = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
+        v = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, hd]
         if self.attn_l2_norm:
+            # q and k normalised by one kernel pair (same per-vector arithmetic as two F.normalize calls)
+            qk = F.normalize(qkv[:, :, :2], dim=-1)  # [B, T, 2, H, hd]
             scale = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1).mul_(scale).to(v.dtype)
-            k = F.normalize(k, dim=-1).to(v.dtype)
+            q = qk[:, :, 0].transpose(1, 2).mul_(scale).to(v.dtype)
+            k = qk[:, :, 1].transpose(1, 2).to(v.dtype)
+        else:
+            q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
         if cache is not None:
             k, v = cache.extend(layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
