@@ -9,13 +9,18 @@ Random weights, tokenizer decode included, class-conditional with CFG (the batch
         --batch 16 --device cuda --precision bf16            # GPU
 
 Prints one JSON object. CPU peak memory is the process's max RSS (monotonic over the run);
-CUDA peak memory is ``torch.cuda.max_memory_allocated`` per measurement.
+CUDA peak memory is ``torch.cuda.max_memory_allocated`` per measurement. ``load_avg`` is the 1-minute load
+average before and after each measurement and ``cpu_seconds`` the process CPU time: on a shared machine wall time
+collapses when other jobs take a core (every parallel kernel then waits for a descheduled thread), so quote
+figures with their load. ``--profile N`` adds the N largest op totals (self CPU seconds, calls) of one extra
+profiled batch, which is the better yardstick for comparing code changes on a busy machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -64,16 +69,28 @@ def _measure(var, tok, dev, args, use_cache: bool) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in range(args.batches):
         one(b)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    sec = time.perf_counter() - t0
+    sec, cpu = time.perf_counter() - t0, time.process_time() - c0
+    load1 = os.getloadavg()[0]
     n = args.batches * args.batch
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    return {"images_per_s": round(n / sec, 4), "seconds": round(sec, 3), "images": n, "peak_mem_mb": round(peak, 1)}
+    res = {"images_per_s": round(n / sec, 4), "seconds": round(sec, 3), "cpu_seconds": round(cpu, 3), "images": n,
+           "peak_mem_mb": round(peak, 1), "load_avg": [round(load0, 2), round(load1, 2)]}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            one(args.batches)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        res["profile_self_cpu_s"] = round(sum(e.self_cpu_time_total for e in ops) / 1e6, 3)
+        res["profile_top_ops"] = {e.key: [round(e.self_cpu_time_total / 1e6, 3), e.count] for e in ops[:args.profile]}
+    return res
 
 
 def main() -> None:
@@ -89,6 +106,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--skip-nocache", action="store_true", help="only the KV-cache path (slow models)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one batch and report the N largest op totals (0 = off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
