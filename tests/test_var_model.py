@@ -275,3 +275,26 @@ def test_bf16_autocast_sampling_runs(tiny_setup) -> None:
                         amp_dtype=torch.bfloat16)
     assert out.tokens.shape == (2, 2, cfg.seq_len)
     assert int(out.tokens.max()) < cfg.codebook_size and torch.isfinite(out.f_hat).all()
+
+
+def test_preallocated_kv_cache_matches_concatenation() -> None:
+    from xqtool.models.var import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    grow, pre = KVCache(1), KVCache(1, capacity=6)
+    for t in (1, 2, 3):
+        k, v = torch.randn(2, 3, t, 4, generator=g), torch.randn(2, 3, t, 4, generator=g)
+        ka, va = grow.extend(0, k, v)
+        kb, vb = pre.extend(0, k, v)
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert pre.length == grow.length == 6
+    with pytest.raises(ValueError, match="capacity"):
+        pre.extend(0, k, v)
+
+
+def test_bf16_sampling_restores_fp32_weights(tiny_setup) -> None:
+    cfg, model, pq = tiny_setup
+    before = {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()}
+    sample_tokens(model, pq, 4, batch_size=1, seeds=[0], top_k=5, amp_dtype=torch.bfloat16)
+    assert {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()} == before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
