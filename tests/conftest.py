@@ -36,6 +36,13 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_math() -> None:
+    from xqtool.runtime import configure_cpu_math
+
+    configure_cpu_math()
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

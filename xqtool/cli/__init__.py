@@ -36,6 +36,9 @@ def _root(
     ),
 ) -> None:
     """XQ-GAN image tokenizers and VAR next-scale generation."""
+    from xqtool.runtime import configure_cpu_math
+
+    configure_cpu_math()
 
 
 def _register_all() -> None:

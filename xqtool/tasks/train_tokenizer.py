@@ -127,55 +127,13 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str, base: float, min
 
 # ============================================================================ data helpers
 def sample_photo_folder(root: Path, image_size: int) -> Tuple[Path, Path]:
-    """Write scikit-image's built-in photos (crops/flips) to ``root/{train,val}`` as PNGs (once); return both dirs.
+    """Demo dataset of scikit-image photo crops under ``root/{train,val}`` (written once); returns both dirs.
 
     Used when ``data.data_path`` is null, so demos and tests run offline on real images.
     """
-    train_dir, val_dir = root / "train", root / "val"
-    if (root / COMPLETE_MARKER).is_file():
-        return train_dir, val_dir
-    try:
-        import numpy as np
-        from PIL import Image
-        from skimage import data as skdata
-    except ImportError:
-        raise ConfigError("data.data_path is not set and scikit-image is not installed: set data.data_path=DIR") from None
-    names = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-             "colorwheel", "cat", "camera", "brick", "grass", "gravel", "moon", "coins", "horse"]
-    images = []
-    for name in names:
-        try:
-            arr = getattr(skdata, name)()
-        except Exception:  # some sample images need a download: skip them
-            continue
-        if arr.ndim == 2:
-            arr = np.stack([arr] * 3, axis=-1)
-        arr = arr[..., :3].astype(np.uint8)
-        images.append((name, arr))
-    if not images:
-        raise DataError("no scikit-image sample photos could be loaded: set data.data_path=DIR")
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "train").mkdir(parents=True)
-    (tmp / "val").mkdir(parents=True)
-    crop = max(2 * image_size, 64)
-    count = 0
-    for idx, (name, arr) in enumerate(images):
-        h, w = arr.shape[:2]
-        c = min(crop, h, w)
-        grid = [(y, x) for y in range(0, h - c + 1, max(1, (h - c) // 3 or 1)) for x in range(0, w - c + 1, max(1, (w - c) // 3 or 1))]
-        for j, (y, x) in enumerate(grid[:9]):
-            tile = arr[y : y + c, x : x + c]
-            for flip in (False, True):
-                img = tile[:, ::-1] if flip else tile
-                split = "val" if (j == 4 and not flip) else "train"
-                Image.fromarray(np.ascontiguousarray(img)).save(tmp / split / f"{name}_{j}_{int(flip)}.png")
-                count += 1
-    (tmp / COMPLETE_MARKER).write_text(str(count))
-    if root.exists():
-        shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
-    return train_dir, val_dir
+    from xqtool.data.samples import ensure_demo_images
+
+    return ensure_demo_images(root, size=max(2 * image_size, 64))
 
 
 def _num_files(source: Any) -> Optional[int]:
@@ -304,6 +262,19 @@ class TokenizerTrainer:
         self._setup(tokenizer, prepare_model)
 
     # ------------------------------------------------------------------ setup
+    def _load_pretrained_backbones(self, tok: nn.Module) -> None:
+        """Start ViT encoder/decoder from DINOv2 weights when ``model.encoder_weights``/``decoder_weights`` are set."""
+        m = self.cfg.model
+        if m.enc_type != "dinov2":
+            return
+        from xqtool.models.pretrained import load_vit_tokenizer_weights
+
+        for part, source, key in ((tok.encoder, m.encoder_weights, "model.encoder_weights"),
+                                  (tok.decoder, m.decoder_weights, "model.decoder_weights")):
+            if source:
+                used = load_vit_tokenizer_weights(part, source, config_key=key)
+                log.info("loaded %s from %s", key, used)
+
     def _check_weights_first(self) -> None:
         """Fail before anything heavy when a needed pretrained network is not available offline."""
         lc = self.cfg.loss
@@ -327,6 +298,9 @@ class TokenizerTrainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
+        from xqtool.runtime import configure_cpu_math
+
+        configure_cpu_math()
         cfg, tc, lc = self.cfg, self.cfg.train, self.cfg.loss
         tracker = None if tc.tracker == "none" else tc.tracker
         try:
@@ -354,7 +328,7 @@ class TokenizerTrainer:
         train_src: Any = cfg.data.data_path
         val_src: Any = cfg.data.val_data_path
         if train_src is None:
-            root = self.out / "sample_data"
+            root = self.out / "demo_images"
             if acc.is_main_process:
                 sample_photo_folder(root, image_size)
             acc.wait_for_everyone()
@@ -402,7 +376,11 @@ class TokenizerTrainer:
         from xqtool.models.discriminators import build_discriminator
         from xqtool.models.tokenizer import build_tokenizer
 
-        tok = tokenizer if tokenizer is not None else build_tokenizer(cfg)
+        if tokenizer is None:
+            tok = build_tokenizer(cfg)
+            self._load_pretrained_backbones(tok)
+        else:
+            tok = tokenizer
         if prepare_model is not None:
             prepare_model(tok)
         tok.train()
@@ -544,7 +522,7 @@ class TokenizerTrainer:
         with acc.accumulate(*( (self.tok, self.disc) if self.disc is not None else (self.tok,) )):
             # ---------------- generator
             with acc.autocast():
-                out = self.tok(x)
+                out = self.tok(x, epoch=self._epoch_of(step))
             recon = out.recon.float()
             rec = self._rec_loss(x, recon)
             nll = lc.reconstruction_weight * rec

@@ -282,6 +282,10 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    from xqtool.runtime import configure_cpu_math
+
+    configure_cpu_math()
+
     t = cfg.train
     run_dir = Path(t.results_dir)
     trackers = None if t.tracker == "none" else t.tracker
