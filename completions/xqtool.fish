@@ -103,6 +103,34 @@ complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l prefix
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l quality
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l workers
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -F
+complete -c xqtool -n '__fish_use_subcommand' -a probe -d 'Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.'
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l bad-files
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l batch-size
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l cache-features
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l config
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l decay-rate
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l device
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l ema
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l epochs
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l features
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l lr
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l max-train-images
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l max-val-images
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l milestones
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l min-lr
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l no-cache-features
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l no-ema
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l num-classes
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l num-workers
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l out
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l seed
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l train
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l val
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l warmup-epochs
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l warmup-lr
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l weight-decay
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -F
 complete -c xqtool -n '__fish_use_subcommand' -a sample -d 'Sample images with a VAR + tokenizer (PNG / npz / grid).'
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l batch-size
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l cfg
