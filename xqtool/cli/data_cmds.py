@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple
@@ -78,7 +80,9 @@ def encode(
     ckpt: Path = typer.Option(..., "--ckpt", help="Tokenizer checkpoint: xqtool directory or official .pt."),
     config: Optional[Path] = typer.Option(None, "--config", help="Tokenizer YAML (default: the checkpoint's own)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass (per process)."),
-    num_workers: int = typer.Option(4, "--num-workers", "-j", min=0, help="DataLoader worker processes."),
+    num_workers: int = typer.Option(
+        min(4, os.cpu_count() or 1), "--num-workers", "-j", min=0, help="DataLoader worker processes (default: min(4, CPUs))."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: Accelerate's device)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (autocast)."),
     flip: bool = typer.Option(False, "--flip", help="Also encode the horizontally flipped image (rows k, k@flip)."),

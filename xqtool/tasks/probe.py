@@ -254,6 +254,8 @@ def run_probe(
             tot_correct += _topk(logits.detach(), yb, 1)
             n_train += xb.shape[0]
         sched.step(epoch + 1)
+        for group in opt.param_groups:  # timm's multistep schedule has no floor; the spec's min_lr is one
+            group["lr"] = max(group["lr"], s.min_lr)
         if n_train == 0:
             raise DataError(f"no training batches from {train} (need >= 2 images)")
         model.eval()
