@@ -98,7 +98,36 @@ def _level_ids(num_prefix_positions: int, counts: list[int]) -> torch.Tensor:
     return torch.cat(parts).unsqueeze(0)
 
 
-class ViTEncoder(nn.Module):
+class _ViTShape:
+    """Shape facts shared by the ViT encoder and decoder (set ``model``, ``_grid``, ``_num_latent``, ``_latent_side``)."""
+
+    model: nn.Module
+    _grid: int
+    _num_latent: int
+    _latent_side: int
+
+    @property
+    def embed_dim(self) -> int:
+        """Token width E (768 for ViT-B)."""
+        return int(self.model.embed_dim)
+
+    @property
+    def num_latent_tokens(self) -> int:
+        """Latent tokens per branch N."""
+        return self._num_latent
+
+    @property
+    def grid(self) -> int:
+        """Image-token grid side g = image_size / patch_size."""
+        return self._grid
+
+    @property
+    def latent_side(self) -> int:
+        """Latent grid side √N."""
+        return self._latent_side
+
+
+class ViTEncoder(_ViTShape, nn.Module):
     """DINOv2 ViT encoder emitting ``P·N`` learned latent tokens.
 
     ``forward(x [B, 3, S, S] in [-1, 1]) -> [B, P·N, E]`` (branch ``i`` = tokens ``i·N … (i+1)·N − 1``, each a
@@ -144,25 +173,6 @@ class ViTEncoder(nn.Module):
             "lvl1LC", _level_ids(n_prefix, [num_latent_tokens] * num_branches), persistent=False
         )
 
-    @property
-    def embed_dim(self) -> int:
-        """Token width E (768 for ViT-B)."""
-        return int(self.model.embed_dim)
-
-    @property
-    def num_latent_tokens(self) -> int:
-        """Latent tokens per branch N."""
-        return self._num_latent
-
-    @property
-    def grid(self) -> int:
-        """Image-token grid side g = image_size / patch_size."""
-        return self._grid
-
-    @property
-    def latent_side(self) -> int:
-        """Latent grid side √N."""
-        return self._latent_side
 
     def _latents(self) -> torch.Tensor:
         """Latent tokens plus their positional signal, fp32: ``[1, P·N, E]``."""
@@ -233,7 +243,7 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int = 3) -> torc
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, g * p, g * p)
 
 
-class ViTDecoder(nn.Module):
+class ViTDecoder(_ViTShape, nn.Module):
     """DINOv2 ViT decoder: ``forward(z [B, N, E]) -> [B, 3, S, S]`` (unbounded).
 
     Sequence = [cls, g·g mask tokens, cls, N latents] (+ pos-embed, + lvl_embed), blocks, final norm, image positions
@@ -280,25 +290,6 @@ class ViTDecoder(nn.Module):
         )
         self.to_pixel = ToPixel(e, patch_size)
 
-    @property
-    def embed_dim(self) -> int:
-        """Token width E (768 for ViT-B)."""
-        return int(self.model.embed_dim)
-
-    @property
-    def num_latent_tokens(self) -> int:
-        """Latent tokens N consumed per image."""
-        return self._num_latent
-
-    @property
-    def grid(self) -> int:
-        """Image-token grid side g = image_size / patch_size."""
-        return self._grid
-
-    @property
-    def latent_side(self) -> int:
-        """Latent grid side √N."""
-        return self._latent_side
 
     @property
     def last_layer(self) -> nn.Parameter:
