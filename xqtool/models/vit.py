@@ -290,7 +290,6 @@ class ViTDecoder(_ViTShape, nn.Module):
         )
         self.to_pixel = ToPixel(e, patch_size)
 
-
     @property
     def last_layer(self) -> nn.Parameter:
         """``to_pixel.model.weight`` [3·p·p, E] (for the adaptive GAN weight)."""
