@@ -126,3 +126,24 @@ def test_cli_train_then_sample_batch_size_invariant(tiny_data, tmp_path: Path) -
     bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "nope"), "--tokenizer", str(root / "tok"),
                               "-n", "2", "--npz", str(tmp_path / "c.npz")])
     assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_trains_from_token_shards_and_from_images(tiny_data, tmp_path: Path) -> None:
+    """The two other data paths of train-var: WebDataset token shards from `xqtool encode`, and images encoded on the fly."""
+    from PIL import Image
+
+    from xqtool.tasks.encode import encode_images
+
+    root, tok = tiny_data
+    images = tmp_path / "imgs" / "cls0"
+    images.mkdir(parents=True)
+    for i, arr in enumerate(photo_crops(12, 32, seed=5)):
+        Image.fromarray(arr).save(images / f"{i:03d}.png")
+    encode_images(tmp_path / "imgs", tmp_path / "shards", tokenizer=tok, batch_size=4)
+    assert (tmp_path / "shards" / "manifest.json").is_file()
+    for run, source in (("run-shards", f"data.tokens={tmp_path / 'shards'}"), ("run-images", f"data.images={tmp_path / 'imgs'}")):
+        cfg = load_var_config(TINY_VAR, ["data.tokens=null", source, f"train.results_dir={tmp_path / run}",
+                                         "train.max_steps=4", "train.ckpt_every=0"])
+        res = train_var(cfg, tokenizer=tok, cpu=True)
+        assert len(res.history) == 4 and all(np.isfinite(h["loss"]) for h in res.history)
+        assert (res.run_dir / "var-last" / "model.safetensors").is_file()
