@@ -140,3 +140,17 @@ def test_refuses_foreign_unsafe_and_corrupt_files(tmp_path, tiny_cnn_cfg) -> Non
         load_tokenizer(tmp_path / "empty.pt", config=cfg_path)
     with pytest.raises(CheckpointError, match="carries no config"):
         load_tokenizer(good)
+
+
+def test_tokenizer_and_var_directories_are_not_confused(tmp_path, tiny_cnn_cfg) -> None:
+    from xqtool.config_var import load_var_config
+    from xqtool.models.var import build_var
+    from xqtool.var_checkpoint import load_var, save_var
+
+    save_tokenizer(tmp_path / "tok", build_tokenizer(tiny_cnn_cfg))
+    var_cfg = load_var_config(Path(__file__).resolve().parents[1] / "configs" / "var" / "tiny.yaml")
+    save_var(tmp_path / "var", build_var(var_cfg.model))
+    with pytest.raises(CheckpointError, match="is a VAR generator checkpoint, not a tokenizer"):
+        load_tokenizer(tmp_path / "var")
+    with pytest.raises(CheckpointError, match="is a tokenizer checkpoint, not a VAR model"):
+        load_var(tmp_path / "tok")

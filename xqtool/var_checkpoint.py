@@ -183,6 +183,8 @@ def read_var_config(directory: Union[str, Path]) -> Dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"{path} is not an xqtool VAR config (no 'model' section)")
+    if isinstance(data.get("quant"), dict) and "codebook_size" in data["quant"]:
+        raise CheckpointError(f"{directory} is a tokenizer checkpoint, not a VAR model (use it as `xqtool sample --tokenizer`)")
     return data
 
 
