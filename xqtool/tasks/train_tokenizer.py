@@ -950,7 +950,10 @@ def _default_extractor(cfg: TokenizerConfig) -> Optional[Callable[[Tensor], Tens
         return inception_extractor(cfg.train.inception_weights, device=device)
     except WeightsMissingError:
         if cfg.train.best_metric == "rfid":
-            raise
+            raise WeightsMissingError(
+                "train.best_metric=rfid needs the clean-fid Inception weights (inception-2015-12-05.pt) offline: "
+                "--set train.inception_weights=PATH (or $XQTOOL_INCEPTION_WEIGHTS), or --set train.best_metric=psnr"
+            ) from None
         log.warning("Inception weights not found: rFID is skipped (set train.inception_weights=PATH to enable it)")
         return None
 
