@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import save_file
 
 from xqtool.errors import CheckpointError, ConfigError, WeightsMissingError
-from xqtool.models import pretrained as pretrained_mod
 from xqtool.models.cnn import CNNDecoder, CNNEncoder, cnn_ch_mult
 from xqtool.models.pos_embed import resample_pos_grid
 from xqtool.models.pretrained import load_backbone_weights, load_vit_tokenizer_weights, weights_available

@@ -14,7 +14,6 @@ from PIL import Image
 
 from _data_fixtures import photo_crops, png_bytes, shard_sample, write_class_tree, write_file_list, write_shard
 from xqtool.data import make_loader, open_image_source
-from xqtool.data.sources import resolve_source
 from xqtool.data.tokens import (
     TokenManifest,
     check_manifest,

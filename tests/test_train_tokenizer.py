@@ -138,7 +138,7 @@ def test_nan_patience_stops_and_keeps_last_good(photos, tmp_path):
     res = trainer.run()
     assert res.status == "diverged" and res.step == 2
     assert "nan_patience" in res.message and "step-0000002" in res.message
-    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "COMPLETE").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "trainer_state.json").is_file()
 
 
 def test_semantic_guide_without_weights_fails_before_training(photos, tmp_path, monkeypatch):

@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 import threading
 import time
@@ -40,12 +38,10 @@ from xqtool.config import TokenizerConfig, config_to_dict, save_config_yaml
 from xqtool.ema import EMAModel, EMAState
 from xqtool.errors import ConfigError, DataError, WeightsMissingError, XQError
 from xqtool.fsutil import atomic_path, atomic_write_text
+from xqtool.training_state import list_states, resolve_resume, save_state_atomic
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "checkpoints"
-STATE_PREFIX = "step-"
-COMPLETE_MARKER = "COMPLETE"
 KEEP_STATES = 2
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rfid": False}
 
@@ -185,37 +181,6 @@ def _flat_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 # ============================================================================ checkpoints on disk
-def list_states(output_dir: Path) -> List[Path]:
-    """Complete training-state directories, oldest first."""
-    root = Path(output_dir) / STATE_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = re.fullmatch(rf"{STATE_PREFIX}(\d+)", p.name)
-        if m and p.is_dir() and (p / COMPLETE_MARKER).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
-    """``None`` → no resume; ``auto`` → newest complete state in `output_dir` (None if there is none);
-    a path → that state directory (CheckpointError-like ConfigError if it is not a complete one)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        states = list_states(output_dir)
-        return states[-1] if states else None
-    path = Path(resume)
-    if path.is_dir() and (path / STATE_DIR).is_dir():
-        states = list_states(path)
-        if states:
-            return states[-1]
-    if not (path.is_dir() and (path / COMPLETE_MARKER).is_file()):
-        raise ConfigError(f"--resume {resume}: not a complete training state (expected {STATE_DIR}/{STATE_PREFIX}N with a {COMPLETE_MARKER} file)")
-    return path
-
-
 # ============================================================================ the trainer
 class TokenizerTrainer:
     """Builds everything from a config, then :meth:`run` trains. See :func:`train_tokenizer` for arguments."""
@@ -729,25 +694,7 @@ class TokenizerTrainer:
     # ------------------------------------------------------------------ saving
     def save_state(self) -> Optional[Path]:
         """Accelerate training state at the current step, written atomically; keeps the newest few."""
-        acc = self.acc
-        root = self.out / STATE_DIR
-        final = root / f"{STATE_PREFIX}{self.pos.step:07d}"
-        tmp = root / f".{final.name}.tmp"
-        if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / COMPLETE_MARKER).write_text(json.dumps(self.pos.state_dict()))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in list_states(self.out)[:-KEEP_STATES]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        return save_state_atomic(self.acc, self.out, self.pos.step, self.pos.state_dict(), KEEP_STATES)
 
     def export_model(self, directory: Path) -> Path:
         """xqtool tokenizer checkpoint (raw weights + EMA + config) of the current model."""

@@ -20,11 +20,8 @@ a resumed run is identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -36,8 +33,9 @@ from torch import Tensor
 
 from xqtool.config import config_to_dict
 from xqtool.config_var import VARConfig
-from xqtool.errors import CheckpointError, ConfigError, DataError
+from xqtool.errors import ConfigError, DataError
 from xqtool.models.var import VAR
+from xqtool.training_state import read_state, resolve_resume, save_state_atomic
 from xqtool.var_checkpoint import save_var
 
 log = logging.getLogger(__name__)
@@ -46,8 +44,6 @@ __all__ = ["train_var", "TrainVARResult", "lr_factor", "param_groups", "NO_WD_KE
 
 NO_WD_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
               "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
-CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -206,57 +202,6 @@ def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: 
     raise ConfigError("set data.tokens (token file/shards from `xqtool encode`) or data.images")
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _ckpt_steps(run_dir: Path) -> List[int]:
-    root = run_dir / CKPT_DIR
-    if not root.is_dir():
-        return []
-    steps = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file():
-            try:
-                steps.append(int(p.name[5:]))
-            except ValueError:
-                continue
-    return sorted(steps)
-
-
-def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, extra: Dict[str, Any], keep: int) -> Path:
-    root = run_dir / CKPT_DIR
-    final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **extra}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in _ckpt_steps(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(root / f"step-{old:07d}", ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    if not resume:
-        return None
-    if resume == "auto":
-        steps = _ckpt_steps(run_dir)
-        return run_dir / CKPT_DIR / f"step-{steps[-1]:07d}" if steps else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{path} is not a train-var checkpoint (no {STATE_FILE}); use --resume auto or a "
-                              f"{run_dir / CKPT_DIR}/step-* folder")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- metrics
 def per_scale_metrics(logits: Tensor, targets: Tensor, begin_ends: List[Tuple[int, int]]) -> Dict[str, float]:
     """logits [B, L, P, K], targets [B, L, P] → {loss_s{i}, acc_s{i}} per scale, mean over batch and branches."""
     with torch.no_grad():
@@ -324,10 +269,10 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     raw: VAR = accelerator.unwrap_model(model)
 
     start_step, resumed_from = 0, None
-    ckpt = _resolve_resume(resume, run_dir)
+    ckpt = resolve_resume(resume, run_dir)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        start_step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+        start_step = int(read_state(ckpt)["step"])
         resumed_from = start_step
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("var", config={k: str(v) for k, v in config_to_dict(cfg.train).items()})
@@ -387,7 +332,7 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
                 progress.update(task, advance=1, info=f"loss {loss_sum:.4f} lr {row['lr']:.2e}")
             done = step + 1
             if (t.ckpt_every > 0 and done % t.ckpt_every == 0) or done == max_steps:
-                _save_checkpoint(accelerator, run_dir, done, {"epoch_micro": iters_per_epoch}, t.keep_last)
+                save_state_atomic(accelerator, run_dir, done, {"step": done, "epoch_micro": iters_per_epoch}, t.keep_last)
                 if accelerator.is_main_process:
                     save_var(run_dir / "var-last", raw, extra_config={**tok_info, "step": done,
                                                                      "train": config_to_dict(cfg.train)})
