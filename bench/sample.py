@@ -19,6 +19,7 @@ profiled batch, which is the better yardstick for comparing code changes on a bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -71,16 +72,22 @@ def _measure(var, tok, dev, args, use_cache: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     load0 = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
+    per_batch = []
     for b in range(args.batches):
+        tb = time.perf_counter()
         one(b)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        per_batch.append(time.perf_counter() - tb)
     sec, cpu = time.perf_counter() - t0, time.process_time() - c0
     load1 = os.getloadavg()[0]
     n = args.batches * args.batch
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    per_batch.sort()
     res = {"images_per_s": round(n / sec, 4), "seconds": round(sec, 3), "cpu_seconds": round(cpu, 3), "images": n,
+           "batch_seconds_median": round(per_batch[len(per_batch) // 2], 3),
+           "batch_seconds_best": round(per_batch[0], 3),
            "peak_mem_mb": round(peak, 1), "load_avg": [round(load0, 2), round(load1, 2)]}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -106,6 +113,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--skip-nocache", action="store_true", help="only the KV-cache path (slow models)")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="CPU: keep MKL linears instead of oneDNN pre-packed ones (VAR.packed_linears)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one batch and report the N largest op totals (0 = off)")
     args = ap.parse_args()
@@ -117,10 +126,15 @@ def main() -> None:
            "tokenizer": Path(args.tokenizer_config).name, "cfg": 3.25, "top_k": 750, "top_p": 0.95}
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
-    res["kv_cache"] = _measure(var, tok, dev, args, True)
-    if not args.skip_nocache:
-        res["no_cache"] = _measure(var, tok, dev, args, False)
-        res["speedup"] = round(res["kv_cache"]["images_per_s"] / res["no_cache"]["images_per_s"], 3)
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    with contextlib.ExitStack() as stack:
+        tp = time.perf_counter()
+        res["packed_linears"] = (not args.no_pack) and stack.enter_context(var.packed_linears(compute))
+        res["pack_seconds"] = round(time.perf_counter() - tp, 3)
+        res["kv_cache"] = _measure(var, tok, dev, args, True)
+        if not args.skip_nocache:
+            res["no_cache"] = _measure(var, tok, dev, args, False)
+            res["speedup"] = round(res["kv_cache"]["images_per_s"] / res["no_cache"]["images_per_s"], 3)
     print(json.dumps(res, indent=1))
 
 

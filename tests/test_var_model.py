@@ -298,3 +298,82 @@ def test_bf16_sampling_restores_fp32_weights(tiny_setup) -> None:
     sample_tokens(model, pq, 4, batch_size=1, seeds=[0], top_k=5, amp_dtype=torch.bfloat16)
     assert {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()} == before
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_candidate_sampling_is_the_filtered_distribution() -> None:
+    from xqtool.models.var_sampling import filter_logits, filtered_candidates
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 2, 64, generator=g) * 3
+    for k, p, temp in [(10, 0.9, 1.0), (0, 0.8, 1.0), (7, 0.0, 0.7), (0, 0.0, 1.0), (64, 0.5, 1.3)]:
+        probs, ids = filtered_candidates(logits, k, p, temp)
+        full = torch.zeros_like(logits) if ids is not None else probs
+        if ids is not None:
+            full.scatter_(-1, ids, probs)
+        want = filter_logits(logits, k, p, temp).softmax(-1)
+        assert torch.allclose(full, want, atol=1e-6), (k, p, temp)
+        assert torch.equal(full > 0, want > 0), (k, p, temp)  # the same survivors
+    # a tie at the k-th value keeps every tied logit, like top_k_filter
+    tied = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0]])
+    probs, ids = filtered_candidates(tied, 2, 0.0)
+    full = torch.zeros_like(tied).scatter_(-1, ids, probs)
+    assert (full > 0).tolist() == [[False, True, True, True, False]]
+    rows = torch.stack([tied[0], torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])])  # one row tied, one not
+    probs, ids = filtered_candidates(rows, 2, 0.0)
+    full = torch.zeros_like(rows).scatter_(-1, ids, probs)
+    assert torch.equal(full > 0, top_k_filter(rows, 2) > float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------ packed linears
+def test_packed_linears_match_plain_and_leave_no_trace(tiny_setup, monkeypatch) -> None:
+    cfg, model, pq = tiny_setup
+    labels, x = torch.tensor([1, 4]), pq.var_input(random_tokens(cfg, 2))
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        plain = model(labels, x, drop_cond=False)
+        with model.packed_linears() as active:
+            if not active:
+                pytest.skip("oneDNN packed linears are not available in this torch build")
+            assert model.packed_dtype == torch.float32 and model.blocks[0].ffn.packed is not None
+            packed = model(labels, x, drop_cond=False)
+            assert list(model.state_dict()) == keys  # derived tensors never enter the state dict
+    assert torch.allclose(packed, plain, atol=1e-5)
+    assert model.packed_dtype is None and model.packed_head is None
+    assert all(b.attn.packed is None and b.ffn.packed is None for b in model.blocks)
+    # with autograd on, the packed path is bypassed and gradients reach the parameters
+    with model.packed_linears():
+        model.zero_grad()
+        model(labels, x, drop_cond=False).square().mean().backward()
+        assert model.blocks[0].ffn.fc1.weight.grad is not None
+        model.zero_grad()
+    # sampling inside the context: fp32 only, and batch-size independent like the plain path
+    seeds, lab4 = [5, 6, 7, 8], torch.tensor([0, 3, 3, 9])
+    with model.packed_linears():
+        full = sample_tokens(model, pq, lab4, seeds=seeds, cfg=1.5, top_k=10, top_p=0.95)
+        ones = [sample_tokens(model, pq, lab4[i:i + 1], seeds=seeds[i:i + 1], cfg=1.5, top_k=10, top_p=0.95)
+                for i in range(4)]
+        with pytest.raises(ValueError, match="packed for torch.float32"):
+            sample_tokens(model, pq, lab4, seeds=seeds, amp_dtype=torch.bfloat16)
+    assert torch.equal(full.tokens, torch.cat([o.tokens for o in ones]))
+    # where oneDNN is missing the context is a no-op that says so
+    import xqtool.models.var as var_module
+
+    monkeypatch.setattr(var_module, "packing_available", lambda device, dtype: False)
+    with model.packed_linears() as active:
+        assert active is False and model.packed_dtype is None
+
+
+def test_packed_linear_fuses_gelu_and_rejects_unknown_activation() -> None:
+    from xqtool.models.packed_linear import PackedLinear, packing_available
+
+    if not packing_available(torch.device("cpu")):
+        pytest.skip("oneDNN packed linears are not available in this torch build")
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(48, 32, generator=g), torch.randn(48, generator=g), torch.randn(2, 5, 32, generator=g)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert torch.allclose(PackedLinear(w, b)(x), ref, atol=1e-4)
+    assert torch.allclose(PackedLinear(w, b, "gelu_tanh")(x), torch.nn.functional.gelu(ref, approximate="tanh"),
+                          atol=1e-4)
+    assert PackedLinear(w, b, dtype=torch.bfloat16)(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown fused activation"):
+        PackedLinear(w, b, "relu6")

@@ -17,9 +17,10 @@ exception can never leave a stale cache behind; spec §7.7).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,7 @@ from timm.layers import DropPath
 from torch import Tensor
 
 from xqtool.config_var import PRESET_DEPTHS, VARModelConfig, validate_var_model_config, var_preset
+from xqtool.models.packed_linear import PackedLinear, packing_available
 
 __all__ = ["VAR", "KVCache", "build_var", "block_causal_mask", "level_index", "count_parameters"]
 
@@ -105,13 +107,19 @@ class SelfAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim), persistent=False)
         self.proj = nn.Linear(embed_dim, embed_dim)
+        # (qkv with its q/0/v bias, proj) while :meth:`VAR.packed_linears` is active; never in the state dict
+        self.packed: Optional[Tuple[PackedLinear, PackedLinear]] = None
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
         """x [B, T, C] → [B, T, C]. `attn_mask` bool [T, S] (True = attend) or None; `cache` appends this k, v."""
         b, t, c = x.shape
-        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
+        packed = self.packed if not torch.is_grad_enabled() else None
+        if packed is not None:
+            qkv = packed[0](x)
+        else:
+            qkv = F.linear(x, self.mat_qkv.weight, torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]))
+        qkv = qkv.view(b, t, 3, self.num_heads, self.head_dim)
         v = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, hd]
         if self.attn_l2_norm:
             # q and k normalised by one kernel pair (same per-vector arithmetic as two F.normalize calls)
@@ -124,7 +132,8 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+        out = out.transpose(1, 2).reshape(b, t, c)
+        return packed[1](out) if packed is not None else self.proj(out)
 
 
 class FFN(nn.Module):
@@ -134,9 +143,13 @@ class FFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(embed_dim, hidden)
         self.fc2 = nn.Linear(hidden, embed_dim)
+        # (fc1 with GELU(tanh) fused, fc2) while :meth:`VAR.packed_linears` is active; never in the state dict
+        self.packed: Optional[Tuple[PackedLinear, PackedLinear]] = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, C] → [B, T, C]."""
+        if self.packed is not None and not torch.is_grad_enabled():
+            return self.packed[1](self.packed[0](x))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -248,6 +261,8 @@ class VAR(nn.Module):
         self.head = nn.Linear(c, self.V)
         self.register_buffer("lvl_1L", level_index(self.patch_nums).view(1, self.L), persistent=False)
         self._mask_cache: Optional[Tensor] = None
+        self.packed_head: Optional[PackedLinear] = None
+        self.packed_dtype: Optional[torch.dtype] = None  # set while packed_linears() is active
         self.init_weights()
 
     # ------------------------------------------------------------------ init
@@ -312,7 +327,38 @@ class VAR(nn.Module):
 
     def logits(self, h: Tensor, head_mod: Tensor) -> Tensor:
         """h [B, T, C], head modulation [B, 1, 2, C] → fp32 logits [B, T, V]."""
-        return self.head(self.head_nm(h, head_mod)).float()
+        head = self.packed_head if self.packed_head is not None and not torch.is_grad_enabled() else self.head
+        return head(self.head_nm(h, head_mod)).float()
+
+    @contextlib.contextmanager
+    def packed_linears(self, dtype: torch.dtype = torch.float32, rows_hint: int = 256) -> Iterator[bool]:
+        """Frozen CPU inference: run the blocks' and the head's linears on oneDNN pre-packed `dtype` weights,
+        with the FFN's GELU fused (see :mod:`xqtool.models.packed_linear`). Yields True when packing is active,
+        False when it is not available here (the model then runs as usual).
+
+        Packing costs one weight reorder (about 0.4 s and one extra copy of the linear weights for d17), so
+        wrap a whole sampling loop, not one batch. The parameters are untouched; edits made to them inside the
+        context are not seen until it is re-entered. bf16 packing gives bf16 outputs like autocast's linears.
+        """
+        if self.packed_dtype is not None or not packing_available(self.pos_1LC.device, dtype):
+            yield self.packed_dtype == dtype
+            return
+        try:
+            with torch.no_grad():
+                for blk in self.blocks:
+                    a, f = blk.attn, blk.ffn
+                    qkv_bias = torch.cat([a.q_bias, a.zero_k_bias, a.v_bias])
+                    a.packed = (PackedLinear(a.mat_qkv.weight, qkv_bias, dtype=dtype, rows_hint=rows_hint),
+                                PackedLinear(a.proj.weight, a.proj.bias, dtype=dtype, rows_hint=rows_hint))
+                    f.packed = (PackedLinear(f.fc1.weight, f.fc1.bias, "gelu_tanh", dtype, rows_hint),
+                                PackedLinear(f.fc2.weight, f.fc2.bias, dtype=dtype, rows_hint=rows_hint))
+                self.packed_head = PackedLinear(self.head.weight, self.head.bias, dtype=dtype, rows_hint=rows_hint)
+            self.packed_dtype = dtype
+            yield True
+        finally:
+            for blk in self.blocks:
+                blk.attn.packed = blk.ffn.packed = None
+            self.packed_head, self.packed_dtype = None, None
 
     def start_tokens(self, cond: Tensor) -> Tensor:
         """First-scale input [B, first_l, C] = class embedding + pos_start + level/position embedding."""

@@ -8,7 +8,9 @@ and feed the codes back through the tokenizer's quantizer (``quantizer.var_next`
 
 Random numbers (three modes):
 - ``seeds=[s_0, …, s_{B−1}]`` (xqtool default): image b has its own ``torch.Generator`` seeded with s_b and
-  draws only its own tokens (per scale: branch 0, then branch 1, …). An image's tokens therefore do not depend
+  draws only its own tokens (per scale: one multinomial over its pn² rows of branch 0, then branch 1, …, each
+  row restricted to the candidates that survive top-k/top-p, see :func:`filtered_candidates`; the distribution
+  is exactly the filtered softmax, only cheaper to draw from). An image's tokens therefore do not depend
   on the batch it is in, on the batch size or on the number of processes. This deliberately differs from
   upstream, whose one generator is consumed by the whole batch.
 - ``generator=g``: upstream order (one ``(B·pn²) × K`` multinomial per scale and branch on one generator),
@@ -31,7 +33,7 @@ from torch import Tensor
 from xqtool.models.var import VAR, KVCache
 
 __all__ = ["SampleOutput", "cfg_weight", "guide_logits", "top_k_filter", "top_p_filter", "filter_logits",
-           "sample_tokens", "image_generators", "QuantizerLike"]
+           "filtered_candidates", "sample_tokens", "image_generators", "QuantizerLike"]
 
 
 class QuantizerLike(Protocol):
@@ -117,15 +119,60 @@ def _labels_tensor(labels: Union[Tensor, int, Sequence[int], None], batch: int, 
     return lab
 
 
-def _draw(probs: Tensor, gens: Optional[List[torch.Generator]], generator: Optional[torch.Generator]) -> Tensor:
-    """probs [B, n, P, K] → ids [B, P, n]. Per-image generators, or one generator in upstream order."""
+def filtered_candidates(logits: Tensor, top_k: int = 0, top_p: float = 0.0,
+                        temperature: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
+    """The same distribution as ``filter_logits(...).softmax(-1)``, restricted to the candidates that can survive.
+
+    logits [..., K] → (probs [..., k'], ids [..., k'] LongTensor, or None when the candidates are the whole
+    vocabulary in order). With top-k the candidates are the k largest logits (descending), so top-p, the softmax
+    and the draw touch k values instead of K (with K = 4096 and k = 750 this is most of the sampling cost).
+    Scattering ``probs`` back to ``ids`` gives the full-vocabulary probabilities. Logits tied with the k-th
+    value all survive, as in :func:`top_k_filter` (the candidate list is widened to the largest tie group).
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        logits = logits / temperature
+    num = logits.shape[-1]
+    ids: Optional[Tensor] = None
+    if 0 < top_k < num:
+        vals, ids = logits.topk(top_k, dim=-1)  # descending
+        tau = vals[..., -1:]
+        widest = int((logits >= tau).sum(-1).max())
+        if widest > top_k:  # ties at the k-th value survive (like top_k_filter): widen, then mask per row
+            vals, ids = logits.topk(widest, dim=-1)
+            vals = vals.masked_fill(vals < tau, float("-inf"))
+    elif top_p > 0:
+        vals, ids = logits.sort(dim=-1, descending=True)
+    else:
+        vals = logits
+    if top_p > 0:
+        # upstream rule on the ascending order: drop what the running softmax sum keeps at or below 1 − p
+        cum = vals.flip(-1).softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - top_p)
+        drop[..., -1] = False  # the largest always survives
+        vals = vals.masked_fill(drop.flip(-1), float("-inf"))
+    return vals.softmax(dim=-1), ids
+
+
+def _draw_candidates(probs: Tensor, ids: Optional[Tensor], gens: List[torch.Generator]) -> Tensor:
+    """probs/ids [B, n, P, k] → token ids [B, P, n]; image i draws all its tokens from its own generator
+    (one multinomial over its P·n rows, branch 0 first)."""
     b, n, p, k = probs.shape
-    if gens is not None:
-        out = torch.empty(b, p, n, dtype=torch.long, device=probs.device)
-        for i, g in enumerate(gens):
-            for j in range(p):
-                out[i, j] = torch.multinomial(probs[i, :, j], 1, generator=g).view(n)
-        return out
+    out = torch.empty(b, p, n, dtype=torch.long, device=probs.device)
+    for i, g in enumerate(gens):
+        rows = probs[i].transpose(0, 1).reshape(p * n, k)
+        pick = torch.multinomial(rows, 1, generator=g)  # [P·n, 1] candidate positions
+        if ids is not None:
+            pick = ids[i].transpose(0, 1).reshape(p * n, k).gather(1, pick)
+        out[i] = pick.view(p, n)
+    return out
+
+
+def _draw(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """probs [B, n, P, K] → ids [B, P, n]: one (B·n) × K multinomial per branch on one generator (upstream order)."""
+    b, n, p, k = probs.shape
     cols = [torch.multinomial(probs[:, :, j].reshape(b * n, k), 1, generator=generator).view(b, n)
             for j in range(p)]
     return torch.stack(cols, dim=1)
@@ -195,6 +242,8 @@ def sample_tokens(
         generator: a single generator in upstream order (used only when seeds is None).
         use_cache: KV cache across scales (False recomputes the whole prefix at each scale; same tokens).
         amp_dtype: run the transformer under autocast with this dtype (logit mixing and draws stay fp32).
+            On the CPU, wrap a sampling loop in ``with var.packed_linears(amp_dtype or torch.float32):`` for
+            oneDNN pre-packed linears (faster; packing once costs a weight reorder).
         logits_hook: called with (si, guided fp32 logits [B, pn², V]) before filtering (tests, analysis).
     Returns:
         :class:`SampleOutput` with tokens [B, P, L] and the final f_hat [B, P·D, H, W].
@@ -216,10 +265,14 @@ def sample_tokens(
     lab = _labels_tensor(labels, B, var.num_classes, device, gens, generator)
 
     amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
+    compute = amp_dtype or torch.float32
+    if var.packed_dtype is not None and var.packed_dtype != compute:
+        raise ValueError(f"the model's linears are packed for {var.packed_dtype}, but sampling asks for {compute}")
     # The Linear layers that run under autocast (blocks, head_nm, head; not word_embed) get their weights cast
-    # once per call instead of once per scale: same numbers, no per-scale weight copies.
-    with (_low_precision_linears([var.blocks, var.head_nm, var.head], amp_dtype) if amp_dtype is not None
-          else contextlib.nullcontext()):
+    # once per call instead of once per scale: same numbers, no per-scale weight copies. Not needed when the
+    # caller packed them already (``var.packed_linears``).
+    with (_low_precision_linears([var.blocks, var.head_nm, var.head], amp_dtype)
+          if amp_dtype is not None and var.packed_dtype is None else contextlib.nullcontext()):
         return _sample(var, quantizer, lab, gens, generator, cfg=cfg, top_k=top_k, top_p=top_p,
                        temperature=temperature, use_cache=use_cache, amp=amp, logits_hook=logits_hook)
 
@@ -257,8 +310,12 @@ def _sample(var: VAR, quantizer: QuantizerLike, lab: Tensor, gens: Optional[List
         guided = guide_logits(logits, cfg_weight(cfg, si, var.num_scales))
         if logits_hook is not None:
             logits_hook(si, guided)
-        filtered = filter_logits(guided.view(B, n, P, K), top_k, top_p, temperature)
-        ids = _draw(filtered.softmax(dim=-1), gens, generator)  # [B, P, n]
+        if gens is not None:  # per-image seeds: draw among the candidates that survive filtering
+            probs, cand = filtered_candidates(guided.view(B, n, P, K), top_k, top_p, temperature)
+            ids = _draw_candidates(probs, cand, gens)  # [B, P, n]
+        else:  # upstream order over the full vocabulary (token parity with the reference)
+            filtered = filter_logits(guided.view(B, n, P, K), top_k, top_p, temperature)
+            ids = _draw(filtered.softmax(dim=-1), generator)
         ids_all.append(ids)
         f_hat, nxt = quantizer.var_next(si, f_hat, ids)
         if si + 1 < var.num_scales:

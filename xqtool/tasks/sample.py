@@ -11,6 +11,7 @@ preview grid. Multi-GPU: each Accelerate process takes a contiguous slice; the m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -152,6 +153,10 @@ def sample_images(
         task = progress.add_task("sample", total=len(mine), rate="")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # CPU: the transformer's linears run on oneDNN pre-packed weights for the whole loop (no-op elsewhere).
+    # Besides speed, their rows do not depend on the number of rows, which keeps tokens batch-size independent.
+    packing = contextlib.ExitStack()
+    packing.enter_context(var.packed_linears(amp or torch.float32))
     t0 = time.perf_counter()
     done = 0
     try:
@@ -180,6 +185,7 @@ def sample_images(
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 progress.update(task, advance=len(idx), rate=f"{rate:.2f} img/s")
     finally:
+        packing.close()
         if progress is not None:
             progress.stop()
     seconds = time.perf_counter() - t0
