@@ -17,7 +17,7 @@ _xqtool() {
         make-fid-stats) opts="--batch-size --device --force --help --image-size --inception-weights --max-images --mode --name --num-workers --stats-dir" ;;
         make-shards) opts="--bad-files --format --help --maxcount --nodes --prefix --quality --workers" ;;
         probe) opts="--bad-files --batch-size --cache-features --config --decay-rate --device --ema --epochs --features --help --lr --max-train-images --max-val-images --milestones --min-lr --no-cache-features --no-ema --num-classes --num-workers --out --seed --train --val --warmup-epochs --warmup-lr --weight-decay" ;;
-        sample) opts="--batch-size --cfg --ckpt --classes --cpu --grid --help --no-cache --npz --num-samples --out --per-class --precision --seed --temperature --tokenizer --top-k --top-p --upstream-rng" ;;
+        sample) opts="--batch-size --cfg --ckpt --classes --cpu --grid --help --no-cache --no-pack --npz --num-samples --out --per-class --precision --seed --temperature --tokenizer --top-k --top-p --upstream-rng" ;;
         train-tokenizer) opts="--help --max-steps --no-progress --output-dir --resume --set" ;;
         train-var) opts="--cpu --help --images --resume --set --tokenizer --tokens" ;;
         *) opts="--help" ;;

@@ -140,6 +140,7 @@ complete -c xqtool -n '__fish_seen_subcommand_from sample' -l cpu
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l grid
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l help
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l no-cache
+complete -c xqtool -n '__fish_seen_subcommand_from sample' -l no-pack
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l npz
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l num-samples
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l out

@@ -30,7 +30,7 @@ _xqtool() {
     make-fid-stats) _arguments '--batch-size[]' '--device[]' '--force[]' '--help[]' '--image-size[]' '--inception-weights[]' '--max-images[]' '--mode[]' '--name[]' '--num-workers[]' '--stats-dir[]' '*:file:_files' ;;
     make-shards) _arguments '--bad-files[]' '--format[]' '--help[]' '--maxcount[]' '--nodes[]' '--prefix[]' '--quality[]' '--workers[]' '*:file:_files' ;;
     probe) _arguments '--bad-files[]' '--batch-size[]' '--cache-features[]' '--config[]' '--decay-rate[]' '--device[]' '--ema[]' '--epochs[]' '--features[]' '--help[]' '--lr[]' '--max-train-images[]' '--max-val-images[]' '--milestones[]' '--min-lr[]' '--no-cache-features[]' '--no-ema[]' '--num-classes[]' '--num-workers[]' '--out[]' '--seed[]' '--train[]' '--val[]' '--warmup-epochs[]' '--warmup-lr[]' '--weight-decay[]' '*:file:_files' ;;
-    sample) _arguments '--batch-size[]' '--cfg[]' '--ckpt[]' '--classes[]' '--cpu[]' '--grid[]' '--help[]' '--no-cache[]' '--npz[]' '--num-samples[]' '--out[]' '--per-class[]' '--precision[]' '--seed[]' '--temperature[]' '--tokenizer[]' '--top-k[]' '--top-p[]' '--upstream-rng[]' '*:file:_files' ;;
+    sample) _arguments '--batch-size[]' '--cfg[]' '--ckpt[]' '--classes[]' '--cpu[]' '--grid[]' '--help[]' '--no-cache[]' '--no-pack[]' '--npz[]' '--num-samples[]' '--out[]' '--per-class[]' '--precision[]' '--seed[]' '--temperature[]' '--tokenizer[]' '--top-k[]' '--top-p[]' '--upstream-rng[]' '*:file:_files' ;;
     train-tokenizer) _arguments '--help[]' '--max-steps[]' '--no-progress[]' '--output-dir[]' '--resume[]' '--set[]' '*:file:_files' ;;
     train-var) _arguments '--cpu[]' '--help[]' '--images[]' '--resume[]' '--set[]' '--tokenizer[]' '--tokens[]' '*:file:_files' ;;
   esac

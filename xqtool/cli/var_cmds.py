@@ -60,6 +60,8 @@ def sample_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the prefix at every scale (slow; for checks)."),
     upstream_rng: bool = typer.Option(False, "--upstream-rng", help="One generator per batch (upstream order)."),
     cpu: bool = typer.Option(False, "--cpu", help="Force CPU."),
+    no_pack: bool = typer.Option(False, "--no-pack",
+                                 help="CPU: skip oneDNN weight packing (slower; saves one copy of the weights)."),
 ) -> None:
     """Sample class-conditional images with a VAR and its tokenizer.
 
@@ -74,7 +76,8 @@ def sample_cmd(
     labels = plan_labels(var.num_classes, parse_classes(classes), per_class, num_samples)
     res = sample_images(var, tok, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
                         batch_size=batch_size, out_dir=out, npz=npz, grid=grid, use_cache=not no_cache,
-                        precision=precision, upstream_rng=upstream_rng, cpu=cpu, console=console)
+                        precision=precision, upstream_rng=upstream_rng, cpu=cpu, pack=not no_pack,
+                        console=console)
     console.print(f"[green]done[/] {res.count} images in {res.seconds:.1f}s ({res.images_per_s:.2f} img/s)")
     for label, path in (("png", res.out_dir), ("npz", res.npz), ("grid", res.grid)):
         if path is not None:

@@ -126,8 +126,8 @@ def filtered_candidates(logits: Tensor, top_k: int = 0, top_p: float = 0.0,
     logits [..., K] → (probs [..., k'], ids [..., k'] LongTensor, or None when the candidates are the whole
     vocabulary in order). With top-k the candidates are the k largest logits (descending), so top-p, the softmax
     and the draw touch k values instead of K (with K = 4096 and k = 750 this is most of the sampling cost).
-    Scattering ``probs`` back to ``ids`` gives the full-vocabulary probabilities. Logits tied with the k-th
-    value all survive, as in :func:`top_k_filter` (the candidate list is widened to the largest tie group).
+    Scattering ``probs`` back to ``ids`` gives the full-vocabulary probabilities (candidates below the k-th value
+    get probability 0). Logits tied with the k-th value all survive, as in :func:`top_k_filter`.
     """
     logits = logits.float()
     if temperature != 1.0:
@@ -137,12 +137,14 @@ def filtered_candidates(logits: Tensor, top_k: int = 0, top_p: float = 0.0,
     num = logits.shape[-1]
     ids: Optional[Tensor] = None
     if 0 < top_k < num:
-        vals, ids = logits.topk(top_k, dim=-1)  # descending
-        tau = vals[..., -1:]
+        # a few spare columns absorb ties at the k-th value (common with bf16 logits) without a second topk
+        width = min(num, top_k + max(16, top_k // 8))
+        vals, ids = logits.topk(width, dim=-1)  # descending
+        tau = vals[..., top_k - 1:top_k]
         widest = int((logits >= tau).sum(-1).max())
-        if widest > top_k:  # ties at the k-th value survive (like top_k_filter): widen, then mask per row
+        if widest > width:
             vals, ids = logits.topk(widest, dim=-1)
-            vals = vals.masked_fill(vals < tau, float("-inf"))
+        vals = vals.masked_fill(vals < tau, float("-inf"))  # ties with the k-th value survive, like top_k_filter
     elif top_p > 0:
         vals, ids = logits.sort(dim=-1, descending=True)
     else:

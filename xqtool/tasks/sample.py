@@ -103,13 +103,15 @@ def sample_images(
     upstream_rng: bool = False,
     cpu: bool = False,
     decode_batch: int = 1,
+    pack: bool = True,
     console: Any = None,
 ) -> SampleResult:
     """Sample ``len(labels)`` images. `var` / `tokenizer` are models or checkpoint paths (loaded frozen, eval).
 
     Tokens and f_hat never depend on the batch size. The tokenizer decoder's float rounding can (kernels pick
     different blockings per batch size), so images are decoded ``decode_batch`` (default 1) at a time: with 1 the
-    PNG/npz bytes are identical whatever ``batch_size`` or the number of processes.
+    PNG/npz bytes are identical whatever ``batch_size`` or the number of processes. ``pack`` (CPU only) runs the
+    transformer's linears on oneDNN pre-packed weights (``VAR.packed_linears``): faster, one extra weight copy.
     """
     from accelerate import Accelerator
 
@@ -156,7 +158,8 @@ def sample_images(
     # CPU: the transformer's linears run on oneDNN pre-packed weights for the whole loop (no-op elsewhere).
     # Besides speed, their rows do not depend on the number of rows, which keeps tokens batch-size independent.
     packing = contextlib.ExitStack()
-    packing.enter_context(var.packed_linears(amp or torch.float32))
+    if pack:
+        packing.enter_context(var.packed_linears(amp or torch.float32))
     t0 = time.perf_counter()
     done = 0
     try:
