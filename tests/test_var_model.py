@@ -352,6 +352,9 @@ def test_packed_linears_match_plain_and_leave_no_trace(tiny_setup, monkeypatch) 
         full = sample_tokens(model, pq, lab4, seeds=seeds, cfg=1.5, top_k=10, top_p=0.95)
         ones = [sample_tokens(model, pq, lab4[i:i + 1], seeds=seeds[i:i + 1], cfg=1.5, top_k=10, top_p=0.95)
                 for i in range(4)]
+        cached = sample_tokens(model, pq, lab4, seeds=seeds, cfg=1.5, top_k=10, top_p=0.95)
+        recomputed = sample_tokens(model, pq, lab4, seeds=seeds, cfg=1.5, top_k=10, top_p=0.95, use_cache=False)
+        assert torch.equal(cached.tokens, recomputed.tokens)
         with pytest.raises(ValueError, match="packed for torch.float32"):
             sample_tokens(model, pq, lab4, seeds=seeds, amp_dtype=torch.bfloat16)
     assert torch.equal(full.tokens, torch.cat([o.tokens for o in ones]))
