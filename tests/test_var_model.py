@@ -318,6 +318,10 @@ def test_candidate_sampling_is_the_filtered_distribution() -> None:
     probs, ids = filtered_candidates(tied, 2, 0.0)
     full = torch.zeros_like(tied).scatter_(-1, ids, probs)
     assert (full > 0).tolist() == [[False, True, True, True, False]]
+    flat = torch.zeros(1, 100)
+    flat[0, :2] = 5.0  # the 3rd value ties with 98 others: more than the spare candidate columns
+    probs, ids = filtered_candidates(flat, 3, 0.0)
+    assert int((torch.zeros_like(flat).scatter_(-1, ids, probs) > 0).sum()) == 100
     rows = torch.stack([tied[0], torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])])  # one row tied, one not
     probs, ids = filtered_candidates(rows, 2, 0.0)
     full = torch.zeros_like(rows).scatter_(-1, ids, probs)

@@ -141,9 +141,8 @@ def filtered_candidates(logits: Tensor, top_k: int = 0, top_p: float = 0.0,
         width = min(num, top_k + max(16, top_k // 8))
         vals, ids = logits.topk(width, dim=-1)  # descending
         tau = vals[..., top_k - 1:top_k]
-        widest = int((logits >= tau).sum(-1).max())
-        if widest > width:
-            vals, ids = logits.topk(widest, dim=-1)
+        if width < num and bool((vals[..., -1:] >= tau).any()):  # a tie group may reach past the spare columns
+            vals, ids = logits.topk(int((logits >= tau).sum(-1).max()), dim=-1)
         vals = vals.masked_fill(vals < tau, float("-inf"))  # ties with the k-th value survive, like top_k_filter
     elif top_p > 0:
         vals, ids = logits.sort(dim=-1, descending=True)
