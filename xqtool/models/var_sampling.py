@@ -82,13 +82,19 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0) -> Tensor:
-    """Temperature, then top-k, then top-p over the last dim (fp32, out of place)."""
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    """fp32 logits divided by the temperature (out of place)."""
     logits = logits.float()
     if temperature != 1.0:
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
         logits = logits / temperature
+    return logits
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0) -> Tensor:
+    """Temperature, then top-k, then top-p over the last dim (fp32, out of place)."""
+    logits = _tempered(logits, temperature)
     return top_p_filter(top_k_filter(logits, top_k), top_p)
 
 
@@ -129,11 +135,7 @@ def filtered_candidates(logits: Tensor, top_k: int = 0, top_p: float = 0.0,
     Scattering ``probs`` back to ``ids`` gives the full-vocabulary probabilities (candidates below the k-th value
     get probability 0). Logits tied with the k-th value all survive, as in :func:`top_k_filter`.
     """
-    logits = logits.float()
-    if temperature != 1.0:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        logits = logits / temperature
+    logits = _tempered(logits, temperature)
     num = logits.shape[-1]
     ids: Optional[Tensor] = None
     if 0 < top_k < num:
