@@ -243,10 +243,12 @@ def load_tokenizer(
     """Load an xqtool checkpoint directory or an official XQ-GAN ``.pt`` into an :class:`XQTokenizer` (eval mode).
 
     Config: `config` when given, else the directory's ``config.yaml`` or the official file's ``args``.
+    `path` may also be a registry name (``MSVR10P2-4096``) or ``hf://`` reference (:func:`xqtool.hub.resolve_checkpoint`).
     """
+    from xqtool.hub import resolve_checkpoint
     from xqtool.models.tokenizer import build_tokenizer
 
-    path = Path(path)
+    path = resolve_checkpoint(path, kind="tokenizer")
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     cfg = _resolve_config(config)

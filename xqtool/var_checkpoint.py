@@ -194,8 +194,11 @@ def load_var(path: Union[str, Path], map_location: str = "cpu", patch_nums: Opti
 
     ``device="meta"`` builds the model on the meta device and assigns the tensors (fast layout checks).
     info: ``format`` ('xqtool' | 'official'), ``config`` (the whole config.yaml for xqtool dirs), ``patch_nums``.
+    `path` may also be a registry name (``VAR-d17``) or ``hf://`` reference (:func:`xqtool.hub.resolve_checkpoint`).
     """
-    path = Path(path)
+    from xqtool.hub import resolve_checkpoint
+
+    path = resolve_checkpoint(path, kind="var")
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path} is a directory without model.safetensors (not an xqtool VAR checkpoint)")
