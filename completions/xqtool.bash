@@ -4,7 +4,7 @@ _xqtool() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "decode demo-images encode eval-fid finetune inspect make-fid-stats make-shards probe sample train-tokenizer train-var --help --version" -- "$cur") )
+        COMPREPLY=( $(compgen -W "decode demo-images encode eval-fid finetune inspect make-fid-stats make-shards models probe push sample train-tokenizer train-var --help --version" -- "$cur") )
         return 0
     fi
     case "$cmd" in
@@ -16,7 +16,9 @@ _xqtool() {
         inspect) opts="--full --help --set" ;;
         make-fid-stats) opts="--batch-size --device --force --help --image-size --inception-weights --max-images --mode --name --num-workers --stats-dir" ;;
         make-shards) opts="--bad-files --format --help --maxcount --nodes --prefix --quality --workers" ;;
+        models) opts="--help --json --registry" ;;
         probe) opts="--bad-files --batch-size --cache-features --config --decay-rate --device --ema --epochs --features --help --lr --max-train-images --max-val-images --milestones --min-lr --no-cache-features --no-ema --num-classes --num-workers --out --seed --train --val --warmup-epochs --warmup-lr --weight-decay" ;;
+        push) opts="--dry-run --help --license --message --private --report --revision" ;;
         sample) opts="--batch-size --cfg --ckpt --classes --cpu --grid --help --no-cache --no-pack --npz --num-samples --out --per-class --precision --seed --temperature --tokenizer --top-k --top-p --upstream-rng" ;;
         train-tokenizer) opts="--help --max-steps --no-progress --output-dir --resume --set" ;;
         train-var) opts="--cpu --help --images --resume --set --tokenizer --tokens" ;;

@@ -103,6 +103,11 @@ complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l prefix
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l quality
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l workers
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -F
+complete -c xqtool -n '__fish_use_subcommand' -a models -d 'List the published checkpoints usable by name, e.g. --tokenizer MSVR10P2-4096 or --var VAR-d17.'
+complete -c xqtool -n '__fish_seen_subcommand_from models' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from models' -l json
+complete -c xqtool -n '__fish_seen_subcommand_from models' -l registry
+complete -c xqtool -n '__fish_seen_subcommand_from models' -F
 complete -c xqtool -n '__fish_use_subcommand' -a probe -d 'Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.'
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l bad-files
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l batch-size
@@ -131,6 +136,15 @@ complete -c xqtool -n '__fish_seen_subcommand_from probe' -l warmup-epochs
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l warmup-lr
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l weight-decay
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -F
+complete -c xqtool -n '__fish_use_subcommand' -a push -d 'Publish a checkpoint directory to the Hugging Face Hub (safetensors only, with a generated model card).'
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l dry-run
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l license
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l message
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l private
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l report
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l revision
+complete -c xqtool -n '__fish_seen_subcommand_from push' -F
 complete -c xqtool -n '__fish_use_subcommand' -a sample -d 'Sample images with a VAR + tokenizer (PNG / npz / grid).'
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l batch-size
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l cfg

@@ -11,7 +11,9 @@ _xqtool() {
     'inspect:Show the resolved config, parameter counts per part, tokens per image, and warnings.'
     'make-fid-stats:Save clean-fid custom statistics (mu, sigma, KID features) of an image set under NAME.'
     'make-shards:Pack images into WebDataset shards (jpg/png + cls + json with original size and path).'
+    'models:List the published checkpoints usable by name, e.g. --tokenizer MSVR10P2-4096 or --var VAR-d17.'
     'probe:Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.'
+    'push:Publish a checkpoint directory to the Hugging Face Hub (safetensors only, with a generated model card).'
     'sample:Sample images with a VAR + tokenizer (PNG / npz / grid).'
     'train-tokenizer:Train an XQ-GAN tokenizer.'
     'train-var:Train a class-conditional VAR on tokenizer tokens.'
@@ -29,7 +31,9 @@ _xqtool() {
     inspect) _arguments '--full[]' '--help[]' '--set[]' '*:file:_files' ;;
     make-fid-stats) _arguments '--batch-size[]' '--device[]' '--force[]' '--help[]' '--image-size[]' '--inception-weights[]' '--max-images[]' '--mode[]' '--name[]' '--num-workers[]' '--stats-dir[]' '*:file:_files' ;;
     make-shards) _arguments '--bad-files[]' '--format[]' '--help[]' '--maxcount[]' '--nodes[]' '--prefix[]' '--quality[]' '--workers[]' '*:file:_files' ;;
+    models) _arguments '--help[]' '--json[]' '--registry[]' '*:file:_files' ;;
     probe) _arguments '--bad-files[]' '--batch-size[]' '--cache-features[]' '--config[]' '--decay-rate[]' '--device[]' '--ema[]' '--epochs[]' '--features[]' '--help[]' '--lr[]' '--max-train-images[]' '--max-val-images[]' '--milestones[]' '--min-lr[]' '--no-cache-features[]' '--no-ema[]' '--num-classes[]' '--num-workers[]' '--out[]' '--seed[]' '--train[]' '--val[]' '--warmup-epochs[]' '--warmup-lr[]' '--weight-decay[]' '*:file:_files' ;;
+    push) _arguments '--dry-run[]' '--help[]' '--license[]' '--message[]' '--private[]' '--report[]' '--revision[]' '*:file:_files' ;;
     sample) _arguments '--batch-size[]' '--cfg[]' '--ckpt[]' '--classes[]' '--cpu[]' '--grid[]' '--help[]' '--no-cache[]' '--no-pack[]' '--npz[]' '--num-samples[]' '--out[]' '--per-class[]' '--precision[]' '--seed[]' '--temperature[]' '--tokenizer[]' '--top-k[]' '--top-p[]' '--upstream-rng[]' '*:file:_files' ;;
     train-tokenizer) _arguments '--help[]' '--max-steps[]' '--no-progress[]' '--output-dir[]' '--resume[]' '--set[]' '*:file:_files' ;;
     train-var) _arguments '--cpu[]' '--help[]' '--images[]' '--resume[]' '--set[]' '--tokenizer[]' '--tokens[]' '*:file:_files' ;;

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -180,40 +178,37 @@ def test_local_paths_still_win_and_unknown_names_say_not_found(tmp_path, monkeyp
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _env(home: Path, **extra: str) -> dict:
-    env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1", COLUMNS="200")
-    env.pop("HF_HUB_CACHE", None)
-    env.pop("XQTOOL_REGISTRY", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(extra)
-    return env
+def test_cli_offline_miss_is_one_error_line_exit_2(hub, tmp_path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
 
+    from xqtool.cli import app
 
-def test_cli_offline_miss_is_one_error_line_exit_2(tmp_path) -> None:
     imgs = tmp_path / "imgs"
     imgs.mkdir()
-    from PIL import Image
-
     Image.new("RGB", (32, 32), (200, 30, 40)).save(imgs / "a.png")
-    res = subprocess.run([sys.executable, "-m", "xqtool", "encode", str(imgs), "-o", str(tmp_path / "t.npy"),
-                          "--ckpt", "MSVR10P2-4096"], capture_output=True, text=True, env=_env(tmp_path / "home"))
-    assert res.returncode == 2, res.stderr
+    res = CliRunner().invoke(app, ["encode", str(imgs), "-o", str(tmp_path / "t.npy"), "--ckpt", "MSVR10P2-4096"],
+                             env={"COLUMNS": "400"})
+    assert res.exit_code == 2, res.output
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in res.stderr
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
     assert "hf download qiuk6/XQ-GAN MSVR10P2-4096/best_ckpt.pt" in errors[0]
     assert not (tmp_path / "t.npy").exists()
 
 
 def test_models_table_and_json(hub, msvr_cached) -> None:
-    home = hub.parent
-    res = subprocess.run([sys.executable, "-m", "xqtool", "models", "--json"], capture_output=True, text=True,
-                         env=_env(home))
-    assert res.returncode == 0, res.stderr
+    from typer.testing import CliRunner
+
+    from xqtool.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["models", "--json"])
+    assert res.exit_code == 0, res.output
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert len(rows) == 10 and rows["MSVR10P2-4096"]["cached"] is True and rows["MSVR10P2-8192"]["cached"] is False
     assert rows["VAR-d17"]["metric"] == {"gFID": 2.6} and rows["VP2-4096"]["codebook"] == 4096
-    table = subprocess.run([sys.executable, "-m", "xqtool", "models"], capture_output=True, text=True, env=_env(home))
-    assert table.returncode == 0, table.stderr
-    line = next(ln for ln in table.stdout.splitlines() if "MSVR10P2-4096 " in ln and "LAION" not in ln and "IMed" not in ln)
-    for cell in ("tokenizer", "572", "4096", "rFID 0.80", "unknown", "yes"):
+    table = runner.invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    line = next(ln for ln in table.stdout.splitlines() if " MSVR10P2-4096 " in ln)
+    for cell in ("tokenizer", "572", "4096", "rFID 0.80", "unknown", "yes", "ImageNet"):
         assert cell in line, (cell, line)

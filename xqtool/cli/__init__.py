@@ -46,6 +46,9 @@ def _register_all() -> None:
 
     for module in (inspect_cmd, train_cmds, data_cmds, var_cmds, eval_cmds, misc_cmds):
         module.register(app)
+    from xqtool.cli import hub_cmds
+
+    hub_cmds.register(app)
 
 
 _register_all()
