@@ -212,3 +212,62 @@ def test_models_table_and_json(hub, msvr_cached) -> None:
     line = next(ln for ln in table.stdout.splitlines() if " MSVR10P2-4096 " in ln)
     for cell in ("tokenizer", "572", "4096", "rFID 0.80", "unknown", "yes", "ImageNet"):
         assert cell in line, (cell, line)
+
+
+# ------------------------------------------------------------------------------------------------ backbones
+
+
+def _tiny_vit_safetensors(path: Path):
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+def test_backbone_weights_hub_keyword_and_hf_reference(hub, tmp_path, monkeypatch) -> None:
+    import timm
+
+    from xqtool.errors import WeightsMissingError
+    from xqtool.models.pretrained import load_backbone_weights, resolve_weights
+    from xqtool.models.teachers import teacher_weights_available
+
+    dinov2 = "vit_base_patch14_dinov2.lvd142m"  # timm's Hub repository: timm/vit_base_patch14_dinov2.lvd142m
+    with pytest.raises(WeightsMissingError, match="`hf download timm/vit_base_patch14_dinov2.lvd142m model.safetensors`"):
+        teacher_weights_available("dinov2", "hub")
+
+    src = _tiny_vit_safetensors(tmp_path / "w.safetensors")
+    blob = add_hub_file(hub, f"timm/{dinov2}", "model.safetensors", (tmp_path / "w.safetensors").read_bytes(),
+                        commit=C_MAIN)
+    path, origin = resolve_weights(dinov2, "hub", "XQTOOL_DINOV2_WEIGHTS")
+    assert origin == "hub" and path.resolve() == blob.resolve()
+    assert teacher_weights_available("dinov2", "hub") is True
+    target = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=0)
+    load_backbone_weights(target, "hub", kind="DINOv2", env_var="XQTOOL_DINOV2_WEIGHTS", model_name=dinov2)
+    assert torch.equal(target.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    # the same file by hf:// reference, through the environment variable route
+    monkeypatch.setenv("XQTOOL_DINOV2_WEIGHTS", f"hf://timm/{dinov2}/model.safetensors")
+    path, origin = resolve_weights(dinov2, None, "XQTOOL_DINOV2_WEIGHTS")
+    assert origin == "XQTOOL_DINOV2_WEIGHTS" and path.resolve() == blob.resolve()
+    monkeypatch.delenv("XQTOOL_DINOV2_WEIGHTS")
+    blob.write_bytes(blob.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        resolve_weights(dinov2, "hub", "XQTOOL_DINOV2_WEIGHTS")
+
+
+def test_inception_and_lpips_weights_by_hf_reference(hub) -> None:
+    from xqtool.errors import WeightsMissingError
+    from xqtool.losses.lpips import LPIPS
+    from xqtool.metrics import resolve_inception_weights
+
+    blob = add_hub_file(hub, "me/fid", "inception-2015-12-05.pt", b"torchscript bytes", commit=C_MAIN)
+    assert resolve_inception_weights("hf://me/fid/inception-2015-12-05.pt").resolve() == blob.resolve()
+    with pytest.raises(WeightsMissingError, match="hf download me/fid pt_inception.pth"):
+        resolve_inception_weights("hf://me/fid/pt_inception.pth", mode="legacy_pytorch")
+    with pytest.raises(WeightsMissingError, match="no known Hugging Face Hub location"):
+        resolve_inception_weights("hub")
+    lp = add_hub_file(hub, "me/lpips", "vgg.pth", b"heads", commit=C_MAIN)
+    assert LPIPS._find_lpips_file(Path("hf://me/lpips/vgg.pth")).resolve() == lp.resolve()
+    with pytest.raises(WeightsMissingError, match="hf download timm/vgg16.tv_in1k model.safetensors"):
+        LPIPS._find_vgg_file("hub")

@@ -391,6 +391,72 @@ def is_cached(entry: ModelEntry) -> bool:
     return isinstance(hit, str) and os.path.isfile(hit)
 
 
+# ------------------------------------------------------------------------------------------------ backbone weights
+
+#: value of a weights setting (``loss.semantic_weights=hub`` ...) that means "timm's Hub repository of this backbone"
+HUB_KEYWORD = "hub"
+#: files looked for, in order, in a timm Hub repository
+TIMM_HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _timm_hub_repo(model_name: str) -> Optional[Tuple[str, Optional[str], Tuple[str, ...]]]:
+    """(repo, revision, candidate files) of timm's pretrained config for ``model_name``; None when it has none."""
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except Exception:  # noqa: BLE001 - unknown name / tag
+        return None
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return None
+    repo, _, rev = hub_id.partition("@")
+    first = getattr(cfg, "hf_hub_filename", None)
+    files = tuple(dict.fromkeys([f for f in (first, *TIMM_HUB_FILES) if f]))
+    return repo, rev or None, files
+
+
+def resolve_weights_reference(value: Optional[PathLike], *, label: str, model_name: Optional[str] = None) -> Optional[Path]:
+    """Local file for a backbone weights setting that is ``hub`` or ``hf://OWNER/REPO/FILE``; None for anything else.
+
+    ``hub`` uses timm's Hub repository of `model_name` (DINOv2, CLIP, ...). Files come through the Hub cache exactly like
+    checkpoints (offline rules, integrity check). Raises :class:`~xqtool.errors.WeightsMissingError` when the file is not
+    available (the message carries the download command) or `label` has no known Hub location.
+    """
+    from xqtool.errors import WeightsMissingError
+
+    if value is None:
+        return None
+    text = os.fspath(value).strip()
+    if text.lower() == HUB_KEYWORD:
+        loc = _timm_hub_repo(model_name) if model_name else None
+        if loc is None:
+            raise WeightsMissingError(f"{label} weights have no known Hugging Face Hub location: give "
+                                      "hf://OWNER/REPO/FILE or a local file instead of 'hub'")
+        repo, rev, files = loc
+        first_miss: Optional[ModelNotCachedError] = None
+        for name in files:
+            ref = HubRef(repo=repo, path=name, revision=rev)
+            try:
+                return fetch_file(ref)
+            except ModelNotCachedError as exc:
+                first_miss = first_miss or exc
+            except CheckpointError as exc:
+                if "corrupted" in str(exc) or "empty" in str(exc):
+                    raise
+        raise WeightsMissingError(f"{label} weights: {first_miss}" if first_miss else
+                                  f"{label} weights: none of {', '.join(files)} in hf://{repo}")
+    if not _HF_PREFIX.match(text):
+        return None
+    ref = _parse_hf(text)
+    if not ref.path:
+        raise WeightsMissingError(f"{label} weights: '{text}' names a repository, not a file (hf://OWNER/REPO/FILE)")
+    try:
+        return fetch_file(ref)
+    except ModelNotCachedError as exc:
+        raise WeightsMissingError(f"{label} weights: {exc}") from None
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 
 
@@ -417,4 +483,5 @@ def resolve_checkpoint(ref: PathLike, kind: Optional[str] = None,
 
 __all__ = ["ModelEntry", "HubRef", "ModelNotCachedError", "list_models", "find_model", "parse_reference",
            "resolve_checkpoint", "fetch_file", "fetch_checkpoint_dir", "verify_cached_file", "download_command",
-           "hub_cache_dir", "is_offline", "is_cached", "registry_files", "REGISTRY_ENV"]
+           "hub_cache_dir", "is_offline", "is_cached", "registry_files", "REGISTRY_ENV",
+           "resolve_weights_reference", "HUB_KEYWORD"]

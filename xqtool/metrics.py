@@ -307,7 +307,7 @@ def _default_cache_dirs() -> list[Path]:
 def resolve_inception_weights(weights: Optional[Union[str, os.PathLike]] = None, mode: str = "clean") -> Path:
     """Find the local Inception file for `mode` without touching the network.
 
-    Order: `weights` (file, or a folder holding the file) → ``$XQTOOL_INCEPTION_WEIGHTS`` → clean-fid's cache
+    Order: `weights` (file, a folder holding the file, or ``hf://OWNER/REPO/FILE``) → ``$XQTOOL_INCEPTION_WEIGHTS`` → clean-fid's cache
     (``/tmp/inception-2015-12-05.pt``) → torch hub cache (``~/.cache/torch/hub/checkpoints``) →
     ``~/.cache/xqtool``. ``clean`` / ``legacy_tensorflow`` need the TorchScript file
     ``inception-2015-12-05.pt``; ``legacy_pytorch`` needs pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``.
@@ -316,6 +316,11 @@ def resolve_inception_weights(weights: Optional[Union[str, os.PathLike]] = None,
         raise ConfigError(f"unknown FID mode '{mode}': use one of {', '.join(FID_MODES)}")
     fname = PYTORCH_INCEPTION_NAME if mode == "legacy_pytorch" else TORCHSCRIPT_INCEPTION_NAME
     explicit = weights if weights is not None else os.environ.get(INCEPTION_ENV) or None
+    from xqtool.hub import resolve_weights_reference  # hf://OWNER/REPO/FILE through the Hub cache
+
+    hub_file = resolve_weights_reference(explicit, label=f"Inception ({fname})")
+    if hub_file is not None:
+        return hub_file
     if explicit is not None:
         p = Path(explicit).expanduser()
         if p.is_dir():

@@ -87,7 +87,7 @@ def train_tokenizer_cmd(
 
 def finetune_cmd(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML with the loss/data/train settings."),
-    from_: Path = typer.Option(..., "--from", exists=True, help="xqtool checkpoint dir or official XQ-GAN .pt."),
+    from_: Path = typer.Option(..., "--from", help="xqtool checkpoint dir, official XQ-GAN .pt, registry name or hf:// reference."),
     enc: Optional[str] = typer.Option(None, "--enc", help="Encoder: full | lora | frozen (default from config)."),
     dec: Optional[str] = typer.Option(None, "--dec", help="Decoder: full | lora | frozen (default from config)."),
     freeze_codebook: bool = typer.Option(False, "--freeze-codebook", help="Keep codebooks, phi convs and quant_conv fixed so token ids keep their meaning."),

@@ -8,13 +8,14 @@ over space and summed over the five layers.
 
 Weights are loaded, in this order, from:
 
-1. ``weights=`` (a file or a folder), else ``$XQTOOL_LPIPS_WEIGHTS``;
+1. ``weights=`` (a file, a folder or ``hf://OWNER/REPO/FILE``), else ``$XQTOOL_LPIPS_WEIGHTS``;
 2. the cache: ``~/.cache/xqtool/lpips/`` (``lpips_vgg.safetensors``/``lpips_vgg.pth`` = full module,
    or ``vgg.pth`` = LPIPS v0.1 heads), the installed ``lpips`` package's ``weights/v0.1/vgg.pth``.
 
 A file may hold the full module (keys ``features.*``/``net.sliceK.*`` and ``lin*``) or only the heads
 (official ``vgg.pth``: ``lin{k}.model.1.weight``); in the latter case the ImageNet VGG16 backbone comes from
-``vgg_weights=``, ``$XQTOOL_VGG16_WEIGHTS`` or the torch hub cache (``vgg16-397923af.pth``).
+``vgg_weights=``, ``$XQTOOL_VGG16_WEIGHTS`` (also ``hub`` = timm's ``vgg16.tv_in1k`` or ``hf://...``) or the torch hub
+cache (``vgg16-397923af.pth``).
 When nothing is found, :class:`~xqtool.errors.WeightsMissingError` says where to put the files, unless
 ``allow_random=True`` (tests), which keeps random weights and logs a warning.
 """
@@ -39,6 +40,7 @@ PathLike = Union[str, os.PathLike]
 LPIPS_ENV = "XQTOOL_LPIPS_WEIGHTS"
 VGG_ENV = "XQTOOL_VGG16_WEIGHTS"
 VGG_HUB_NAME = "vgg16-397923af.pth"
+VGG_TIMM_NAME = "vgg16.tv_in1k"  # timm's Hub copy of torchvision's VGG16 (same features.* keys)
 CHANNELS = (64, 128, 256, 512, 512)
 # indices of the last module (inclusive) of each slice in torchvision's vgg16().features
 _SLICE_ENDS = (3, 8, 15, 22, 29)
@@ -165,6 +167,11 @@ class LPIPS(nn.Module):
     @staticmethod
     def _find_lpips_file(weights: Optional[PathLike]) -> Optional[Path]:
         explicit = weights if weights is not None else os.environ.get(LPIPS_ENV) or None
+        from xqtool.hub import resolve_weights_reference  # hf://OWNER/REPO/FILE through the Hub cache
+
+        hub_file = resolve_weights_reference(explicit, label="LPIPS")
+        if hub_file is not None:
+            return hub_file
         if explicit is not None:
             p = Path(explicit).expanduser()
             if p.is_dir():
@@ -188,6 +195,11 @@ class LPIPS(nn.Module):
     @staticmethod
     def _find_vgg_file(vgg_weights: Optional[PathLike]) -> Optional[Path]:
         explicit = vgg_weights if vgg_weights is not None else os.environ.get(VGG_ENV) or None
+        from xqtool.hub import resolve_weights_reference  # 'hub' = timm's vgg16.tv_in1k (torchvision weights)
+
+        hub_file = resolve_weights_reference(explicit, label="VGG16", model_name=VGG_TIMM_NAME)
+        if hub_file is not None:
+            return hub_file
         if explicit is not None:
             p = Path(explicit).expanduser()
             if p.is_dir():

@@ -1,6 +1,7 @@
-"""Loading pretrained ViT backbone weights (DINOv2, CLIP, DINO discriminator) — never downloaded.
+"""Loading pretrained ViT backbone weights (DINOv2, CLIP, DINO discriminator) — downloaded only when asked (``hub``).
 
-Source order (DESIGN "Pretrained backbones"): explicit path → environment variable → the local Hugging Face hub /
+Source order (DESIGN "Pretrained backbones"): explicit path (or ``hub`` / ``hf://OWNER/REPO/FILE``, fetched through the
+Hugging Face cache, see :mod:`xqtool.hub`) → environment variable (same forms) → the local Hugging Face hub /
 timm (torch hub) cache, read strictly offline → :class:`~xqtool.errors.WeightsMissingError` saying how to provide them.
 
 Original DINOv2 weights (patch 14, 37×37 grid) are adapted to a patch-16 / 16×16 model with timm's
@@ -92,9 +93,15 @@ def resolve_weights(
 ) -> tuple[Optional[Path], str]:
     """Find the weights file: (path or None, where it came from).
 
-    An explicit ``source`` or a set ``env_var`` that points nowhere raises WeightsMissingError (a user mistake).
+    ``source`` / ``$env_var`` may also be ``hub`` (timm's Hub repository of `model_name`, through the Hugging Face
+    cache) or ``hf://OWNER/REPO/FILE`` (:func:`xqtool.hub.resolve_weights_reference`). An explicit ``source`` or a set ``env_var`` that points nowhere raises WeightsMissingError (a user mistake).
     """
+    from xqtool.hub import resolve_weights_reference
+
     if source:
+        hub_file = resolve_weights_reference(source, label=model_name, model_name=model_name)
+        if hub_file is not None:
+            return hub_file, "hub"
         found = _file_in(Path(source).expanduser())
         if found is None:
             raise WeightsMissingError(
@@ -104,6 +111,9 @@ def resolve_weights(
         return found, "path"
     env_value = os.environ.get(env_var, "").strip()
     if env_value:
+        hub_file = resolve_weights_reference(env_value, label=model_name, model_name=model_name)
+        if hub_file is not None:
+            return hub_file, env_var
         found = _file_in(Path(env_value).expanduser())
         if found is None:
             raise WeightsMissingError(

@@ -48,12 +48,16 @@ def teacher_spec(kind: str) -> TeacherSpec:
 def teacher_weights_available(kind: str, weights: Optional[PathLike] = None, model_name: Optional[str] = None) -> bool:
     """True when weights for teacher ``kind`` can be found offline (explicit path, env var, or local cache).
 
-    Lets the trainer fail before training starts; builds no model and reads no weights.
+    Lets the trainer fail before training starts; builds no model and reads no weights. With ``weights='hub'`` (or
+    ``hf://...``) the file is fetched into the Hugging Face cache and a miss raises WeightsMissingError with the download
+    command instead of returning False.
     """
     spec = teacher_spec(kind)
     try:
         path, _ = resolve_weights(model_name or spec.model_name, weights, spec.env_var)
     except WeightsMissingError:
+        if weights is not None and str(weights).strip().lower().startswith(("hub", "hf:")):
+            raise  # asked for the Hub: its message carries the download command
         return False
     return path is not None
 
