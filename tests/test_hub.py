@@ -141,7 +141,7 @@ def test_injected_registry_entry_checks_size_and_kind(hub, tmp_path, monkeypatch
     assert _same(load_tokenizer("tiny"), state)
     with pytest.raises(CheckpointError, match=rf"TINY-WRONG-SIZE .*has {len(data)} bytes, the registry says {len(data) + 1}"):
         load_tokenizer("TINY-WRONG-SIZE")
-    with pytest.raises(CheckpointError, match="TINY is a tokenizer .*not a var"):
+    with pytest.raises(CheckpointError, match="TINY is a tokenizer .*not a VAR generator"):
         load_var("TINY")
     with pytest.raises(CheckpointError, match="VAR-d17 is a VAR generator .*--var.*not a tokenizer"):
         load_tokenizer("VAR-d17")

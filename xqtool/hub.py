@@ -290,7 +290,7 @@ def _download(ref: HubRef, filename: str) -> Path:
         path = hf_hub_download(ref.repo, filename, revision=ref.revision, cache_dir=hub_cache_dir(),
                                local_files_only=offline, library_name="xqtool")
     except LocalEntryNotFoundError:
-        raise _not_cached(ref, "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached") from None
+        raise _not_cached(ref, "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (HF_HUB_OFFLINE=1 skips the network)") from None
     except _hub_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{ref.label}: {type(exc).__name__}: {first[:200]}") from None
@@ -361,7 +361,7 @@ def fetch_checkpoint_dir(ref: HubRef) -> Path:
                                  allow_patterns=[prefix + f for f in XQTOOL_DIR_FILES],
                                  local_files_only=offline, library_name="xqtool")
     except LocalEntryNotFoundError:
-        raise _not_cached(ref, "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached") from None
+        raise _not_cached(ref, "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (HF_HUB_OFFLINE=1 skips the network)") from None
     except _hub_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{ref.label}: {type(exc).__name__}: {first[:200]}") from None
@@ -474,10 +474,13 @@ def resolve_checkpoint(ref: PathLike, kind: Optional[str] = None,
         return local
     hub = parse_reference(ref, registry)
     if hub is None:
-        return local  # the loaders report "not found" for a path
+        what = {"tokenizer": "tokenizer ", "var": "VAR "}.get(kind or "", "")
+        raise CheckpointError(f"{what}checkpoint not found: {os.fspath(ref)} (not a file or directory here, not a "
+                              "registry name (`xqtool models` lists them), not hf://OWNER/REPO/PATH)")
     if hub.entry is not None and kind is not None and hub.entry.kind != kind:
         other = {"var": "a VAR generator (pass it as --var)", "tokenizer": "a tokenizer (pass it as --tokenizer)"}
-        raise CheckpointError(f"{hub.entry.name} is {other[hub.entry.kind]}, not a {kind}")
+        wanted = {"var": "VAR generator", "tokenizer": "tokenizer"}[kind]
+        raise CheckpointError(f"{hub.entry.name} is {other[hub.entry.kind]}, not a {wanted}")
     return fetch_file(hub) if hub.is_file else fetch_checkpoint_dir(hub)
 
 
