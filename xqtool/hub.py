@@ -266,6 +266,10 @@ def download_command(ref: HubRef) -> str:
     return cmd
 
 
+_WHY_OFFLINE = "HF_HUB_OFFLINE is set"
+_WHY_UNREACHABLE = "the Hub cannot be reached (HF_HUB_OFFLINE=1 skips the network)"
+
+
 def _not_cached(ref: HubRef, why: str) -> ModelNotCachedError:
     return ModelNotCachedError(
         f"{ref.label} is not in the Hugging Face cache {hub_cache_dir()} and {why}: run `{download_command(ref)}` "
@@ -290,7 +294,7 @@ def _download(ref: HubRef, filename: str) -> Path:
         path = hf_hub_download(ref.repo, filename, revision=ref.revision, cache_dir=hub_cache_dir(),
                                local_files_only=offline, library_name="xqtool")
     except LocalEntryNotFoundError:
-        raise _not_cached(ref, "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (HF_HUB_OFFLINE=1 skips the network)") from None
+        raise _not_cached(ref, _WHY_OFFLINE if offline else _WHY_UNREACHABLE) from None
     except _hub_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{ref.label}: {type(exc).__name__}: {first[:200]}") from None
@@ -361,7 +365,7 @@ def fetch_checkpoint_dir(ref: HubRef) -> Path:
                                  allow_patterns=[prefix + f for f in XQTOOL_DIR_FILES],
                                  local_files_only=offline, library_name="xqtool")
     except LocalEntryNotFoundError:
-        raise _not_cached(ref, "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (HF_HUB_OFFLINE=1 skips the network)") from None
+        raise _not_cached(ref, _WHY_OFFLINE if offline else _WHY_UNREACHABLE) from None
     except _hub_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{ref.label}: {type(exc).__name__}: {first[:200]}") from None
@@ -371,7 +375,7 @@ def fetch_checkpoint_dir(ref: HubRef) -> Path:
     missing = [f for f in XQTOOL_DIR_FILES[:2] if not (folder / f).is_file()]
     if missing:
         if offline:
-            raise _not_cached(ref, "HF_HUB_OFFLINE is set")
+            raise _not_cached(ref, _WHY_OFFLINE)
         raise CheckpointError(f"{ref.label} is not an xqtool checkpoint directory (no {', '.join(missing)}); "
                               "for a single file give its path: hf://OWNER/REPO/PATH/FILE.pt")
     for f in XQTOOL_DIR_FILES:
