@@ -271,3 +271,22 @@ def test_inception_and_lpips_weights_by_hf_reference(hub) -> None:
     assert LPIPS._find_lpips_file(Path("hf://me/lpips/vgg.pth")).resolve() == lp.resolve()
     with pytest.raises(WeightsMissingError, match="hf download timm/vgg16.tv_in1k model.safetensors"):
         LPIPS._find_vgg_file("hub")
+
+
+def test_hf_hub_cache_wins_over_hf_home_and_var_dirs_load_by_hf_reference(hub, tmp_path, monkeypatch) -> None:
+    from xqtool.config_var import VARModelConfig
+    from xqtool.models.var import VAR
+    from xqtool.var_checkpoint import save_var
+
+    other = tmp_path / "elsewhere"
+    cfg = VARModelConfig(depth=2, width=64, num_heads=2, num_classes=10, patch_nums=(1, 1, 2, 3), codebook_size=16,
+                         num_branches=2, branch_dim=4)
+    var = VAR(cfg)
+    local = save_var(tmp_path / "var-last", var)
+    for f in sorted(os.listdir(local)):
+        add_hub_file(other, "me/tiny-var", f, (local / f).read_bytes(), commit=C_MAIN, lfs=f != "config.yaml")
+    with pytest.raises(ModelNotCachedError, match=str(hub)):
+        load_var("hf://me/tiny-var")  # HF_HOME's cache does not have it
+    monkeypatch.setenv("HF_HUB_CACHE", str(other))
+    loaded, info = load_var("hf://me/tiny-var")
+    assert info["format"] == "xqtool" and torch.equal(loaded.head.weight, var.head.weight)
