@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -106,13 +107,12 @@ def test_schedule_groups_and_labels() -> None:
 def test_cli_train_then_sample_batch_size_invariant(tiny_data, tmp_path: Path) -> None:
     root, _ = tiny_data
     runner = CliRunner()
-    res = runner.invoke(app, ["train-var", str(TINY_VAR), "--tokens", str(root / "train.npy"), "--tokenizer",
-                              str(root / "tok"), "--set", "train.max_steps=2", "--set",
-                              f"train.results_dir={tmp_path / 'run'}", "--cpu"])
+    res = runner.invoke(app, ["train-var", str(TINY_VAR), "--tokens", str(root / "train.npy"), "-t",
+                              str(root / "tok"), "--max-steps", "2", "-o", str(tmp_path / "run"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     var_dir = tmp_path / "run" / "var-last"
-    common = ["sample", "--ckpt", str(var_dir), "--tokenizer", str(root / "tok"), "--classes", "1,3",
-              "--per-class", "2", "--top-k", "20", "--cfg", "2.0", "--seed", "7", "--cpu"]
+    common = ["sample", "--var", str(var_dir), "-t", str(root / "tok"), "--classes", "1,3",
+              "--per-class", "2", "--top-k", "20", "--cfg", "2.0", "--seed", "7", "--device", "cpu"]
     res4 = runner.invoke(app, common + ["-b", "4", "--npz", str(tmp_path / "a.npz"), "-o", str(tmp_path / "png"),
                                         "--grid", str(tmp_path / "grid.png")])
     assert res4.exit_code == 0, res4.output
@@ -126,11 +126,42 @@ def test_cli_train_then_sample_batch_size_invariant(tiny_data, tmp_path: Path) -
     # MKL instead of packed oneDNN linears: the same images up to float rounding of the logits
     plain = np.load(tmp_path / "p.npz")["arr_0"]
     assert plain.shape == a.shape and np.mean(plain == a) > 0.9
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{i:06d}.png" for i in range(4)]
-    assert (tmp_path / "grid.png").stat().st_size > 0
-    bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "nope"), "--tokenizer", str(root / "tok"),
+    # files named by class and index within the class; PNG i is image i of the npz
+    names = ["class0001_000000.png", "class0001_000001.png", "class0003_000000.png", "class0003_000001.png"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == names
+    for i, name in enumerate(names):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / name).convert("RGB")), a[i])
+    # the grid has one row per class: 2 classes x 2 images of 32 px with 2 px padding
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert grid.shape == (2 * 34 + 2, 2 * 34 + 2, 3)
+    assert np.array_equal(grid[36:68, 2:34], a[2]) and np.array_equal(grid[2:34, 36:68], a[1])
+    bad = runner.invoke(app, ["sample", "--var", str(tmp_path / "nope"), "-t", str(root / "tok"),
                               "-n", "2", "--npz", str(tmp_path / "c.npz")])
     assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_train_var_records_classes_and_sample_warns_for_unseen(tiny_data, tmp_path: Path) -> None:
+    """train-var writes the class ids that occurred (labels 0..4 only here); sample warns for class 7."""
+    import yaml
+
+    root, tok = tiny_data
+    tokens = tok.encode(to_tensor(photo_crops(8, 32, seed=4)))
+    labels = [i % 5 for i in range(8)]  # classes 0..4 of the model's 10
+    manifest = TokenManifest.from_tokenizer(tok, labels=labels, keys=[f"k{i}" for i in range(8)])
+    write_tokens(tmp_path / "five.npy", tokens.numpy(), manifest)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train-var", str(TINY_VAR), "--tokens", str(tmp_path / "five.npy"), "-t",
+                              str(root / "tok"), "--max-steps", "3", "-o", str(tmp_path / "run"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    conf = yaml.safe_load((tmp_path / "run" / "var-last" / "config.yaml").read_text())
+    assert conf["classes_seen"] == [0, 1, 2, 3, 4]  # 3 steps x batch 8 covers the 8 rows
+    common = ["sample", "--var", str(tmp_path / "run" / "var-last"), "-t", str(root / "tok"), "--per-class", "1",
+              "--top-k", "5", "--device", "cpu", "--npz", str(tmp_path / "s.npz")]
+    warned = runner.invoke(app, common + ["--classes", "1,7"])
+    assert warned.exit_code == 0, warned.output
+    assert "class(es) 7 never occurred" in " ".join(warned.output.split())
+    quiet = runner.invoke(app, common + ["--classes", "1,4"])
+    assert quiet.exit_code == 0 and "never occurred" not in quiet.output
 
 
 def test_trains_from_token_shards_and_from_images(tiny_data, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Dict, Optional, Sequence, TypeVar
 
 import typer
 from rich.console import Console
@@ -32,6 +32,31 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def add_command(app: typer.Typer, fn: Callable[..., Any], name: str, **kwargs: Any) -> None:
-    """Register `fn` as subcommand `name` of `app`, wrapped with :func:`user_errors`."""
-    app.command(name, **kwargs)(user_errors(fn))
+def add_command(app: typer.Typer, fn: Callable[..., Any], name: str,
+                aliases: Optional[Dict[str, Sequence[str]]] = None, **kwargs: Any) -> None:
+    """Register `fn` as subcommand `name` of `app`, wrapped with :func:`user_errors`.
+
+    `aliases` maps deprecated option spellings to their replacement (see :class:`xqtool.cli.options.AliasCommand`).
+    """
+    from xqtool.cli.options import alias_command
+
+    app.command(name, cls=alias_command(aliases or {}), **kwargs)(user_errors(fn))
+
+
+def run_facts(precision: Any, device: Any = None) -> str:
+    """'world size N, device D, precision P' of the run that just finished (for final summaries).
+
+    World size and device come from Accelerate's process state (what the task actually used); `device` overrides
+    the device when the task picked its own.
+    """
+    world, dev = 1, device
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()
+        world = state.num_processes
+        dev = dev if dev is not None else state.device
+    except Exception:  # pragma: no cover - accelerate is a dependency
+        pass
+    prec = getattr(precision, "value", precision)
+    return f"world size {world}, device {dev if dev is not None else 'cpu'}, precision {prec}"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import typer
+from typing_extensions import Annotated
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,7 +20,20 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from xqtool.cli._common import add_command, console
+from xqtool.cli._common import add_command, console, run_facts
+from xqtool.cli.options import (
+    DEFAULT_NUM_WORKERS,
+    BatchSize,
+    Device,
+    NumWorkers,
+    Precision,
+    PrecisionOpt,
+    Tokenizer,
+    TokenizerConfigOpt,
+    output_option,
+    resolve_device,
+    warn_deprecated,
+)
 from xqtool.errors import ConfigError
 
 _MAX_LISTED = 10
@@ -37,22 +49,50 @@ class _RateColumn(ProgressColumn):
 
 @contextmanager
 def _progress(label: str, enabled: bool = True) -> Iterator[Tuple[Callable[[Optional[int]], None], Callable[[int], None]]]:
-    """Yield (on_start(total), advance(n)) driving a rich progress bar (no-ops when disabled)."""
+    """Yield (on_start(total), advance(n)) driving a progress display (no-ops when disabled).
+
+    Nothing is shown before ``on_start``: tasks call it after their argument checks, so an error is never
+    preceded by a stale "0/?" bar. On a terminal: a live rich bar. Otherwise (piped, cluster log): one plain
+    line at every tenth of the work and at the end.
+    """
     if not enabled:
         yield (lambda total: None), (lambda n: None)
         return
+    state: Dict[str, object] = {"prog": None, "task": None, "done": 0, "total": None, "next": 0.1}
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as prog:
-        task = prog.add_task(label, total=None)
 
-        def on_start(total: Optional[int]) -> None:
-            prog.update(task, total=total)
+    def on_start(total: Optional[int]) -> None:
+        state["total"] = total
+        if console.is_terminal and state["prog"] is None:
+            prog = Progress(*columns, console=console, transient=False)
+            prog.start()
+            state["prog"], state["task"] = prog, prog.add_task(label, total=total)
+        elif state["prog"] is not None:
+            state["prog"].update(state["task"], total=total)  # type: ignore[attr-defined]
 
-        def advance(n: int) -> None:
-            prog.advance(task, n)
+    def advance(n: int) -> None:
+        state["done"] = int(state["done"]) + n  # type: ignore[call-overload]
+        if state["prog"] is None and console.is_terminal:  # tasks without on_start: the first item starts it
+            on_start(state["total"])  # type: ignore[arg-type]
+        if state["prog"] is not None:
+            state["prog"].advance(state["task"], n)  # type: ignore[attr-defined]
+            return
+        total = state["total"]
+        if total:
+            frac = int(state["done"]) / int(total)  # type: ignore[call-overload]
+            if frac + 1e-9 >= float(state["next"]):  # type: ignore[arg-type]
+                console.print(f"{label}: {state['done']}/{total} ({100 * frac:.0f}%)", highlight=False)
+                while float(state["next"]) <= frac + 1e-9:  # type: ignore[arg-type]
+                    state["next"] = float(state["next"]) + 0.1  # type: ignore[arg-type]
 
+    try:
         yield on_start, advance
+    finally:
+        if state["prog"] is not None:
+            state["prog"].stop()  # type: ignore[attr-defined]
+        elif not state["total"] and state["done"]:
+            console.print(f"{label}: {state['done']} done", highlight=False)
 
 
 def _print_skipped(skipped: Dict[str, str], where: Optional[Path]) -> None:
@@ -75,38 +115,37 @@ def _is_main() -> bool:
 
 
 def encode(
-    source: str = typer.Argument(..., help="Images: class-tree or flat folder, .txt list, image file, or WebDataset shards (path, {000..127} pattern, http(s)://, pipe:)."),
-    output: Path = typer.Option(..., "--output", "-o", help="X.npy (one [N, P, L] array + X.npy.json) or a folder (token shards + manifest.json)."),
-    ckpt: Path = typer.Option(..., "--ckpt", help="Tokenizer checkpoint: xqtool directory or official .pt."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Tokenizer YAML (default: the checkpoint's own)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass (per process)."),
-    num_workers: int = typer.Option(
-        min(4, os.cpu_count() or 1), "--num-workers", "-j", min=0, help="DataLoader worker processes (default: min(4, CPUs))."
-    ),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: Accelerate's device)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (autocast)."),
-    flip: bool = typer.Option(False, "--flip", help="Also encode the horizontally flipped image (rows k, k@flip)."),
-    ten_crop: bool = typer.Option(False, "--ten-crop", help="Encode 10 crops per image (rows k@crop0..k@crop9)."),
-    bad_files: str = typer.Option("skip", "--bad-files", help="skip (report in OUT's skipped.txt) | fail (stop at the first)."),
-    unit_size: int = typer.Option(1000, "--unit-size", min=1, help="Files per resumable work unit (folder/list sources)."),
+    source: Annotated[str, typer.Argument(help="Images: class-tree or flat folder, .txt list, image file, or WebDataset shards (path, {000..127} pattern, http(s)://, pipe:).")],
+    output: Annotated[str, output_option("X.npy (one [N, P, L] array + X.npy.json) or DIR/ (token shards + manifest.json; trailing slash or an existing folder).")],
+    tokenizer: Tokenizer,
+    config: TokenizerConfigOpt = None,
+    batch_size: BatchSize = 32,
+    num_workers: NumWorkers = DEFAULT_NUM_WORKERS,
+    device: Device = None,
+    precision: PrecisionOpt = Precision.fp32,
+    flip: Annotated[bool, typer.Option("--flip", help="Also encode the horizontally flipped image (rows k, k@flip).")] = False,
+    ten_crop: Annotated[bool, typer.Option("--ten-crop", help="Encode 10 crops per image (rows k@crop0..k@crop9).")] = False,
+    bad_files: Annotated[str, typer.Option("--bad-files", help="skip (report in OUT's skipped.txt) | fail (stop at the first).")] = "skip",
+    unit_size: Annotated[int, typer.Option("--unit-size", min=1, help="Files per resumable work unit (folder/list sources).")] = 1000,
 ) -> None:
     """Encode images into token ids, streaming (memory bounded by the batch) and resumable.
 
     Multi-GPU: [bold]accelerate launch -m xqtool encode ...[/] (each process encodes its share of the work units,
     the main process merges). Re-running an interrupted command keeps the finished units.
 
-    Example: [bold]xqtool encode imgs/ -o tokens.npy --ckpt runs/tiny-cnn/best[/]
+    Example: [bold]xqtool encode runs/demo_images/val -o runs/tokens/val.npy -t runs/tiny-cnn/best[/]
     """
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import encode_images, token_output_path
 
     if flip and ten_crop:
         raise ConfigError("choose one of --flip and --ten-crop")
+    out_path = token_output_path(output)
     augmentation = "flip" if flip else "ten-crop" if ten_crop else "none"
     main = _is_main()
     with _progress("encoding", enabled=main) as (on_start, advance):
         result = encode_images(
-            source, output, ckpt=ckpt, config=config, batch_size=batch_size, num_workers=num_workers,
-            device=device, precision=precision, augmentation=augmentation, bad_files=bad_files,
+            source, out_path, ckpt=tokenizer, config=config, batch_size=batch_size, num_workers=num_workers,
+            device=device, precision=precision.value, augmentation=augmentation, bad_files=bad_files,
             unit_size=unit_size, progress=advance, on_start=on_start,
         )
     if not main or result.manifest is None:
@@ -120,58 +159,68 @@ def encode(
         f"encoded {result.count if result.units_resumed == 0 else 'the remaining'} images in {result.seconds:.1f}s "
         f"({result.images_per_s:,.1f} images/s); work units {result.units_total}, resumed {result.units_resumed}"
     )
+    console.print(f"ran on: {run_facts(precision, device)}; output: {result.output}")
     _print_skipped(result.skipped, result.skipped_file)
 
 
 def decode(
-    tokens: Path = typer.Argument(..., help="Token file (.npy with its .npy.json) or token-shard folder from `xqtool encode`."),
-    out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the PNGs (named after the source keys)."),
-    ckpt: Path = typer.Option(..., "--ckpt", help="The tokenizer checkpoint that encoded the tokens."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Tokenizer YAML (default: the checkpoint's own)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda when available)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (autocast)."),
-    progressive: bool = typer.Option(False, "--progressive", help="Also write KEY.progressive.png: columns = scales, rows = all branches then each branch alone."),
+    tokens: Annotated[Path, typer.Argument(help="Token file (.npy with its .npy.json) or token-shard folder from `xqtool encode`.")],
+    output: Annotated[Path, output_option("Folder for the PNGs (named after the source keys).")],
+    tokenizer: Tokenizer,
+    config: TokenizerConfigOpt = None,
+    batch_size: BatchSize = 32,
+    device: Device = None,
+    precision: PrecisionOpt = Precision.fp32,
+    progressive: Annotated[bool, typer.Option("--progressive", help="Also write KEY.progressive.png: columns = scales, rows = all branches then each branch alone.")] = False,
 ) -> None:
     """Decode token ids back to PNG images.
 
     Refuses tokens whose manifest does not match the tokenizer (names the differing field).
 
-    Example: [bold]xqtool decode tokens.npy -o recon/ --ckpt runs/tiny-cnn/best --progressive[/]
+    Example: [bold]xqtool decode runs/tokens/val.npy -o runs/recon -t runs/tiny-cnn/best --progressive[/]
     """
     from xqtool.tasks.decode import decode_tokens
 
     with _progress("decoding") as (on_start, advance):
         result = decode_tokens(
-            tokens, out_dir, ckpt=ckpt, config=config, batch_size=batch_size, device=device,
-            precision=precision, progressive=progressive, progress=advance, on_start=on_start,
+            tokens, output, ckpt=tokenizer, config=config, batch_size=batch_size, device=device,
+            precision=precision.value, progressive=progressive, progress=advance, on_start=on_start,
         )
     extra = f" (+ {len(result.progressive_files)} progressive strips)" if progressive else ""
     console.print(f"[green]wrote[/] {result.count} PNGs to {result.out_dir}{extra}")
+    console.print(f"ran on: {run_facts(precision, resolve_device(device))}")
 
 
 def make_shards_cmd(
-    source: str = typer.Argument(..., help="Any image source (folder, class tree, .txt list, image, shards)."),
-    out_dir: Path = typer.Argument(..., help="Output folder for PREFIX-000000.tar ... + shards.json."),
-    maxcount: int = typer.Option(1000, "--maxcount", min=1, help="Samples per shard."),
-    image_format: str = typer.Option("jpg", "--format", help="jpg (quality --quality) or png (lossless)."),
-    quality: int = typer.Option(95, "--quality", min=1, max=100, help="JPEG quality."),
-    prefix: str = typer.Option("shard", "--prefix", help="Shard file name prefix."),
-    bad_files: str = typer.Option("skip", "--bad-files", help="skip | fail."),
-    nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes that will read the shards (for the too-few-shards warning)."),
-    workers: int = typer.Option(4, "--workers", min=1, help="DataLoader workers per node that will read them."),
+    source: Annotated[str, typer.Argument(help="Any image source (folder, class tree, .txt list, image, shards).")],
+    legacy_out: Annotated[Optional[Path], typer.Argument(hidden=True, help="Deprecated: use -o/--output.")] = None,
+    output: Annotated[Optional[Path], output_option("Output folder for PREFIX-000000.tar ... + shards.json.")] = None,
+    maxcount: Annotated[int, typer.Option("--maxcount", min=1, help="Samples per shard.")] = 1000,
+    image_format: Annotated[str, typer.Option("--format", help="jpg (quality --quality) or png (lossless).")] = "jpg",
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")] = 95,
+    prefix: Annotated[str, typer.Option("--prefix", help="Shard file name prefix.")] = "shard",
+    bad_files: Annotated[str, typer.Option("--bad-files", help="skip | fail.")] = "skip",
+    nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes that will read the shards (for the too-few-shards warning).")] = 1,
+    reader_workers: Annotated[int, typer.Option("--reader-workers", min=1, help="DataLoader workers per node that will read them (for the same warning).")] = 4,
 ) -> None:
     """Pack images into WebDataset shards (jpg/png + cls + json with original size and path).
 
-    Example: [bold]xqtool make-shards train/ shards/ --maxcount 1000[/], then
-    [bold]xqtool encode 'shards/shard-{000000..000127}.tar' -o tokens/ --ckpt CKPT[/]
+    Example: [bold]xqtool make-shards runs/demo_images/train -o runs/shards --maxcount 100[/], then
+    [bold]xqtool encode 'runs/shards/shard-{000000..000003}.tar' -o runs/tokens/ -t CKPT[/]
     """
     from xqtool.tasks.make_shards import make_shards
 
+    if legacy_out is not None:
+        if output is not None:
+            raise ConfigError("give the output folder once: -o/--output DIR")
+        warn_deprecated("the positional output folder", "-o/--output DIR")
+        output = legacy_out
+    if output is None:
+        raise ConfigError("missing -o/--output DIR (the folder for the shards)")
     with _progress("packing") as (on_start, advance):
         result = make_shards(
-            source, out_dir, maxcount=maxcount, image_format=image_format, quality=quality, prefix=prefix,
-            bad_files=bad_files, nodes=nodes, workers=workers, progress=advance,
+            source, output, maxcount=maxcount, image_format=image_format, quality=quality, prefix=prefix,
+            bad_files=bad_files, nodes=nodes, workers=reader_workers, progress=advance,
         )
     console.print(f"[green]wrote[/] {len(result.shards)} shards with {result.count} images to {result.out_dir}")
     if result.shards:
@@ -184,6 +233,6 @@ def make_shards_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add `encode`, `decode` and `make-shards` to `app`."""
-    add_command(app, encode, "encode")
-    add_command(app, decode, "decode")
-    add_command(app, make_shards_cmd, "make-shards")
+    add_command(app, encode, "encode", aliases={"--ckpt": ["--tokenizer"]})
+    add_command(app, decode, "decode", aliases={"--ckpt": ["--tokenizer"]})
+    add_command(app, make_shards_cmd, "make-shards", aliases={"--workers": ["--reader-workers"]})

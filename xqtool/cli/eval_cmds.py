@@ -10,9 +10,23 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import typer
+from typing_extensions import Annotated
 from rich.table import Table
 
-from xqtool.cli._common import add_command, console
+from xqtool.cli._common import add_command, console, run_facts
+from xqtool.cli.options import (
+    HELP_BATCH_SIZE,
+    BatchSize,
+    Device,
+    NumWorkers,
+    OptTokenizer,
+    Overwrite,
+    Seed,
+    TokenizerConfigOpt,
+    output_option,
+    resolve_device,
+    warn_deprecated,
+)
 from xqtool.errors import ConfigError
 
 _MODE_HELP = "clean-fid mode: clean (PIL bicubic to 299, recommended) | legacy_tensorflow (ADM/TF-like) | legacy_pytorch."
@@ -48,6 +62,8 @@ def _print_report(report: Dict[str, Any], title: str) -> None:
     info.add_row("preprocessing", str(report.get("preprocessing", "")))
     if report.get("config_hash"):
         info.add_row("config hash", str(report["config_hash"]))
+    dev = report.get("device") or (report.get("settings") or {}).get("device")
+    info.add_row("ran on", run_facts("fp32", dev))
     if report.get("report_path"):
         info.add_row("report", str(report["report_path"]))
     console.print(info)
@@ -70,9 +86,9 @@ def eval_fid(
     stats_dir: Optional[Path] = typer.Option(None, "--stats-dir", help="Folder of custom stats (default: "
                                              "$XQTOOL_FID_STATS_DIR, else clean-fid's stats folder)."),
     mode: str = typer.Option("clean", "--mode", help=_MODE_HELP),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    num_workers: int = typer.Option(0, "--num-workers", min=0),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    batch_size: BatchSize = 64,
+    num_workers: NumWorkers = 0,
+    device: Device = None,
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=2, help="Use only the first N images per side."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=8,
@@ -81,12 +97,12 @@ def eval_fid(
                                        "(ADM reference batch): use the stored statistics instead of the images."),
     kid: bool = typer.Option(True, "--kid/--no-kid", help="Also compute KID."),
     isc: bool = typer.Option(True, "--is/--no-is", help="Also compute the Inception Score of GEN."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the KID subset sampler (and data order)."),
-    report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default fid_report.json / "
-                                          "rfid_report.json in the current folder)."),
+    seed: Seed = 0,
+    output: Annotated[Optional[Path], output_option("JSON report path (default fid_report.json / rfid_report.json "
+                                                    "in the current folder).")] = None,
     rfid: bool = typer.Option(False, "--rfid", help="Reconstruction FID of a tokenizer: reconstruct GEN (=DATA)."),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Tokenizer checkpoint (xqtool dir or official .pt)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Tokenizer config when the checkpoint has none."),
+    tokenizer: OptTokenizer = None,
+    config: TokenizerConfigOpt = None,
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use EMA weights when the checkpoint has them."),
     lpips: str = typer.Option("auto", "--lpips", help="auto (when weights are found) | on | off."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="LPIPS weights (else "
@@ -94,7 +110,7 @@ def eval_fid(
     save_recon: Optional[Path] = typer.Option(None, "--save-recon", help="Write reconstructions as PNG here."),
     bad_files: str = typer.Option("skip", "--bad-files", help="rFID data: skip (count, list) or fail."),
     name: Optional[str] = typer.Option(None, "--name", help="Only with 'eval-fid make-stats DIR': stats name."),
-    force: bool = typer.Option(False, "--force", help="Only with 'make-stats': overwrite existing stats."),
+    overwrite: Overwrite = False,
 ) -> None:
     """FID / KID / Inception Score between two image sets, or rFID + PSNR + SSIM + LPIPS of a tokenizer.
 
@@ -104,33 +120,35 @@ def eval_fid(
 
       [bold]xqtool eval-fid samples/ --ref-stats imagenet256-val[/]
 
-      [bold]xqtool eval-fid --rfid --ckpt runs/tok/best imagenet/val --max-images 5000[/]
+      [bold]xqtool eval-fid --rfid -t runs/tok/best imagenet/val --max-images 5000[/]
 
       [bold]xqtool eval-fid make-stats imagenet/val --name imagenet256-val --image-size 256[/]
     """
     from xqtool.tasks.eval_fid import evaluate_fid, evaluate_rfid, make_fid_stats
 
+    device = resolve_device(device)
     if gen == "make-stats":
         if ref is None or not name:
             raise ConfigError("usage: xqtool eval-fid make-stats DIR --name NAME")
         _print_stats(make_fid_stats(ref, name, mode=mode, stats_dir=stats_dir, batch_size=batch_size,
                                     num_workers=num_workers, device=device, inception_weights=inception_weights,
-                                    max_images=max_images, image_size=image_size, force=force))
+                                    max_images=max_images, image_size=image_size, force=overwrite))
         return
+    report = output
     if rfid:
-        if ckpt is None:
-            raise ConfigError("--rfid needs --ckpt CKPT (the tokenizer to evaluate)")
+        if tokenizer is None:
+            raise ConfigError("--rfid needs --tokenizer/-t CKPT (the tokenizer to evaluate)")
         if ref is not None or ref_stats is not None:
             raise ConfigError("--rfid scores DATA against its own reconstructions: give only DATA, no REF/--ref-stats")
-        out = evaluate_rfid(ckpt, gen, config=config, prefer_ema=ema, mode=mode, batch_size=batch_size,
+        out = evaluate_rfid(tokenizer, gen, config=config, prefer_ema=ema, mode=mode, batch_size=batch_size,
                             num_workers=num_workers, device=device, inception_weights=inception_weights,
                             lpips=lpips, lpips_weights=lpips_weights, max_images=max_images, bad_files=bad_files,
                             kid=kid, seed=seed, save_recon=save_recon,
                             report_path=report if report is not None else "rfid_report.json")
         _print_report(out, f"Reconstruction metrics ({out['image_counts']['originals']} images)")
         return
-    if ckpt is not None:
-        raise ConfigError("--ckpt is only used with --rfid")
+    if tokenizer is not None:
+        raise ConfigError("--tokenizer is only used with --rfid")
     out = evaluate_fid(gen, ref, ref_stats=ref_stats, stats_dir=stats_dir, mode=mode, batch_size=batch_size,
                        num_workers=num_workers, device=device, inception_weights=inception_weights,
                        max_images=max_images, image_size=image_size, use_npz_stats=use_npz_stats, kid=kid,
@@ -145,13 +163,13 @@ def make_fid_stats_cmd(
     mode: str = typer.Option("clean", "--mode", help=_MODE_HELP),
     stats_dir: Optional[Path] = typer.Option(None, "--stats-dir", help="Where to write (default: "
                                              "$XQTOOL_FID_STATS_DIR, else clean-fid's stats folder)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    num_workers: int = typer.Option(0, "--num-workers", min=0),
-    device: str = typer.Option("cpu", "--device"),
+    batch_size: BatchSize = 64,
+    num_workers: NumWorkers = 0,
+    device: Device = None,
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=2),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=8, help="ADM center crop to SxS first."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing statistics of that name."),
+    overwrite: Overwrite = False,
 ) -> None:
     """Save clean-fid custom statistics (mu, sigma, KID features) of an image set under NAME.
 
@@ -162,19 +180,21 @@ def make_fid_stats_cmd(
     from xqtool.tasks.eval_fid import make_fid_stats
 
     _print_stats(make_fid_stats(source, name, mode=mode, stats_dir=stats_dir, batch_size=batch_size,
-                                num_workers=num_workers, device=device, inception_weights=inception_weights,
-                                max_images=max_images, image_size=image_size, force=force))
+                                num_workers=num_workers, device=resolve_device(device),
+                                inception_weights=inception_weights, max_images=max_images, image_size=image_size,
+                                force=overwrite))
 
 
 def probe(
-    ckpt: Path = typer.Argument(..., help="Tokenizer checkpoint (xqtool dir or official .pt)."),
+    legacy_tokenizer: Annotated[Optional[str], typer.Argument(hidden=True, help="Deprecated: use -t/--tokenizer.")] = None,
+    tokenizer: OptTokenizer = None,
     train: str = typer.Option(..., "--train", help="Labelled train images: class-tree folder or WebDataset shards."),
     val: str = typer.Option(..., "--val", help="Labelled validation images (same label ids as --train)."),
     features: str = typer.Option("semantic", "--features", help="semantic | all | quantized."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Tokenizer config when the checkpoint has none."),
-    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use EMA weights when present."),
+    config: TokenizerConfigOpt = None,
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use EMA weights when the checkpoint has them."),
     epochs: int = typer.Option(10, "--epochs", min=1),
-    batch_size: int = typer.Option(64, "--batch-size", min=2),
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help=HELP_BATCH_SIZE)] = 64,
     lr: float = typer.Option(1e-4, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     warmup_epochs: int = typer.Option(1, "--warmup-epochs", min=0),
@@ -187,17 +207,26 @@ def probe(
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=2, help="Default: 1 + largest label."),
     max_train_images: Optional[int] = typer.Option(None, "--max-train-images", min=2),
     max_val_images: Optional[int] = typer.Option(None, "--max-val-images", min=1),
-    out: Path = typer.Option(Path("probe"), "--out", help="Output folder (best.safetensors, probe_report.json)."),
-    device: str = typer.Option("cpu", "--device"),
-    num_workers: int = typer.Option(0, "--num-workers", min=0),
-    seed: int = typer.Option(42, "--seed"),
+    output: Annotated[Path, output_option("Output folder (best.safetensors, probe_report.json).")] = Path("runs/probe"),
+    device: Device = None,
+    num_workers: NumWorkers = 0,
+    seed: Seed = 0,
     bad_files: str = typer.Option("skip", "--bad-files", help="skip (count, list) or fail."),
 ) -> None:
     """Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.
 
-    Example: [bold]xqtool probe runs/tok/best --train imagenet/train --val imagenet/val --epochs 10 --out probe/[/]
+    Example: [bold]xqtool probe -t runs/tok/best --train imagenet/train --val imagenet/val --epochs 10 -o runs/probe[/]
     """
     from xqtool.tasks.probe import ProbeSettings, run_probe
+
+    if legacy_tokenizer is not None:
+        if tokenizer is not None:
+            raise ConfigError("give the tokenizer once: -t/--tokenizer CKPT")
+        warn_deprecated("the positional tokenizer", "-t/--tokenizer CKPT")
+        tokenizer = legacy_tokenizer
+    if tokenizer is None:
+        raise ConfigError("missing -t/--tokenizer CKPT (the tokenizer whose features are probed)")
+    device = resolve_device(device)
 
     try:
         ms = tuple(float(m) for m in milestones.split(",") if m.strip())
@@ -214,10 +243,10 @@ def probe(
         table.add_row(str(rec["epoch"]), f"{rec['lr']:.2e}", f"{rec['train_loss']:.4f}",
                       f"{100 * rec['train_top1']:.2f}", f"{100 * rec['val_top1']:.2f}", f"{100 * rec['val_top5']:.2f}")
 
-    rep = run_probe(ckpt, train, val, features=features, settings=settings, config=config, prefer_ema=ema,
+    rep = run_probe(tokenizer, train, val, features=features, settings=settings, config=config, prefer_ema=ema,
                     cache_features=cache_features, num_classes=num_classes, num_workers=num_workers, device=device,
                     max_train_images=max_train_images, max_val_images=max_val_images, bad_files=bad_files,
-                    out_dir=out, on_epoch=row)
+                    out_dir=output, on_epoch=row)
     console.print(table)
     console.print(f"best val top-1 [bold]{100 * rep['best_top1']:.2f}%[/] at epoch {rep['best_epoch']} "
                   f"({rep['image_counts']['train']} train / {rep['image_counts']['val']} val images, "
@@ -227,6 +256,7 @@ def probe(
 
 def register(app: typer.Typer) -> None:
     """Add `eval-fid`, `make-fid-stats` and `probe` to `app`."""
-    add_command(app, eval_fid, "eval-fid")
-    add_command(app, make_fid_stats_cmd, "make-fid-stats")
-    add_command(app, probe, "probe")
+    add_command(app, eval_fid, "eval-fid", aliases={"--ckpt": ["--tokenizer"], "--report": ["--output"],
+                                                      "--force": ["--overwrite"]})
+    add_command(app, make_fid_stats_cmd, "make-fid-stats", aliases={"--force": ["--overwrite"]})
+    add_command(app, probe, "probe", aliases={"--out": ["--output"]})

@@ -6,16 +6,28 @@ import logging
 from pathlib import Path
 from typing import Any, List, Optional
 
+from typing_extensions import Annotated
+
 import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from xqtool.cli._common import add_command, console, err_console
+from xqtool.cli._common import add_command, console, err_console, run_facts
+from xqtool.cli.options import (
+    HELP_NUM_WORKERS,
+    MaxSteps,
+    NoProgress,
+    OptPrecision,
+    OptSeed,
+    Precision,
+    Resume,
+    SetOverrides,
+    Tokenizer,
+    output_option,
+)
 
 log = logging.getLogger(__name__)
 
-_SET_HELP = "Override a config value, repeatable: --set train.lr=1e-4 --set quant.codebook_size=8192."
-_RESUME_HELP = "'auto' = continue from the newest complete checkpoint in the output dir (if any); or a state dir."
 
 
 def _logging() -> None:
@@ -29,7 +41,7 @@ def _load_cfg(config: Path, overrides: Optional[List[str]], max_steps: Optional[
     return load_tokenizer_config(str(config), overrides=list(overrides or []))
 
 
-def _summary(result: Any, title: str) -> None:
+def _summary(result: Any, title: str, cfg: Any) -> None:
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: only the main process prints
@@ -45,6 +57,8 @@ def _summary(result: Any, title: str) -> None:
         if k in result.last_val:
             t.add_row(k, f"{result.last_val[k]:.4f}")
     t.add_row("images/s", f"{result.images_per_sec:.1f}")
+    prec = cfg.train.mixed_precision
+    t.add_row("ran on", run_facts("fp32" if prec == "no" else prec))
     t.add_row("output", str(result.output_dir))
     for name, path in (("last", result.last_dir), ("best", result.best_dir), ("state", result.state_dir),
                        ("export", result.export_dir)):
@@ -60,48 +74,68 @@ def _summary(result: Any, title: str) -> None:
     console.print(Panel(t, title=title, expand=False))
 
 
+def config_overrides(overrides: Optional[List[str]], num_workers: Optional[int], precision: Optional[Precision],
+                     seed: Optional[int], seed_key: str = "train.global_seed") -> List[str]:
+    """`--set` values plus the shared options that map onto config keys (CLI flags win: they come last)."""
+    out = list(overrides or [])
+    if num_workers is not None:
+        out.append(f"data.num_workers={num_workers}")
+    if precision is not None:
+        out.append(f"train.mixed_precision={'no' if precision.value == 'fp32' else precision.value}")
+    if seed is not None:
+        out.append(f"{seed_key}={seed}")
+    return out
+
+
 def train_tokenizer_cmd(
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Tokenizer YAML (xqtool or official XQ-GAN keys)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help=_RESUME_HELP),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default train.results_dir)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Tokenizer YAML (xqtool or official XQ-GAN keys).")],
+    set_: SetOverrides = None,
+    resume: Resume = None,
+    output: Annotated[Optional[Path], output_option("Run folder (default: train.results_dir of the config).")] = None,
+    max_steps: MaxSteps = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", min=0, help=HELP_NUM_WORKERS)] = None,
+    precision: OptPrecision = None,
+    seed: OptSeed = None,
+    no_progress: NoProgress = False,
 ) -> None:
     """Train an XQ-GAN tokenizer.
 
-    Example: [bold]xqtool train-tokenizer configs/tokenizer/tiny-cnn.yaml --set train.max_steps=200[/]
+    Example: [bold]xqtool train-tokenizer configs/tokenizer/tiny-cnn.yaml -o runs/tiny-cnn --max-steps 200[/]
+
     Multi-GPU: [bold]accelerate launch -m xqtool train-tokenizer cfg.yaml --resume auto[/]
     """
     from xqtool.tasks.train_tokenizer import train_tokenizer
 
     _logging()
-    cfg = _load_cfg(config, set_, max_steps)
-    result = train_tokenizer(cfg, output_dir=output_dir, resume=resume, max_steps=max_steps,
+    cfg = _load_cfg(config, config_overrides(set_, num_workers, precision, seed), max_steps)
+    result = train_tokenizer(cfg, output_dir=output, resume=resume, max_steps=max_steps,
                              progress=not no_progress, console=console)
-    _summary(result, "train-tokenizer")
+    _summary(result, "train-tokenizer", cfg)
     if result.status == "diverged":
         err_console.print(f"[bold red]error:[/] {result.message}")
         raise typer.Exit(1)
 
 
 def finetune_cmd(
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML with the loss/data/train settings."),
-    from_: Path = typer.Option(..., "--from", help="xqtool checkpoint dir, official XQ-GAN .pt, registry name or hf:// reference."),
-    enc: Optional[str] = typer.Option(None, "--enc", help="Encoder: full | lora | frozen (default from config)."),
-    dec: Optional[str] = typer.Option(None, "--dec", help="Decoder: full | lora | frozen (default from config)."),
-    freeze_codebook: bool = typer.Option(False, "--freeze-codebook", help="Keep codebooks, phi convs and quant_conv fixed so token ids keep their meaning."),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (default model.lora_rank = 8)."),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help=r"Regex of modules to adapt (default '.*\.mlp\.fc\d')."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help=_RESUME_HELP),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default train.results_dir)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML with the loss/data/train settings.")],
+    tokenizer: Tokenizer,
+    enc: Annotated[Optional[str], typer.Option("--enc", help="Encoder: full | lora | frozen (default from config).")] = None,
+    dec: Annotated[Optional[str], typer.Option("--dec", help="Decoder: full | lora | frozen (default from config).")] = None,
+    freeze_codebook: Annotated[bool, typer.Option("--freeze-codebook", help="Keep codebooks, phi convs and quant_conv fixed so token ids keep their meaning.")] = False,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (default model.lora_rank = 8).")] = None,
+    lora_targets: Annotated[Optional[str], typer.Option("--lora-targets", help=r"Regex of modules to adapt (default '.*\.mlp\.fc\d').")] = None,
+    set_: SetOverrides = None,
+    resume: Resume = None,
+    output: Annotated[Optional[Path], output_option("Run folder (default: train.results_dir of the config).")] = None,
+    max_steps: MaxSteps = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", min=0, help=HELP_NUM_WORKERS)] = None,
+    precision: OptPrecision = None,
+    seed: OptSeed = None,
+    no_progress: NoProgress = False,
 ) -> None:
     """Fine-tune a released or trained tokenizer on your images, then export merged weights.
 
-    Example: [bold]xqtool finetune cfg.yaml --from runs/tiny-vit/best --enc lora --dec full --freeze-codebook[/]
+    Example: [bold]xqtool finetune configs/tokenizer/tiny-vit.yaml -t runs/tiny-vit/best -o runs/ft --enc lora --dec full --freeze-codebook[/]
     """
     from xqtool.errors import ConfigError
     from xqtool.tasks.finetune import finetune_tokenizer
@@ -110,12 +144,14 @@ def finetune_cmd(
     for name, value in (("--enc", enc), ("--dec", dec)):
         if value is not None and value not in TUNING_METHODS:
             raise ConfigError(f"{name} must be one of {', '.join(TUNING_METHODS)}, got {value!r}")
+    if not Path(tokenizer).exists():
+        raise ConfigError(f"--tokenizer: {tokenizer} not found")
     _logging()
-    cfg = _load_cfg(config, set_, max_steps)
-    result = finetune_tokenizer(cfg, from_, enc=enc, dec=dec, freeze_codebook_ids=freeze_codebook,
-                                lora_rank=lora_rank, lora_targets=lora_targets, output_dir=output_dir, resume=resume,
+    cfg = _load_cfg(config, config_overrides(set_, num_workers, precision, seed), max_steps)
+    result = finetune_tokenizer(cfg, Path(tokenizer), enc=enc, dec=dec, freeze_codebook_ids=freeze_codebook,
+                                lora_rank=lora_rank, lora_targets=lora_targets, output_dir=output, resume=resume,
                                 max_steps=max_steps, progress=not no_progress, console=console)
-    _summary(result, "finetune")
+    _summary(result, "finetune", cfg)
     if result.status == "diverged":
         err_console.print(f"[bold red]error:[/] {result.message}")
         raise typer.Exit(1)
@@ -123,5 +159,7 @@ def finetune_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add `train-tokenizer` and `finetune`."""
-    add_command(app, train_tokenizer_cmd, "train-tokenizer", help=train_tokenizer_cmd.__doc__)
-    add_command(app, finetune_cmd, "finetune", help=finetune_cmd.__doc__)
+    add_command(app, train_tokenizer_cmd, "train-tokenizer", help=train_tokenizer_cmd.__doc__,
+                aliases={"--output-dir": ["--output"]})
+    add_command(app, finetune_cmd, "finetune", help=finetune_cmd.__doc__,
+                aliases={"--from": ["--tokenizer"], "--output-dir": ["--output"]})

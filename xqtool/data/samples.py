@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -55,8 +55,12 @@ def demo_crops(name: str, count: int, size: int, rng: np.random.Generator) -> li
     return out
 
 
-def write_demo_images(root: Path, per_class: int = 48, val_per_class: int = 8, size: int = 64, seed: int = 0) -> Tuple[Path, Path]:
-    """Write ``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` (atomically); return both dirs."""
+def write_demo_images(root: Path, per_class: int = 48, val_per_class: int = 8, size: int = 64, seed: int = 0,
+                      progress: Optional[Callable[[int], None]] = None) -> Tuple[Path, Path]:
+    """Write ``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` (atomically); return both dirs.
+
+    ``progress(n)`` is called after every written image (total: ``(per_class + val_per_class) * len(DEMO_CLASSES)``).
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
     with atomic_dir(root) as tmp:
@@ -68,6 +72,8 @@ def write_demo_images(root: Path, per_class: int = 48, val_per_class: int = 8, s
                     name = names[i % len(names)]
                     (crop,) = demo_crops(name, 1, size, rng)
                     crop.save(folder / f"{name}_{i:04d}.png")
+                    if progress is not None:
+                        progress(1)
     return root / "train", root / "val"
 
 

@@ -286,6 +286,21 @@ def _load_tok(ckpt: Union[str, Path], config: Optional[Union[str, Path]], device
     return load_tokenizer(ckpt, config=config, map_location=device)
 
 
+def token_output_path(raw: Union[str, Path]) -> Path:
+    """Validate the form of an ``encode`` output: ``X.npy`` (one token file), ``DIR/`` (token shards, note the
+    trailing slash) or an existing folder. Anything else (``tokens.npz``, ``tokens``) is a ConfigError naming
+    the accepted forms, so a typo never silently becomes a shard folder.
+    """
+    text = str(raw)
+    path = Path(text)
+    if path.suffix == ".npy" and not path.is_dir():
+        return path
+    if text.endswith(("/", "\\")) or path.is_dir():
+        return path
+    raise ConfigError(f"-o/--output {text}: give X.npy (one token file), DIR/ (token-shard folder; note the "
+                      "trailing slash) or an existing folder")
+
+
 def encode_images(
     source: SourceLike,
     output: Union[str, Path],

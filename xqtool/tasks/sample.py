@@ -5,8 +5,8 @@ image i has class i // per_class), or ``num_samples`` cycling over the given / a
 Image i (global index) is drawn with its own generator seeded ``seed + i``, so the output does not depend on
 the batch size or the number of processes (``upstream_rng=True`` instead seeds one generator per batch with
 ``seed + batch start``, upstream's scheme, which does depend on the batch size).
-Outputs: PNGs ``DIR/{i:06d}.png``, and/or an ``.npz`` with ``arr_0`` uint8 [N, H, W, 3] (FID tools), and/or a
-preview grid. Multi-GPU: each Accelerate process takes a contiguous slice; the main process merges the npz.
+Outputs: PNGs ``DIR/classCCCC_IIIIII.png`` (class id, index of the image within its class), and/or an ``.npz``
+with ``arr_0`` uint8 [N, H, W, 3] (FID tools, global index order), and/or a preview grid with one row per class. Multi-GPU: each Accelerate process takes a contiguous slice; the main process merges the npz.
 """
 
 from __future__ import annotations
@@ -26,7 +26,55 @@ from xqtool.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["plan_labels", "parse_classes", "sample_images", "SampleResult", "to_uint8"]
+__all__ = ["plan_labels", "parse_classes", "sample_images", "SampleResult", "to_uint8", "png_names",
+           "unseen_classes", "class_grid"]
+
+GRID_MAX_CLASSES = 16
+GRID_MAX_PER_CLASS = 16
+
+
+def png_names(labels: Sequence[int]) -> List[str]:
+    """File name of every image: ``class{label:04d}_{k:06d}.png`` with k = index of the image within its class."""
+    seen: dict = {}
+    names = []
+    for c in labels:
+        k = seen.get(int(c), 0)
+        seen[int(c)] = k + 1
+        names.append(f"class{int(c):04d}_{k:06d}.png")
+    return names
+
+
+def unseen_classes(info: Any, labels: Sequence[int]) -> List[int]:
+    """Requested class ids that never occurred in the VAR's training data (``classes_seen`` of its config.yaml).
+
+    Empty when the checkpoint does not record them (official checkpoints, older xqtool runs).
+    """
+    conf = (info or {}).get("config") or {}
+    seen = conf.get("classes_seen")
+    if seen is None:
+        return []
+    seen_set = {int(c) for c in seen}
+    return sorted({int(c) for c in labels} - seen_set)
+
+
+def class_grid(images: np.ndarray, labels: Sequence[int], padding: int = 2) -> np.ndarray:
+    """uint8 [H', W', 3] preview: one row per class (first 16 classes, up to 16 images each, in label order)."""
+    order: dict = {}
+    for i, c in enumerate(labels):
+        if int(c) not in order and len(order) >= GRID_MAX_CLASSES:
+            continue
+        row = order.setdefault(int(c), [])
+        if len(row) < GRID_MAX_PER_CLASS:
+            row.append(i)
+    rows = list(order.values())
+    n_cols = max((len(r) for r in rows), default=1)
+    h, w = images.shape[1:3]
+    out = np.zeros((len(rows) * (h + padding) + padding, n_cols * (w + padding) + padding, 3), np.uint8)
+    for r, idx in enumerate(rows):
+        for c, i in enumerate(idx):
+            y, x = padding + r * (h + padding), padding + c * (w + padding)
+            out[y:y + h, x:x + w] = images[i]
+    return out
 
 
 @dataclass
@@ -118,7 +166,7 @@ def sample_images(
     from xqtool.models.var_sampling import sample_tokens
 
     if out_dir is None and npz is None and grid is None:
-        raise ConfigError("nothing to write: give -o DIR, --npz FILE and/or --grid FILE")
+        raise ConfigError("nothing to write: give -o/--output DIR, --npz FILE and/or --grid FILE")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     accelerator = Accelerator(cpu=cpu)
@@ -135,7 +183,7 @@ def sample_images(
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
     from xqtool.tasks.train_var import check_tokenizer_fit
 
-    check_tokenizer_fit(var.config, tokenizer)
+    check_tokenizer_fit(var.config, tokenizer, trained=True)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     n = len(labels)
@@ -143,6 +191,7 @@ def sample_images(
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+    names = png_names(labels)
     keep = npz is not None or grid is not None
     chunks: List[np.ndarray] = []
     progress = None
@@ -180,7 +229,7 @@ def sample_images(
                                          for j in range(0, len(idx), step)])
             if out_dir is not None:
                 for i, arr in zip(idx, images):
-                    _save_png(out_dir / f"{int(i):06d}.png", arr)
+                    _save_png(out_dir / names[int(i)], arr)
             if keep:
                 chunks.append(images)
             done += len(idx)
@@ -215,11 +264,8 @@ def sample_images(
                     with open(tmp, "wb") as fh:
                         np.savez(fh, arr_0=local)
             if grid_path is not None:
-                from torchvision.utils import make_grid
-
-                k = min(len(local), 64)
-                g = make_grid(torch.from_numpy(local[:k]).permute(0, 3, 1, 2), nrow=int(np.ceil(np.sqrt(k))), padding=2)
-                _save_png(grid_path, g.permute(1, 2, 0).numpy())
+                grid_path.parent.mkdir(parents=True, exist_ok=True)
+                _save_png(grid_path, class_grid(local, labels[:len(local)]))
     accelerator.wait_for_everyone()
     total = n if accelerator.num_processes > 1 else done
     return SampleResult(count=total, seconds=seconds, images_per_s=done / max(seconds, 1e-9),

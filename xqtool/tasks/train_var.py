@@ -100,18 +100,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- data
-def check_tokenizer_fit(model_cfg: Any, tokenizer: Any) -> None:
-    """ConfigError when the VAR geometry does not match the tokenizer (scales, P, K, D)."""
+def check_tokenizer_fit(model_cfg: Any, tokenizer: Any, *, trained: bool = False) -> None:
+    """ConfigError when the VAR geometry does not match the tokenizer (scales, P, K, D).
+
+    ``trained=False`` (train-var): the fix is a config override ``--set model.NAME=VALUE``. ``trained=True``
+    (sample, a finished VAR whose geometry cannot change): the fix is the tokenizer the VAR was trained on.
+    """
     pairs = [("patch_nums", tuple(model_cfg.patch_nums), tuple(int(s) for s in tokenizer.scales)),
              ("num_branches", model_cfg.num_branches, int(tokenizer.num_branches)),
              ("codebook_size", model_cfg.codebook_size, int(tokenizer.codebook_size)),
              ("branch_dim", model_cfg.branch_dim, int(tokenizer.embed_dim))]
     for name, ours, theirs in pairs:
         if ours != theirs:
-            raise ConfigError(f"model.{name} is {ours} but the tokenizer has {theirs}: set model.{name}={theirs}"
-                              if not isinstance(theirs, tuple) else
-                              f"model.{name} is {list(ours)} but the tokenizer has {list(theirs)}: "
-                              f"set model.{name}={','.join(map(str, theirs))}")
+            show = (lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v))
+            if trained:
+                raise ConfigError(f"the VAR has {name} {show(ours)} but the tokenizer has {show(theirs)}: "
+                                  "pass the tokenizer the VAR was trained on (--tokenizer/-t)")
+            raise ConfigError(f"model.{name} is {show(ours)} but the tokenizer has {show(theirs)}: "
+                              f"--set model.{name}={show(theirs)}")
 
 
 def _labels(raw: Tensor, num_classes: int) -> Tensor:
@@ -199,7 +205,8 @@ def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: 
                     toks = tokenizer.encode(b["image"].to(device))
                 yield toks, b["label"]
         return _StreamBatches(make_img, per_epoch), per_epoch
-    raise ConfigError("set data.tokens (token file/shards from `xqtool encode`) or data.images")
+    raise ConfigError("no training data: pass --tokens (token file/shards from `xqtool encode`) or --images "
+                      "(config keys data.tokens / data.images)")
 
 
 def per_scale_metrics(logits: Tensor, targets: Tensor, begin_ends: List[Tuple[int, int]]) -> Dict[str, float]:
@@ -215,6 +222,16 @@ def per_scale_metrics(logits: Tensor, targets: Tensor, begin_ends: List[Tuple[in
         b, e = begin_ends[-1]
         out["loss_tail"], out["acc_tail"] = float(ce[:, b:e].mean()), float(hit[:, b:e].mean())
     return out
+
+
+# ---------------------------------------------------------------------------------------------- classes
+def _gather_classes(accelerator: Any, seen: set) -> List[int]:
+    """Sorted union over all processes of the class ids that occurred in training batches."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        return sorted({int(c) for c in gather_object(sorted(seen))})
+    return sorted(seen)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -243,7 +260,8 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
 
     if tokenizer is None:
         if not cfg.data.tokenizer:
-            raise ConfigError("set data.tokenizer (the frozen tokenizer checkpoint the tokens come from)")
+            raise ConfigError("no tokenizer: pass --tokenizer/-t (the frozen tokenizer the tokens come from; "
+                              "config key data.tokenizer)")
         from xqtool.checkpoint import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -280,8 +298,11 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     quantizer = tokenizer.quantizer
     K, P = raw.codebook_size, raw.num_branches
     history: List[Dict[str, float]] = []
+    classes_seen = set(int(c) for c in read_state(ckpt).get("classes_seen", [])) if ckpt is not None else set()
     progress = None
-    if console is not None and accelerator.is_main_process:
+    # Terminals get a live bar; piped output (files, cluster logs) gets one plain line every log_every steps.
+    plain_log = console is not None and accelerator.is_main_process and not getattr(console, "is_terminal", False)
+    if console is not None and accelerator.is_main_process and not plain_log:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         progress = Progress(TextColumn("[bold]train-var"), BarColumn(), MofNCompleteColumn(),
@@ -300,6 +321,7 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
             loss_sum, metrics, grad_norm = 0.0, {}, float("nan")
             for a in range(t.grad_accum):
                 tokens, labels = data.batch(step * t.grad_accum + a)
+                classes_seen.update(int(c) for c in labels.reshape(-1).tolist() if 0 <= int(c) < raw.num_classes)
                 tokens = tokens.to(device).long()
                 labels = _labels(labels.to(device), raw.num_classes)
                 with torch.no_grad():
@@ -330,11 +352,18 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
                 accelerator.log(row, step=step + 1)
             if progress is not None:
                 progress.update(task, advance=1, info=f"loss {loss_sum:.4f} lr {row['lr']:.2e}")
+            if plain_log and ((step + 1) % max(t.log_every, 1) == 0 or step + 1 == max_steps):
+                extra = "".join(f" {k} {row[k]:.4f}" for k in ("acc", "loss_tail", "acc_tail") if k in row)
+                console.print(f"train-var step {step + 1}/{max_steps} loss {loss_sum:.4f}{extra} lr {row['lr']:.3e} "
+                              f"grad_norm {grad_norm:.3f}", highlight=False, soft_wrap=True)
             done = step + 1
             if (t.ckpt_every > 0 and done % t.ckpt_every == 0) or done == max_steps:
-                save_state_atomic(accelerator, run_dir, done, {"step": done, "epoch_micro": iters_per_epoch}, t.keep_last)
+                seen_all = _gather_classes(accelerator, classes_seen)
+                save_state_atomic(accelerator, run_dir, done, {"step": done, "epoch_micro": iters_per_epoch,
+                                                               "classes_seen": seen_all}, t.keep_last)
                 if accelerator.is_main_process:
                     save_var(run_dir / "var-last", raw, extra_config={**tok_info, "step": done,
+                                                                     "classes_seen": seen_all,
                                                                      "train": config_to_dict(cfg.train)})
     finally:
         if progress is not None:
