@@ -8,13 +8,11 @@ _xqtool() {
     'encode:Encode images into token ids, streaming (memory bounded by the batch) and resumable.'
     'eval-fid:FID / KID / Inception Score between two image sets, or rFID + PSNR + SSIM + LPIPS of a tokenizer.'
     'finetune:Fine-tune a released or trained tokenizer on your images, then export merged weights.'
-    'inspect:Show the resolved config, parameter counts per part, tokens per image, and warnings.'
+    'inspect:Recognise and summarise an artefact: parameters per part, tokens, rows and classes, training progress.'
     'make-fid-stats:Save clean-fid custom statistics (mu, sigma, KID features) of an image set under NAME.'
     'make-shards:Pack images into WebDataset shards (jpg/png + cls + json with original size and path).'
-    'models:List the published checkpoints usable by name, e.g. --tokenizer MSVR10P2-4096 or --var VAR-d17.'
     'probe:Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.'
-    'push:Publish a checkpoint directory to the Hugging Face Hub (safetensors only, with a generated model card).'
-    'sample:Sample images with a VAR + tokenizer (PNG / npz / grid).'
+    'sample:Sample class-conditional images with a VAR and its tokenizer.'
     'train-tokenizer:Train an XQ-GAN tokenizer.'
     'train-var:Train a class-conditional VAR on tokenizer tokens.'
   )
@@ -23,20 +21,18 @@ _xqtool() {
     return
   fi
   case "$words[2]" in
-    decode) _arguments '--batch-size[]' '--ckpt[]' '--config[]' '--device[]' '--help[]' '--output[]' '--precision[]' '--progressive[]' '*:file:_files' ;;
-    demo-images) _arguments '--help[]' '--per-class[]' '--seed[]' '--size[]' '--val-per-class[]' '*:file:_files' ;;
-    encode) _arguments '--bad-files[]' '--batch-size[]' '--ckpt[]' '--config[]' '--device[]' '--flip[]' '--help[]' '--num-workers[]' '--output[]' '--precision[]' '--ten-crop[]' '--unit-size[]' '*:file:_files' ;;
-    eval-fid) _arguments '--bad-files[]' '--batch-size[]' '--ckpt[]' '--config[]' '--device[]' '--ema[]' '--force[]' '--help[]' '--image-size[]' '--inception-weights[]' '--is[]' '--kid[]' '--lpips[]' '--lpips-weights[]' '--max-images[]' '--mode[]' '--name[]' '--no-ema[]' '--no-is[]' '--no-kid[]' '--num-workers[]' '--ref-stats[]' '--report[]' '--rfid[]' '--save-recon[]' '--seed[]' '--stats-dir[]' '--use-npz-stats[]' '*:file:_files' ;;
-    finetune) _arguments '--dec[]' '--enc[]' '--freeze-codebook[]' '--from[]' '--help[]' '--lora-rank[]' '--lora-targets[]' '--max-steps[]' '--no-progress[]' '--output-dir[]' '--resume[]' '--set[]' '*:file:_files' ;;
-    inspect) _arguments '--full[]' '--help[]' '--set[]' '*:file:_files' ;;
-    make-fid-stats) _arguments '--batch-size[]' '--device[]' '--force[]' '--help[]' '--image-size[]' '--inception-weights[]' '--max-images[]' '--mode[]' '--name[]' '--num-workers[]' '--stats-dir[]' '*:file:_files' ;;
-    make-shards) _arguments '--bad-files[]' '--format[]' '--help[]' '--maxcount[]' '--nodes[]' '--prefix[]' '--quality[]' '--workers[]' '*:file:_files' ;;
-    models) _arguments '--help[]' '--json[]' '--registry[]' '*:file:_files' ;;
-    probe) _arguments '--bad-files[]' '--batch-size[]' '--cache-features[]' '--config[]' '--decay-rate[]' '--device[]' '--ema[]' '--epochs[]' '--features[]' '--help[]' '--lr[]' '--max-train-images[]' '--max-val-images[]' '--milestones[]' '--min-lr[]' '--no-cache-features[]' '--no-ema[]' '--num-classes[]' '--num-workers[]' '--out[]' '--seed[]' '--train[]' '--val[]' '--warmup-epochs[]' '--warmup-lr[]' '--weight-decay[]' '*:file:_files' ;;
-    push) _arguments '--dry-run[]' '--help[]' '--license[]' '--message[]' '--private[]' '--report[]' '--revision[]' '*:file:_files' ;;
-    sample) _arguments '--batch-size[]' '--cfg[]' '--ckpt[]' '--classes[]' '--cpu[]' '--grid[]' '--help[]' '--no-cache[]' '--no-pack[]' '--npz[]' '--num-samples[]' '--out[]' '--per-class[]' '--precision[]' '--seed[]' '--temperature[]' '--tokenizer[]' '--top-k[]' '--top-p[]' '--upstream-rng[]' '*:file:_files' ;;
-    train-tokenizer) _arguments '--help[]' '--max-steps[]' '--no-progress[]' '--output-dir[]' '--resume[]' '--set[]' '*:file:_files' ;;
-    train-var) _arguments '--cpu[]' '--help[]' '--images[]' '--resume[]' '--set[]' '--tokenizer[]' '--tokens[]' '*:file:_files' ;;
+    decode) _arguments '--batch-size[]:batch-size:' '--config[]:config:_files' '--device[]:device:' '--help[]' '--output[]:output:_files' '--precision[]:precision:(fp32 bf16 fp16)' '--progressive[]' '--tokenizer[]:tokenizer:_files' '*:file:_files' ;;
+    demo-images) _arguments '--help[]' '--output[]:output:_files' '--per-class[]:per-class:' '--seed[]:seed:' '--size[]:size:' '--val-per-class[]:val-per-class:' '*:file:_files' ;;
+    encode) _arguments '--bad-files[]:bad-files:(skip fail)' '--batch-size[]:batch-size:' '--config[]:config:_files' '--device[]:device:' '--flip[]' '--help[]' '--num-workers[]:num-workers:' '--output[]:output:_files' '--precision[]:precision:(fp32 bf16 fp16)' '--ten-crop[]' '--tokenizer[]:tokenizer:_files' '--unit-size[]:unit-size:' '*:file:_files' ;;
+    eval-fid) _arguments '--bad-files[]:bad-files:(skip fail)' '--batch-size[]:batch-size:' '--config[]:config:_files' '--device[]:device:' '--ema[]' '--help[]' '--image-size[]:image-size:' '--inception-weights[]:inception-weights:_files' '--is[]' '--kid[]' '--lpips[]:lpips:' '--lpips-weights[]:lpips-weights:_files' '--max-images[]:max-images:' '--mode[]:mode:' '--name[]:name:' '--no-ema[]' '--no-is[]' '--no-kid[]' '--num-workers[]:num-workers:' '--output[]:output:_files' '--overwrite[]' '--ref-stats[]:ref-stats:' '--rfid[]' '--save-recon[]:save-recon:_files' '--seed[]:seed:' '--stats-dir[]:stats-dir:_files' '--tokenizer[]:tokenizer:_files' '--use-npz-stats[]' '*:file:_files' ;;
+    finetune) _arguments '--dec[]:dec:' '--enc[]:enc:' '--freeze-codebook[]' '--help[]' '--lora-rank[]:lora-rank:' '--lora-targets[]:lora-targets:' '--max-steps[]:max-steps:' '--no-progress[]' '--num-workers[]:num-workers:' '--output[]:output:_files' '--precision[]:precision:(fp32 bf16 fp16)' '--resume[]:resume:' '--seed[]:seed:' '--set[]:set:' '--tokenizer[]:tokenizer:_files' '*:file:_files' ;;
+    inspect) _arguments '--full[]' '--help[]' '--json[]' '--set[]:set:' '*:file:_files' ;;
+    make-fid-stats) _arguments '--batch-size[]:batch-size:' '--device[]:device:' '--help[]' '--image-size[]:image-size:' '--inception-weights[]:inception-weights:_files' '--max-images[]:max-images:' '--mode[]:mode:' '--name[]:name:' '--num-workers[]:num-workers:' '--overwrite[]' '--stats-dir[]:stats-dir:_files' '*:file:_files' ;;
+    make-shards) _arguments '--bad-files[]:bad-files:(skip fail)' '--format[]:format:' '--help[]' '--maxcount[]:maxcount:' '--nodes[]:nodes:' '--output[]:output:_files' '--prefix[]:prefix:' '--quality[]:quality:' '--reader-workers[]:reader-workers:' '*:file:_files' ;;
+    probe) _arguments '--bad-files[]:bad-files:(skip fail)' '--batch-size[]:batch-size:' '--cache-features[]' '--config[]:config:_files' '--decay-rate[]:decay-rate:' '--device[]:device:' '--ema[]' '--epochs[]:epochs:' '--features[]:features:' '--help[]' '--lr[]:lr:' '--max-train-images[]:max-train-images:' '--max-val-images[]:max-val-images:' '--milestones[]:milestones:' '--min-lr[]:min-lr:' '--no-cache-features[]' '--no-ema[]' '--num-classes[]:num-classes:' '--num-workers[]:num-workers:' '--output[]:output:_files' '--seed[]:seed:' '--tokenizer[]:tokenizer:_files' '--train[]:train:' '--val[]:val:' '--warmup-epochs[]:warmup-epochs:' '--warmup-lr[]:warmup-lr:' '--weight-decay[]:weight-decay:' '*:file:_files' ;;
+    sample) _arguments '--batch-size[]:batch-size:' '--cfg[]:cfg:' '--classes[]:classes:' '--device[]:device:' '--grid[]:grid:_files' '--help[]' '--no-cache[]' '--no-pack[]' '--npz[]:npz:_files' '--num-samples[]:num-samples:' '--output[]:output:_files' '--per-class[]:per-class:' '--precision[]:precision:(fp32 bf16 fp16)' '--seed[]:seed:' '--temperature[]:temperature:' '--tokenizer[]:tokenizer:_files' '--top-k[]:top-k:' '--top-p[]:top-p:' '--upstream-rng[]' '--var[]:var:_files' '*:file:_files' ;;
+    train-tokenizer) _arguments '--help[]' '--max-steps[]:max-steps:' '--no-progress[]' '--num-workers[]:num-workers:' '--output[]:output:_files' '--precision[]:precision:(fp32 bf16 fp16)' '--resume[]:resume:' '--seed[]:seed:' '--set[]:set:' '*:file:_files' ;;
+    train-var) _arguments '--device[]:device:' '--help[]' '--images[]:images:' '--max-steps[]:max-steps:' '--no-progress[]' '--num-workers[]:num-workers:' '--output[]:output:_files' '--precision[]:precision:(fp32 bf16 fp16)' '--resume[]:resume:' '--seed[]:seed:' '--set[]:set:' '--tokenizer[]:tokenizer:_files' '--tokens[]:tokens:' '*:file:_files' ;;
   esac
 }
 compdef _xqtool xqtool

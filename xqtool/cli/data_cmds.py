@@ -22,6 +22,8 @@ from rich.text import Text
 
 from xqtool.cli._common import add_command, console, run_facts
 from xqtool.cli.options import (
+    BadFiles,
+    BadFilesPolicy,
     DEFAULT_NUM_WORKERS,
     BatchSize,
     Device,
@@ -125,7 +127,7 @@ def encode(
     precision: PrecisionOpt = Precision.fp32,
     flip: Annotated[bool, typer.Option("--flip", help="Also encode the horizontally flipped image (rows k, k@flip).")] = False,
     ten_crop: Annotated[bool, typer.Option("--ten-crop", help="Encode 10 crops per image (rows k@crop0..k@crop9).")] = False,
-    bad_files: Annotated[str, typer.Option("--bad-files", help="skip (report in OUT's skipped.txt) | fail (stop at the first).")] = "skip",
+    bad_files: BadFiles = BadFilesPolicy.skip,
     unit_size: Annotated[int, typer.Option("--unit-size", min=1, help="Files per resumable work unit (folder/list sources).")] = 1000,
 ) -> None:
     """Encode images into token ids, streaming (memory bounded by the batch) and resumable.
@@ -145,7 +147,7 @@ def encode(
     with _progress("encoding", enabled=main) as (on_start, advance):
         result = encode_images(
             source, out_path, ckpt=tokenizer, config=config, batch_size=batch_size, num_workers=num_workers,
-            device=device, precision=precision.value, augmentation=augmentation, bad_files=bad_files,
+            device=device, precision=precision.value, augmentation=augmentation, bad_files=bad_files.value,
             unit_size=unit_size, progress=advance, on_start=on_start,
         )
     if not main or result.manifest is None:
@@ -199,7 +201,7 @@ def make_shards_cmd(
     image_format: Annotated[str, typer.Option("--format", help="jpg (quality --quality) or png (lossless).")] = "jpg",
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")] = 95,
     prefix: Annotated[str, typer.Option("--prefix", help="Shard file name prefix.")] = "shard",
-    bad_files: Annotated[str, typer.Option("--bad-files", help="skip | fail.")] = "skip",
+    bad_files: BadFiles = BadFilesPolicy.skip,
     nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes that will read the shards (for the too-few-shards warning).")] = 1,
     reader_workers: Annotated[int, typer.Option("--reader-workers", min=1, help="DataLoader workers per node that will read them (for the same warning).")] = 4,
 ) -> None:
@@ -220,7 +222,7 @@ def make_shards_cmd(
     with _progress("packing") as (on_start, advance):
         result = make_shards(
             source, output, maxcount=maxcount, image_format=image_format, quality=quality, prefix=prefix,
-            bad_files=bad_files, nodes=nodes, workers=reader_workers, progress=advance,
+            bad_files=bad_files.value, nodes=nodes, workers=reader_workers, progress=advance,
         )
     console.print(f"[green]wrote[/] {len(result.shards)} shards with {result.count} images to {result.out_dir}")
     if result.shards:

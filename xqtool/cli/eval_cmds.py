@@ -15,6 +15,8 @@ from rich.table import Table
 
 from xqtool.cli._common import add_command, console, run_facts
 from xqtool.cli.options import (
+    BadFiles,
+    BadFilesPolicy,
     HELP_BATCH_SIZE,
     BatchSize,
     Device,
@@ -108,7 +110,7 @@ def eval_fid(
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="LPIPS weights (else "
                                                  "$XQTOOL_LPIPS_WEIGHTS / ~/.cache/xqtool/lpips)."),
     save_recon: Optional[Path] = typer.Option(None, "--save-recon", help="Write reconstructions as PNG here."),
-    bad_files: str = typer.Option("skip", "--bad-files", help="rFID data: skip (count, list) or fail."),
+    bad_files: BadFiles = BadFilesPolicy.skip,
     name: Optional[str] = typer.Option(None, "--name", help="Only with 'eval-fid make-stats DIR': stats name."),
     overwrite: Overwrite = False,
 ) -> None:
@@ -142,7 +144,7 @@ def eval_fid(
             raise ConfigError("--rfid scores DATA against its own reconstructions: give only DATA, no REF/--ref-stats")
         out = evaluate_rfid(tokenizer, gen, config=config, prefer_ema=ema, mode=mode, batch_size=batch_size,
                             num_workers=num_workers, device=device, inception_weights=inception_weights,
-                            lpips=lpips, lpips_weights=lpips_weights, max_images=max_images, bad_files=bad_files,
+                            lpips=lpips, lpips_weights=lpips_weights, max_images=max_images, bad_files=bad_files.value,
                             kid=kid, seed=seed, save_recon=save_recon,
                             report_path=report if report is not None else "rfid_report.json")
         _print_report(out, f"Reconstruction metrics ({out['image_counts']['originals']} images)")
@@ -211,7 +213,7 @@ def probe(
     device: Device = None,
     num_workers: NumWorkers = 0,
     seed: Seed = 0,
-    bad_files: str = typer.Option("skip", "--bad-files", help="skip (count, list) or fail."),
+    bad_files: BadFiles = BadFilesPolicy.skip,
 ) -> None:
     """Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.
 
@@ -245,7 +247,7 @@ def probe(
 
     rep = run_probe(tokenizer, train, val, features=features, settings=settings, config=config, prefer_ema=ema,
                     cache_features=cache_features, num_classes=num_classes, num_workers=num_workers, device=device,
-                    max_train_images=max_train_images, max_val_images=max_val_images, bad_files=bad_files,
+                    max_train_images=max_train_images, max_val_images=max_val_images, bad_files=bad_files.value,
                     out_dir=output, on_epoch=row)
     console.print(table)
     console.print(f"best val top-1 [bold]{100 * rep['best_top1']:.2f}%[/] at epoch {rep['best_epoch']} "

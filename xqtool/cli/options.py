@@ -31,6 +31,13 @@ class Precision(str, enum.Enum):
     fp16 = "fp16"
 
 
+class BadFilesPolicy(str, enum.Enum):
+    """What to do with unreadable inputs."""
+
+    skip = "skip"
+    fail = "fail"
+
+
 HELP_TOKENIZER = "Tokenizer: xqtool checkpoint folder (run/best, run/last) or official XQ-GAN .pt."
 HELP_VAR = "VAR generator: xqtool checkpoint folder (run/var-last) or official ar-ckpt-last.pth."
 HELP_BATCH_SIZE = "Images per forward pass on each process."
@@ -43,6 +50,7 @@ HELP_SET = "Override a config value, repeatable: --set train.lr=1e-4 --set quant
 HELP_RESUME = "'auto' = continue from the newest complete checkpoint of the run (if any); or a state folder."
 HELP_MAX_STEPS = "Stop after this many optimizer steps."
 HELP_NO_PROGRESS = "No live progress bar (plain log lines are printed instead)."
+HELP_BAD_FILES = "skip (count them, list them in the output's skipped.txt / report) | fail (stop at the first)."
 HELP_CONFIG = "Tokenizer YAML, only for checkpoints that carry no config (default: the checkpoint's own)."
 
 DEFAULT_NUM_WORKERS = min(4, os.cpu_count() or 1)
@@ -62,6 +70,7 @@ SetOverrides = Annotated[Optional[List[str]], typer.Option("--set", help=HELP_SE
 Resume = Annotated[Optional[str], typer.Option("--resume", help=HELP_RESUME)]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help=HELP_MAX_STEPS)]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help=HELP_NO_PROGRESS)]
+BadFiles = Annotated[BadFilesPolicy, typer.Option("--bad-files", help=HELP_BAD_FILES)]
 TokenizerConfigOpt = Annotated[Optional[Path], typer.Option("--config", help=HELP_CONFIG)]
 
 
