@@ -420,7 +420,7 @@ def _inspect_images(source: str) -> Dict[str, Any]:
     for i, item in enumerate(spec.items):
         labels.append(int(item.label))
         if item.error:
-            bad[item.name] = item.error
+            bad[item.path] = item.error
             continue
         if i >= _MAX_SIZE_PROBES:
             continue
@@ -429,7 +429,7 @@ def _inspect_images(source: str) -> Dict[str, Any]:
                 sizes[f"{im.size[0]}x{im.size[1]}"] += 1
                 im.verify()
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not raised
-            bad[item.name] = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            bad[item.path] = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
     probed = min(len(spec.items), _MAX_SIZE_PROBES)
     facts["sizes"] = dict(sizes.most_common(10))
     facts["bad files"] = len(bad)

@@ -359,7 +359,10 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
             done = step + 1
             if (t.ckpt_every > 0 and done % t.ckpt_every == 0) or done == max_steps:
                 seen_all = _gather_classes(accelerator, classes_seen)
+                last = {k: v for k, v in row.items() if k in ("loss", "acc", "lr", "grad_norm")}
                 save_state_atomic(accelerator, run_dir, done, {"step": done, "epoch_micro": iters_per_epoch,
+                                                               "samples_seen": done * global_batch,
+                                                               "world_size": world, "last_metrics": last,
                                                                "classes_seen": seen_all}, t.keep_last)
                 if accelerator.is_main_process:
                     save_var(run_dir / "var-last", raw, extra_config={**tok_info, "step": done,
