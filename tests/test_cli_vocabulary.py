@@ -183,8 +183,10 @@ def test_encode_output_forms(tmp_path: Path) -> None:
             token_output_path(bad)
     r = CliRunner().invoke(app, ["encode", str(tmp_path), "-o", str(tmp_path / "tokens.npz"), "-t", "T"])
     assert r.exit_code == 2 and "DIR/" in r.output
-    assert "encoding" not in r.output  # no progress bar before the argument checks
     assert not (tmp_path / "tokens.npz").exists()
+    # errors found by the task's own checks come without a stale "encoding 0/?" bar before them
+    r = CliRunner().invoke(app, ["encode", str(tmp_path / "missing"), "-o", str(tmp_path / "t.npy"), "-t", "T"])
+    assert r.exit_code == 2 and "encoding" not in r.output
 
 
 def test_completion_module_help_creates_nothing(tmp_path: Path) -> None:

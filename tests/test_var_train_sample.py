@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -153,6 +154,8 @@ def test_train_var_records_classes_and_sample_warns_for_unseen(tiny_data, tmp_pa
     res = runner.invoke(app, ["train-var", str(TINY_VAR), "--tokens", str(tmp_path / "five.npy"), "-t",
                               str(root / "tok"), "--max-steps", "3", "-o", str(tmp_path / "run"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    assert re.search(r"^train-var step 3/3 loss [0-9.]+", res.output, flags=re.M)  # piped: plain log lines
+    assert "world size 1, device cpu" in " ".join(res.output.split())
     conf = yaml.safe_load((tmp_path / "run" / "var-last" / "config.yaml").read_text())
     assert conf["classes_seen"] == [0, 1, 2, 3, 4]  # 3 steps x batch 8 covers the 8 rows
     common = ["sample", "--var", str(tmp_path / "run" / "var-last"), "-t", str(root / "tok"), "--per-class", "1",

@@ -254,6 +254,7 @@ def probe(
                   f"({rep['image_counts']['train']} train / {rep['image_counts']['val']} val images, "
                   f"{rep['num_classes']} classes, feature dim {rep['feature_dim']})")
     console.print(f"classifier: {rep['best_path']}\nreport: {rep['report_path']}")
+    console.print(f"ran on: {run_facts('fp32', device)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -48,7 +48,7 @@ def _summary(result: Any, title: str, cfg: Any) -> None:
         return
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
-    t.add_column()
+    t.add_column(overflow="fold")  # paths wrap, never cut
     colour = {"finished": "green", "interrupted": "yellow", "diverged": "red"}.get(result.status, "white")
     t.add_row("status", f"[{colour}]{result.status}[/] at step {result.step}/{result.total_steps}")
     if result.best_value is not None:

@@ -145,16 +145,49 @@ def _num_files(source: Any) -> Optional[int]:
 
 
 # ============================================================================ metrics / images
-def _save_grid(path: Path, originals: Tensor, recons: Tensor) -> None:
-    """Originals ``[n,3,S,S]`` (top row) over reconstructions (bottom row), both in [-1,1] → PNG."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+PLAIN_LOG_KEYS = ("train_loss", "rec_loss", "perceptual_loss", "codebook_loss", "commit_loss", "semantic_loss",
+                  "gan_loss", "disc_loss", "lr", "images_per_sec")
+PLAIN_VAL_KEYS = ("val/psnr", "val/ssim", "val/rfid", "val/codebook_usage")
 
-    n = originals.shape[0]
-    grid = make_grid(torch.cat([originals, recons]).float().clamp(-1, 1) * 0.5 + 0.5, nrow=n, padding=2)
-    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+
+GRID_MIN_TILE = 128  # px: small training images are upscaled (nearest) to at least this side
+GRID_LABEL_H = 16
+GRID_PAD = 2
+
+
+def recon_grid(originals: Tensor, recons: Tensor, step: Optional[int] = None) -> "np.ndarray":
+    """uint8 [H, W, 3] preview: a labelled band, the originals ``[n,3,S,S]``, a band, the reconstructions.
+
+    Tiles are upscaled by the integer factor ``ceil(128 / S)`` (nearest neighbour, so pixels stay visible); the
+    bands read ``original`` / ``reconstruction, step N``. Inputs are in [-1, 1].
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = originals.shape
+    f = max(1, math.ceil(GRID_MIN_TILE / max(1, min(h, w))))
+    th, tw = h * f, w * f
+    width = n * (tw + GRID_PAD) + GRID_PAD
+    height = 2 * (GRID_LABEL_H + th + GRID_PAD)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    labels = ("original", "reconstruction" + (f", step {step}" if step is not None else ""))
+    for r, (images, label) in enumerate(zip((originals, recons), labels)):
+        y0 = r * (GRID_LABEL_H + th + GRID_PAD)
+        draw.text((GRID_PAD + 2, y0 + 2), label, fill=(0, 0, 0))
+        u8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for i in range(n):
+            tile = Image.fromarray(u8[i]).resize((tw, th), Image.NEAREST)
+            canvas.paste(tile, (GRID_PAD + i * (tw + GRID_PAD), y0 + GRID_LABEL_H))
+    return np.asarray(canvas)
+
+
+def _save_grid(path: Path, originals: Tensor, recons: Tensor, step: Optional[int] = None) -> None:
+    """Write :func:`recon_grid` as a PNG (atomically)."""
+    from PIL import Image
+
     with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+        Image.fromarray(recon_grid(originals, recons, step)).save(tmp, format="PNG")
 
 
 def _extract(extractor: Callable[[Tensor], Tensor], images_u8: Tensor) -> Tensor:
@@ -664,7 +697,7 @@ class TokenizerTrainer:
         metrics["val/codebook_usage"] = sum(usages) / max(1, len(usages))
         if acc.is_main_process and grid is not None:
             path = self.out / "recon" / f"step-{step:07d}.png"
-            _save_grid(path, *grid)
+            _save_grid(path, *grid, step=step)
             self._log_image(grid, step)
         self.last_val = metrics
         return metrics
@@ -780,6 +813,11 @@ class TokenizerTrainer:
                     logs_acc["images_per_sec"] = images / elapsed
                     self.history.append({"step": step, **logs_acc})
                     acc.log(logs_acc, step=step)
+                if self._plain_log() and (step % max(1, tc.log_every) == 0 or step == 1 or step == self.total_steps):
+                    self.console.print(
+                        f"step {step}/{self.total_steps} " + " ".join(
+                            f"{k} {v:.4g}" for k, v in logs_acc.items() if k in PLAIN_LOG_KEYS),
+                        highlight=False, soft_wrap=True)
                 if task is not None:
                     elapsed = max(1e-9, time.perf_counter() - t0)
                     info = f"rec {logs_acc.get('rec_loss', float('nan')):.4f} loss {logs_acc['train_loss']:.4f} {images / elapsed:.1f} img/s"
@@ -787,6 +825,10 @@ class TokenizerTrainer:
                 if step % max(1, tc.eval_every) == 0 or step == self.total_steps:
                     val = self.validate(step)
                     acc.log(val, step=step)
+                    if acc.is_main_process and self.console is not None:
+                        shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in val.items() if k in PLAIN_VAL_KEYS)
+                        (progress.console if progress is not None else self.console).print(
+                            f"validation at step {step}: {shown}", highlight=False, soft_wrap=True)
                     value = val.get(metric_key)
                     if value is not None and tc.save_best and self._is_better(value):
                         self.pos.best_value, self.pos.best_step = value, step
@@ -836,8 +878,13 @@ class TokenizerTrainer:
         acc.end_training()
         return result
 
+    def _plain_log(self) -> bool:
+        """Plain log lines (main process) when the output is not a terminal or the bar is switched off."""
+        return bool(self.acc.is_main_process and self.console is not None
+                    and (not self.show_progress or not getattr(self.console, "is_terminal", False)))
+
     def _progress(self) -> Any:
-        if not self.show_progress or not self.acc.is_main_process:
+        if not self.show_progress or not self.acc.is_main_process or self._plain_log():
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
