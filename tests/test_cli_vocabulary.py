@@ -212,3 +212,60 @@ def test_bash_completion_completes_option_values(tmp_path: Path) -> None:
     assert complete("xqtool", "encode", "--bad-files", "") == ["skip", "fail"]
     assert "--tokenizer" in complete("xqtool", "encode", "--tok")
     assert "sample" in complete("xqtool", "sam")
+
+
+def _doc_commands(text: str) -> List[str]:
+    """`xqtool ...` command lines of the fenced bash blocks of a markdown file (continuations joined)."""
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            m = re.search(r"(?:^|\s)xqtool ([a-z][a-z-]*\b.*)$", line)
+            if m and not line.startswith(("pip ", "python ")):
+                cmds.append(m.group(1).split(" && ")[0].split(" | ")[0])
+    return cmds
+
+
+def test_readme_and_docs_use_the_current_vocabulary(monkeypatch, capsys) -> None:
+    from typer._click.exceptions import BadParameter, UsageError
+
+    monkeypatch.chdir(ROOT)
+    cmds = _commands()
+    seen = 0
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in _doc_commands(doc.read_text()):
+            argv = shlex.split(line)
+            if argv[0] not in cmds or "..." in argv:  # elided examples
+                continue
+            try:
+                cmds[argv[0]].make_context(argv[0], argv[1:])
+            except BadParameter as exc:  # placeholder files in examples (cfg.yaml) are fine
+                assert "does not exist" in str(exc), f"{doc.name}: {line}: {exc}"
+            except UsageError as exc:
+                raise AssertionError(f"{doc.name}: xqtool {line}: {exc}") from None
+            seen += 1
+            assert "deprecated" not in capsys.readouterr().err, f"{doc.name}: old spelling in: xqtool {line}"
+    assert seen >= 20
+
+
+def test_quick_start_writes_only_under_runs(monkeypatch) -> None:
+    """Every path the README quick start writes is under runs/ (ignored by git): nothing untracked in the root."""
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cmds = _commands()
+    lines = _doc_commands("```bash\n" + quick + "```")
+    assert len(lines) >= 6
+    for line in lines:
+        argv = shlex.split(line)
+        ctx = cmds[argv[0]].make_context(argv[0], argv[1:])
+        written = [ctx.params.get(k) for k in ("output", "grid", "npz") if ctx.params.get(k) is not None]
+        if argv[0] == "train-tokenizer" and not written:
+            conf = yaml.safe_load(Path(ctx.params["config"]).read_text())
+            written = [conf["train"]["results_dir"]]
+        assert written, line
+        for path in written:
+            assert Path(path).parts[0] == "runs", f"quick start writes {path} outside runs/: {line}"
+    assert "/runs/" in (ROOT / ".gitignore").read_text().split()

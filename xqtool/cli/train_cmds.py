@@ -144,11 +144,9 @@ def finetune_cmd(
     for name, value in (("--enc", enc), ("--dec", dec)):
         if value is not None and value not in TUNING_METHODS:
             raise ConfigError(f"{name} must be one of {', '.join(TUNING_METHODS)}, got {value!r}")
-    if not Path(tokenizer).exists():
-        raise ConfigError(f"--tokenizer: {tokenizer} not found")
     _logging()
     cfg = _load_cfg(config, config_overrides(set_, num_workers, precision, seed), max_steps)
-    result = finetune_tokenizer(cfg, Path(tokenizer), enc=enc, dec=dec, freeze_codebook_ids=freeze_codebook,
+    result = finetune_tokenizer(cfg, tokenizer, enc=enc, dec=dec, freeze_codebook_ids=freeze_codebook,
                                 lora_rank=lora_rank, lora_targets=lora_targets, output_dir=output, resume=resume,
                                 max_steps=max_steps, progress=not no_progress, console=console)
     _summary(result, "finetune", cfg)
