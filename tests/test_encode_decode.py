@@ -173,12 +173,12 @@ def test_cli_encode_decode_make_shards(tiny, tmp_path):
                             "--workers", "4"])
     assert r.exit_code == 0, r.output
     assert "2 shards" in r.output and "warning" in r.output  # 2 shards < 1 node x 4 workers
-    r = runner.invoke(app, ["encode", str(tmp_path / "sh"), "-o", str(tmp_path / "t.npy"), "--ckpt", str(ckpt),
+    r = runner.invoke(app, ["encode", str(tmp_path / "sh"), "-o", str(tmp_path / "t.npy"), "-t", str(ckpt),
                             "--num-workers", "0", "-b", "4"])
     assert r.exit_code == 0, r.output
     assert "images/s" in r.output and load_tokens(tmp_path / "t.npy")[0].shape[0] == len(keys)
-    r = runner.invoke(app, ["decode", str(tmp_path / "t.npy"), "-o", str(tmp_path / "png"), "--ckpt", str(ckpt)])
+    r = runner.invoke(app, ["decode", str(tmp_path / "t.npy"), "-o", str(tmp_path / "png"), "-t", str(ckpt)])
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "png").rglob("*.png"))) == len(keys)
-    r = runner.invoke(app, ["encode", str(tmp_path / "missing"), "-o", str(tmp_path / "x.npy"), "--ckpt", str(ckpt)])
+    r = runner.invoke(app, ["encode", str(tmp_path / "missing"), "-o", str(tmp_path / "x.npy"), "-t", str(ckpt)])
     assert r.exit_code == 2 and "not found" in r.output

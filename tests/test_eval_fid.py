@@ -208,8 +208,8 @@ def test_cli_rfid_real_tokenizer_and_fake_inception_file(tmp_path, sets, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no LPIPS weights -> skipped (auto)
     monkeypatch.delenv("XQTOOL_LPIPS_WEIGHTS", raising=False)
     rp = tmp_path / "rfid.json"
-    res = runner.invoke(app, ["eval-fid", "--rfid", "--ckpt", str(ckpt), str(tmp_path / "data"), "--max-images", "10",
-                              "--batch-size", "4", "--report", str(rp), "--save-recon", str(tmp_path / "recon")])
+    res = runner.invoke(app, ["eval-fid", "--rfid", "-t", str(ckpt), str(tmp_path / "data"), "--max-images", "10",
+                              "--batch-size", "4", "-o", str(rp), "--save-recon", str(tmp_path / "recon")])
     assert res.exit_code == 0, res.output
     assert "rfid" in res.output and "psnr" in res.output
     rep = json.loads(rp.read_text())
@@ -237,15 +237,15 @@ def test_cli_fid_make_stats_alias_and_errors(tmp_path, sets, monkeypatch):
     assert (tmp_path / "st" / "tiny_clean_custom_na_kid.npz").is_file()
     rp = tmp_path / "fid.json"
     res = runner.invoke(app, ["eval-fid", str(tmp_path / "b"), "--ref-stats", "tiny", "--stats-dir",
-                              str(tmp_path / "st"), "--report", str(rp)])
+                              str(tmp_path / "st"), "-o", str(rp)])
     assert res.exit_code == 0, res.output
     via_stats = json.loads(rp.read_text())["metrics"]["fid"]
-    res = runner.invoke(app, ["eval-fid", str(tmp_path / "b"), str(tmp_path / "a"), "--report", str(rp)])
+    res = runner.invoke(app, ["eval-fid", str(tmp_path / "b"), str(tmp_path / "a"), "-o", str(rp)])
     assert res.exit_code == 0, res.output
     assert json.loads(rp.read_text())["metrics"]["fid"] == pytest.approx(via_stats, rel=1e-4)
     res = runner.invoke(app, ["make-fid-stats", str(tmp_path / "a"), "--name", "tiny", "--stats-dir",
                               str(tmp_path / "st")])
-    assert res.exit_code == 2 and "--force" in res.output
+    assert res.exit_code == 2 and "--overwrite" in res.output
     # missing weights: one line, exit 2, says where to put them
     monkeypatch.setenv("XQTOOL_INCEPTION_WEIGHTS", str(tmp_path / "missing"))
     res = runner.invoke(app, ["eval-fid", str(tmp_path / "b"), str(tmp_path / "a")])

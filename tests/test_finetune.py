@@ -67,7 +67,7 @@ def test_freeze_codebook_via_cli(setup, tmp_path):
     root, base, run = setup
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text((ROOT / "configs/tokenizer/tiny-vit.yaml").read_text())
-    args = ["finetune", str(cfg_path), "--from", str(base), "--enc", "full", "--dec", "full", "--freeze-codebook",
+    args = ["finetune", str(cfg_path), "-t", str(base), "--enc", "full", "--dec", "full", "--freeze-codebook",
             "-o", str(tmp_path / "ft"), "--max-steps", "2", "--no-progress"]
     for s in RUN + [f"data.data_path={run.data.data_path}", f"data.val_data_path={run.data.val_data_path}"]:
         args += ["--set", s]
@@ -96,6 +96,6 @@ def test_bad_tuning_requests(setup):
     assert any("embedding" in n for n in names) and "quant_conv.weight" in names
     import xqtool.cli
 
-    r = CliRunner().invoke(xqtool.cli.app, ["finetune", str(ROOT / "configs/tokenizer/tiny-vit.yaml"), "--from",
+    r = CliRunner().invoke(xqtool.cli.app, ["finetune", str(ROOT / "configs/tokenizer/tiny-vit.yaml"), "-t",
                                             str(base), "--enc", "half"])
     assert r.exit_code == 2 and "--enc must be one of" in r.output

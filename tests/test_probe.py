@@ -119,14 +119,15 @@ def test_cli_probe(tok, dataset, tmp_path):
 
     save_tokenizer(tmp_path / "tok", tok)
     train, val = dataset
-    res = runner.invoke(app, ["probe", str(tmp_path / "tok"), "--train", str(train), "--val", str(val),
+    res = runner.invoke(app, ["probe", "-t", str(tmp_path / "tok"), "--train", str(train), "--val", str(val),
                               "--epochs", "3", "--batch-size", "16", "--lr", "1e-2", "--features", "semantic",
-                              "--out", str(tmp_path / "out")])
+                              "-o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert "best val top-1" in res.output
     rep = json.loads((tmp_path / "out" / "probe_report.json").read_text())
     assert rep["checkpoint"] == str((tmp_path / "tok").resolve()) and rep["config_hash"] == tok.config_hash()
     assert (tmp_path / "out" / "best.safetensors").is_file()
+    # the deprecated spellings (positional tokenizer, --out) still work for one release
     res = runner.invoke(app, ["probe", str(tmp_path / "tok"), "--train", str(train), "--val", str(val),
                               "--features", "pixels", "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "features" in res.output

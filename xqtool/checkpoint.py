@@ -257,7 +257,7 @@ def load_tokenizer(
             raise CheckpointError(f"{path} is not an xqtool checkpoint directory (needs {MODEL_FILE} and {CONFIG_FILE})")
         if cfg is None:
             if read_config_yaml(path).get("format") == "xqtool-var":
-                raise CheckpointError(f"{path} is a VAR generator checkpoint, not a tokenizer (use it with `xqtool sample --ckpt`)")
+                raise CheckpointError(f"{path} is a VAR generator checkpoint, not a tokenizer (use it with `xqtool sample --var`)")
             try:
                 cfg = load_tokenizer_config(path / CONFIG_FILE)
             except ConfigError as exc:

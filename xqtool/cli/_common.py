@@ -10,7 +10,8 @@ from rich.console import Console
 
 from xqtool.errors import XQError
 
-console = Console()
+# soft_wrap: long lines (paths) are never broken at 80 columns in piped logs; tables keep their layout
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -121,7 +121,7 @@ def decode_tokens(
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if tokenizer is None:
         if ckpt is None:
-            raise ConfigError("--ckpt is required: give the tokenizer checkpoint that encoded these tokens")
+            raise ConfigError("--tokenizer/-t is required: give the tokenizer checkpoint that encoded these tokens")
         from xqtool.checkpoint import load_tokenizer
 
         tokenizer = load_tokenizer(ckpt, config=config, map_location=dev)

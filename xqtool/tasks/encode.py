@@ -391,7 +391,7 @@ def encode_images(
 
 def _require(ckpt: Optional[Union[str, Path]]) -> Union[str, Path]:
     if ckpt is None:
-        raise ConfigError("--ckpt is required: give a tokenizer checkpoint directory or official .pt file")
+        raise ConfigError("--tokenizer/-t is required: give a tokenizer checkpoint directory or official .pt file")
     return ckpt
 
 

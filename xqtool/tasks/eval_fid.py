@@ -368,7 +368,7 @@ def make_fid_stats(
         raise ConfigError(f"invalid statistics name '{name}': use letters, digits, '-' or '_'")
     fid_path, kid_path = custom_stats_paths(name, mode, stats_dir)
     if fid_path.exists() and not force:
-        raise DataError(f"statistics '{name}' already exist at {fid_path}: pass --force to overwrite")
+        raise DataError(f"statistics '{name}' already exist at {fid_path}: pass --overwrite to replace them")
     extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
     fs = load_feature_set(
         source, extractor, batch_size=batch_size, num_workers=num_workers, max_images=max_images,

@@ -254,7 +254,7 @@ class TokenizerTrainer:
         self.pos = _Position()
         if not resume and list_states(self.out):
             raise ConfigError(
-                f"{self.out} already holds training checkpoints: pass --resume auto to continue, or choose another --output-dir"
+                f"{self.out} already holds training checkpoints: pass --resume auto to continue, or choose another -o/--output"
             )
         self._check_weights_first()
         self._setup(tokenizer, prepare_model)
@@ -358,7 +358,7 @@ class TokenizerTrainer:
         max_steps = self.max_steps_arg if self.max_steps_arg else tc.max_steps
         if not max_steps:
             if self.steps_per_epoch is None:
-                raise ConfigError("the number of images in shards is unknown: set train.max_steps (or --max-steps)")
+                raise ConfigError("the number of images in shards is unknown: pass --max-steps N (config key train.max_steps)")
             max_steps = tc.epochs * self.steps_per_epoch
         self.total_steps = int(max_steps)
         if lc.disc_start >= 0:
@@ -765,7 +765,7 @@ class TokenizerTrainer:
         acc, tc = self.acc, self.cfg.train
         metric_key = f"val/{tc.best_metric}"
         if tc.best_metric == "rfid" and self.feature_extractor is None:
-            raise ConfigError("train.best_metric=rfid needs Inception weights: set train.inception_weights=PATH or choose psnr/ssim")
+            raise ConfigError("train.best_metric=rfid needs Inception weights: --set train.inception_weights=PATH or --set train.best_metric=psnr")
         old_handlers = self._install_signals()
         progress = self._progress()
         status, message = "finished", ""
@@ -948,7 +948,7 @@ def _default_extractor(cfg: TokenizerConfig) -> Optional[Callable[[Tensor], Tens
                 "train.best_metric=rfid needs the clean-fid Inception weights (inception-2015-12-05.pt) offline: "
                 "--set train.inception_weights=PATH (or $XQTOOL_INCEPTION_WEIGHTS), or --set train.best_metric=psnr"
             ) from None
-        log.warning("Inception weights not found: rFID is skipped (set train.inception_weights=PATH to enable it)")
+        log.warning("Inception weights not found: rFID is skipped (--set train.inception_weights=PATH to enable it)")
         return None
 
 
