@@ -5,7 +5,7 @@ _xqtool() {
     prev="${COMP_WORDS[COMP_CWORD-1]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "decode demo-images encode eval-fid finetune inspect make-fid-stats make-shards probe sample train-tokenizer train-var --help --version" -- "$cur") )
+        COMPREPLY=( $(compgen -W "decode demo-images encode eval-fid finetune inspect make-fid-stats make-shards models probe push sample train-tokenizer train-var --help --version" -- "$cur") )
         return 0
     fi
     case "$cmd:$prev" in
@@ -29,7 +29,9 @@ _xqtool() {
         inspect) opts="--full --help --json --set" ;;
         make-fid-stats) opts="--batch-size --device --help --image-size --inception-weights --max-images --mode --name --num-workers --overwrite --stats-dir" ;;
         make-shards) opts="--bad-files --format --help --maxcount --nodes --output --prefix --quality --reader-workers" ;;
+        models) opts="--help --json --registry" ;;
         probe) opts="--bad-files --batch-size --cache-features --config --decay-rate --device --ema --epochs --features --help --lr --max-train-images --max-val-images --milestones --min-lr --no-cache-features --no-ema --num-classes --num-workers --output --seed --tokenizer --train --val --warmup-epochs --warmup-lr --weight-decay" ;;
+        push) opts="--dry-run --help --license --message --private --report --revision" ;;
         sample) opts="--batch-size --cfg --classes --device --grid --help --no-cache --no-pack --npz --num-samples --output --per-class --precision --seed --temperature --tokenizer --top-k --top-p --upstream-rng --var" ;;
         train-tokenizer) opts="--help --max-steps --no-progress --num-workers --output --precision --resume --seed --set" ;;
         train-var) opts="--device --help --images --max-steps --no-progress --num-workers --output --precision --resume --seed --set --tokenizer --tokens" ;;

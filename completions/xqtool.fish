@@ -109,6 +109,11 @@ complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l prefix -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l quality -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l reader-workers -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -F
+complete -c xqtool -n '__fish_use_subcommand' -a models -d 'List the published checkpoints usable by name, e.g. --tokenizer MSVR10P2-4096 or --var VAR-d17.'
+complete -c xqtool -n '__fish_seen_subcommand_from models' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from models' -l json
+complete -c xqtool -n '__fish_seen_subcommand_from models' -l registry -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from models' -F
 complete -c xqtool -n '__fish_use_subcommand' -a probe -d 'Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.'
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l bad-files -x -a 'skip fail'
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l batch-size -r -F
@@ -138,6 +143,15 @@ complete -c xqtool -n '__fish_seen_subcommand_from probe' -l warmup-epochs -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l warmup-lr -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l weight-decay -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -F
+complete -c xqtool -n '__fish_use_subcommand' -a push -d 'Publish a checkpoint directory to the Hugging Face Hub (safetensors only, with a generated model card).'
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l dry-run
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l license -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l message -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l private
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l report -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from push' -l revision -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from push' -F
 complete -c xqtool -n '__fish_use_subcommand' -a sample -d 'Sample class-conditional images with a VAR and its tokenizer.'
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l batch-size -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l cfg -r -F

@@ -11,7 +11,9 @@ _xqtool() {
     'inspect:Recognise and summarise an artefact: parameters per part, tokens, rows and classes, training progress.'
     'make-fid-stats:Save clean-fid custom statistics (mu, sigma, KID features) of an image set under NAME.'
     'make-shards:Pack images into WebDataset shards (jpg/png + cls + json with original size and path).'
+    'models:List the published checkpoints usable by name, e.g. --tokenizer MSVR10P2-4096 or --var VAR-d17.'
     'probe:Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.'
+    'push:Publish a checkpoint directory to the Hugging Face Hub (safetensors only, with a generated model card).'
     'sample:Sample class-conditional images with a VAR and its tokenizer.'
     'train-tokenizer:Train an XQ-GAN tokenizer.'
     'train-var:Train a class-conditional VAR on tokenizer tokens.'
@@ -29,7 +31,9 @@ _xqtool() {
     inspect) _arguments '--full[]' '--help[]' '--json[]' '--set[]:set:' '*:file:_files' ;;
     make-fid-stats) _arguments '--batch-size[]:batch-size:' '--device[]:device:' '--help[]' '--image-size[]:image-size:' '--inception-weights[]:inception-weights:_files' '--max-images[]:max-images:' '--mode[]:mode:' '--name[]:name:' '--num-workers[]:num-workers:' '--overwrite[]' '--stats-dir[]:stats-dir:_files' '*:file:_files' ;;
     make-shards) _arguments '--bad-files[]:bad-files:(skip fail)' '--format[]:format:' '--help[]' '--maxcount[]:maxcount:' '--nodes[]:nodes:' '--output[]:output:_files' '--prefix[]:prefix:' '--quality[]:quality:' '--reader-workers[]:reader-workers:' '*:file:_files' ;;
+    models) _arguments '--help[]' '--json[]' '--registry[]:registry:_files' '*:file:_files' ;;
     probe) _arguments '--bad-files[]:bad-files:(skip fail)' '--batch-size[]:batch-size:' '--cache-features[]' '--config[]:config:_files' '--decay-rate[]:decay-rate:' '--device[]:device:' '--ema[]' '--epochs[]:epochs:' '--features[]:features:' '--help[]' '--lr[]:lr:' '--max-train-images[]:max-train-images:' '--max-val-images[]:max-val-images:' '--milestones[]:milestones:' '--min-lr[]:min-lr:' '--no-cache-features[]' '--no-ema[]' '--num-classes[]:num-classes:' '--num-workers[]:num-workers:' '--output[]:output:_files' '--seed[]:seed:' '--tokenizer[]:tokenizer:_files' '--train[]:train:' '--val[]:val:' '--warmup-epochs[]:warmup-epochs:' '--warmup-lr[]:warmup-lr:' '--weight-decay[]:weight-decay:' '*:file:_files' ;;
+    push) _arguments '--dry-run[]' '--help[]' '--license[]:license:' '--message[]:message:' '--private[]' '--report[]:report:_files' '--revision[]:revision:' '*:file:_files' ;;
     sample) _arguments '--batch-size[]:batch-size:' '--cfg[]:cfg:' '--classes[]:classes:' '--device[]:device:' '--grid[]:grid:_files' '--help[]' '--no-cache[]' '--no-pack[]' '--npz[]:npz:_files' '--num-samples[]:num-samples:' '--output[]:output:_files' '--per-class[]:per-class:' '--precision[]:precision:(fp32 bf16 fp16)' '--seed[]:seed:' '--temperature[]:temperature:' '--tokenizer[]:tokenizer:_files' '--top-k[]:top-k:' '--top-p[]:top-p:' '--upstream-rng[]' '--var[]:var:_files' '*:file:_files' ;;
     train-tokenizer) _arguments '--help[]' '--max-steps[]:max-steps:' '--no-progress[]' '--num-workers[]:num-workers:' '--output[]:output:_files' '--precision[]:precision:(fp32 bf16 fp16)' '--resume[]:resume:' '--seed[]:seed:' '--set[]:set:' '*:file:_files' ;;
     train-var) _arguments '--device[]:device:' '--help[]' '--images[]:images:' '--max-steps[]:max-steps:' '--no-progress[]' '--num-workers[]:num-workers:' '--output[]:output:_files' '--precision[]:precision:(fp32 bf16 fp16)' '--resume[]:resume:' '--seed[]:seed:' '--set[]:set:' '--tokenizer[]:tokenizer:_files' '--tokens[]:tokens:' '*:file:_files' ;;

@@ -187,7 +187,7 @@ def test_cli_offline_miss_is_one_error_line_exit_2(hub, tmp_path) -> None:
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     Image.new("RGB", (32, 32), (200, 30, 40)).save(imgs / "a.png")
-    res = CliRunner().invoke(app, ["encode", str(imgs), "-o", str(tmp_path / "t.npy"), "--ckpt", "MSVR10P2-4096"],
+    res = CliRunner().invoke(app, ["encode", str(imgs), "-o", str(tmp_path / "t.npy"), "-t", "MSVR10P2-4096"],
                              env={"COLUMNS": "400"})
     assert res.exit_code == 2, res.output
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]

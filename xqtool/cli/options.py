@@ -38,8 +38,10 @@ class BadFilesPolicy(str, enum.Enum):
     fail = "fail"
 
 
-HELP_TOKENIZER = "Tokenizer: xqtool checkpoint folder (run/best, run/last) or official XQ-GAN .pt."
-HELP_VAR = "VAR generator: xqtool checkpoint folder (run/var-last) or official ar-ckpt-last.pth."
+HELP_TOKENIZER = ("Tokenizer: xqtool checkpoint folder (run/best), official XQ-GAN .pt, registry name "
+                  "(xqtool models) or hf://OWNER/NAME.")
+HELP_VAR = ("VAR generator: xqtool checkpoint folder (run/var-last), official ar-ckpt-last.pth, registry name "
+            "(xqtool models) or hf://OWNER/NAME.")
 HELP_BATCH_SIZE = "Images per forward pass on each process."
 HELP_NUM_WORKERS = "DataLoader worker processes per process (0 = load in the main process)."
 HELP_DEVICE = "cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu; Accelerate's under a launcher)."
