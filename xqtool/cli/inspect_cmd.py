@@ -77,7 +77,7 @@ def print_report(report: Dict[str, Any]) -> None:
 def inspect(
     target: Annotated[str, typer.Argument(help="Any xqtool artefact: tokenizer or VAR config (.yaml) or checkpoint "
                                                "(folder, official .pt/.pth), token file (.npy) or shard folder, "
-                                               "training-state folder (run or run/checkpoints/step-N), image source.")],
+                                               "training-state folder (run or run/checkpoints/step-N), image source, registry name or hf://.")],
     set_: SetOverrides = None,
     full: Annotated[bool, typer.Option("--full", help="Print all config sections (default: the model sections).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (machine-readable) instead of tables.")] = False,

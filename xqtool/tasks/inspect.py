@@ -129,10 +129,13 @@ def inspect_any(target: str, overrides: Optional[Iterable[str]] = None, full: bo
     path = Path(target)
     if not path.exists():
         from xqtool.data.sources import looks_like_shards
+        from xqtool.hub import parse_reference, resolve_checkpoint
 
         if looks_like_shards(target):
             return _inspect_images(target)
-        raise CheckpointError(f"not found: {path}")
+        if parse_reference(target) is None:
+            raise CheckpointError(f"not found: {path}")
+        path = resolve_checkpoint(target)  # registry name or hf:// reference (Hub cache; offline-aware)
     if path.is_dir():
         from xqtool.training_state import STATE_DIR, STATE_FILE, list_states
 
