@@ -87,9 +87,9 @@ def _adm_text(size: int) -> str:
     """The data layer's eval preprocessing text with S filled in."""
     import re
 
-    from xqtool.data.transforms import EVAL_PREPROCESSING
+    from xqtool.data.transforms import eval_preprocessing
 
-    text = EVAL_PREPROCESSING.replace("2S", str(2 * size)).replace("SxS", f"{size}x{size}")
+    text = eval_preprocessing().replace("2S", str(2 * size)).replace("SxS", f"{size}x{size}")
     return re.sub(r"\bS\b", str(size), text)
 
 
@@ -116,8 +116,7 @@ class _ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
+        from xqtool.data.reading import decode_image
         from xqtool.data.transforms import center_crop_arr, to_rgb
 
         path = self.files[i]
@@ -125,9 +124,7 @@ class _ImageFiles(Dataset):
             if path.suffix.lower() == ".npy":
                 arr = np.load(path, allow_pickle=False)
             else:
-                with Image.open(path) as im:
-                    img = to_rgb(im)
-                    img.load()
+                img = to_rgb(decode_image(path.read_bytes()))  # EXIF orientation, exact 16-bit scaling
                 arr = center_crop_arr(img, self.image_size) if self.image_size else np.asarray(img)
         except Exception as exc:  # noqa: BLE001 - unreadable input is a user/data error
             raise DataError(f"cannot read image {path}: {exc}".splitlines()[0]) from None
