@@ -606,6 +606,9 @@ def validate_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
         raise ConfigError("train.global_batch_size and train.grad_accum must be positive")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    from xqtool.validate import TOKENIZER_CONFIG_RULES, check_config_ranges
+
+    check_config_ranges(cfg, TOKENIZER_CONFIG_RULES)
     return cfg
 
 

@@ -694,7 +694,8 @@ class TokenizerTrainer:
     # ------------------------------------------------------------------ saving
     def save_state(self) -> Optional[Path]:
         """Accelerate training state at the current step, written atomically; keeps the newest few."""
-        return save_state_atomic(self.acc, self.out, self.pos.step, self.pos.state_dict(), KEEP_STATES)
+        return save_state_atomic(self.acc, self.out, self.pos.step, {**self.pos.state_dict(), "trainer": "tokenizer"},
+                                 KEEP_STATES)
 
     def export_model(self, directory: Path) -> Path:
         """xqtool tokenizer checkpoint (raw weights + EMA + config) of the current model."""

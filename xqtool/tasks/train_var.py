@@ -332,7 +332,8 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
                 progress.update(task, advance=1, info=f"loss {loss_sum:.4f} lr {row['lr']:.2e}")
             done = step + 1
             if (t.ckpt_every > 0 and done % t.ckpt_every == 0) or done == max_steps:
-                save_state_atomic(accelerator, run_dir, done, {"step": done, "epoch_micro": iters_per_epoch}, t.keep_last)
+                save_state_atomic(accelerator, run_dir, done, {"step": done, "epoch_micro": iters_per_epoch, "trainer": "var"},
+                                  t.keep_last)
                 if accelerator.is_main_process:
                     save_var(run_dir / "var-last", raw, extra_config={**tok_info, "step": done,
                                                                      "train": config_to_dict(cfg.train)})
