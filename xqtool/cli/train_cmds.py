@@ -41,9 +41,11 @@ def _summary(result: Any, title: str) -> None:
     t.add_row("status", f"[{colour}]{result.status}[/] at step {result.step}/{result.total_steps}")
     if result.best_value is not None:
         t.add_row("best", f"{result.best_metric} = {result.best_value:.4f} (step {result.best_step})")
-    for k in ("val/psnr", "val/ssim", "val/rfid", "val/codebook_usage"):
+    for k in ("val/psnr", "val/ssim", "val/rfid"):
         if k in result.last_val:
             t.add_row(k, f"{result.last_val[k]:.4f}")
+    for k in sorted(k for k in result.last_val if k.startswith("val/codebook_usage/b") and k.count("/") == 2):
+        t.add_row(k, f"{result.last_val[k]:.4f}")  # distinct codes / K of one branch over the validation set
     t.add_row("images/s", f"{result.images_per_sec:.1f}")
     t.add_row("output", str(result.output_dir))
     for name, path in (("last", result.last_dir), ("best", result.best_dir), ("state", result.state_dir),

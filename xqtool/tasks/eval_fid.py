@@ -606,7 +606,7 @@ def evaluate_rfid(
     from xqtool.checkpoint import load_tokenizer
     from xqtool.config import config_hash
     from xqtool.data.images import make_loader
-    from xqtool.metrics import codebook_stats, from_uint8, to_uint8
+    from xqtool.metrics import code_histogram, codebook_usage_metrics, from_uint8, to_uint8
 
     _check_mode(mode)
     if lpips not in ("auto", "on", "off"):
@@ -670,7 +670,8 @@ def evaluate_rfid(
     dist = _distribution_metrics(fake, real, kid=kid, isc=True, kid_subsets=kid_subsets, is_splits=10, seed=seed)
     ps, ss = torch.cat(psnrs), torch.cat(ssims)
     toks = torch.cat(tokens_all)  # [N, P, L]
-    usage = [codebook_stats(toks[:, b], int(tok.codebook_size)) for b in range(toks.shape[1])]
+    scales = getattr(tok, "scales", None)  # None (toy tokenizers): all positions as one group
+    usage = codebook_usage_metrics(code_histogram(toks, int(tok.codebook_size), scales))
     metrics = {
         "rfid": dist["fid"],
         "kid": dist["kid"],
@@ -678,8 +679,7 @@ def evaluate_rfid(
         "psnr": float(ps.mean()),
         "ssim": float(ss.mean()),
         "lpips": float(torch.cat(lps).mean()) if lps else None,
-        "codebook_usage": [u["usage"] for u in usage],
-        "codebook_perplexity": [u["perplexity"] for u in usage],
+        **usage,  # codebook_usage [P], codebook_usage_per_scale [P][S], codes_used ..., see metrics.py
     }
     try:
         chash = config_hash(tok.config)
