@@ -82,3 +82,36 @@ def test_train_validation_and_rfid_report_the_same_usage(tmp_path):
         for s in range(S):
             assert val[f"val/codebook_usage/b{b}/s{s}"] == want["codebook_usage_per_scale"][b][s]
     assert "val/codebook_usage" not in val  # the old mean-over-scales number is gone
+
+
+def _stats_extractor() -> TorchFeatureExtractor:
+    return TorchFeatureExtractor(lambda x: torch.cat([(x / 255.0).mean((2, 3)), (x / 255.0).std((2, 3))], 1),
+                                 name="toy-stats")
+
+
+def test_eval_fid_warns_when_custom_stats_have_another_resolution(tmp_path, caplog):
+    from PIL import Image
+
+    from xqtool.tasks.eval_fid import evaluate_fid, make_fid_stats
+
+    rng = np.random.default_rng(0)
+    for name, side in (("ref64", 64), ("gen32", 32), ("gen64", 64)):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    ext = _stats_extractor()
+    make_fid_stats(tmp_path / "ref64", "r64", stats_dir=tmp_path / "stats", feature_extractor=ext)
+    with caplog.at_level("WARNING", logger="xqtool.tasks.eval_fid"):
+        rep = evaluate_fid(tmp_path / "gen32", ref_stats="r64", stats_dir=tmp_path / "stats", feature_extractor=ext,
+                           kid=False, inception_score=False, report_path=None)
+    lines = [r.getMessage() for r in caplog.records if "resolution" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "32x32" in lines[0] and "64x64" in lines[0] and "'r64'" in lines[0]
+    assert any("resolution mismatch" in n for n in rep["notes"])
+    assert rep["resolution"]["gen"] == ["32x32"] and rep["resolution"]["ref"] == ["64x64"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xqtool.tasks.eval_fid"):
+        rep = evaluate_fid(tmp_path / "gen64", ref_stats="r64", stats_dir=tmp_path / "stats", feature_extractor=ext,
+                           kid=False, inception_score=False, report_path=None)
+    assert not [r for r in caplog.records if "resolution" in r.getMessage()]
+    assert not any("resolution mismatch" in n for n in rep["notes"])

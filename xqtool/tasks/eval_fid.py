@@ -518,6 +518,12 @@ def evaluate_fid(
     notes = []
     if gen_set.count >= 0 and gen_set.count < 10000:
         notes.append(f"only {gen_set.count} generated images: FID is biased upwards for small sets (papers use 50k)")
+    if gen_set.sizes and ref_set.sizes and set(gen_set.sizes) != set(ref_set.sizes):
+        what = f"statistics '{ref_stats}'" if ref_stats else "reference"
+        msg = (f"resolution mismatch: generated images are {', '.join(gen_set.sizes)} but the {what} were made at "
+               f"{', '.join(ref_set.sizes)}: FID across resolutions is not comparable (use --image-size)")
+        log.warning(msg)
+        notes.append(msg)
     if "stats" in (gen_set.kind, ref_set.kind) and ref_set.kind != "custom-stats":
         notes.append("precomputed mu/sigma were used: they are only comparable if made with the same extractor/mode")
     report = {
