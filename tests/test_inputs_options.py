@@ -154,3 +154,24 @@ def test_good_values_pass_validation():
     validate_command("sample", {"temperature": 0.7, "cfg": 0.0, "top_p": 1.0, "top_k": 0, "batch_size": 1,
                                 "per_class": 1, "num_samples": None, "seed": 0, "out": None, "npz": None})
     validate_command("encode", {"batch_size": 5, "num_workers": 0, "device": "cpu", "output": None})
+
+
+def test_every_numeric_option_of_every_command_has_a_rule():
+    """A new or renamed int/float option without a range in xqtool/validate.py fails here."""
+    import typing
+
+    import typer
+
+    from xqtool.validate import COMMAND_RULES, RULES
+
+    root = typer.main.get_command(app)
+    missing = []
+    for name, cmd in sorted(root.commands.items()):
+        fn = cmd.callback
+        while hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        for param, tp in typing.get_type_hints(fn).items():
+            numeric = any(t in (int, float) for t in (tp, *typing.get_args(tp)))
+            if param != "return" and numeric and param not in RULES and (name, param) not in COMMAND_RULES:
+                missing.append(f"{name} {param}")
+    assert not missing, missing
