@@ -69,7 +69,7 @@ def test_loss_falls_and_outputs(photos, tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents*"))
     assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
     assert "val/rfid" in res.last_val and math.isfinite(res.last_val["val/rfid"])
-    assert "val/usage/b1/s2" in res.last_val and "val/perplexity/b0/s0" in res.last_val
+    assert "val/codebook_usage/b1/s2" in res.last_val and "val/codebook_perplexity/b0/s0" in res.last_val
     # EMA differs from the raw weights and is what `best` holds (best == last here: same step)
     raw, ema = load_file(out / "best" / "model.safetensors"), load_file(out / "best" / "ema.safetensors")
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())

@@ -16,6 +16,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +33,32 @@ T = TypeVar("T")
 
 def _choices(*values: str) -> Dict[str, Any]:
     return {"choices": values}
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose booleans are only ``true``/``false`` (any case), as in YAML 1.2.
+
+    YAML 1.1 also reads ``yes/no/on/off/y/n`` as booleans, which turns ``mixed_precision: no`` into
+    ``False``. With this loader those words stay strings; boolean fields still accept them
+    (:func:`_coerce` maps ``yes/on/y/1`` to True and ``no/off/n/0`` to False).
+    """
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+_TRUE_WORDS = ("true", "yes", "on", "y", "1")
+_FALSE_WORDS = ("false", "no", "off", "n", "0")
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely with :class:`ConfigLoader` (no object construction, YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader subclass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,8 +286,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(f"'{key}' must be true or false, got {value!r}")
@@ -279,17 +307,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        number: Optional[float] = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-5" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):  # a mapping parsed elsewhere with YAML 1.1 booleans (no/off/yes/on)
+            raise ConfigError(f"'{key}' must be a string, got {value!r}: quote it, e.g. '{key.split('.')[-1]}: \"no\"'")
         raise ConfigError(f"'{key}' must be a string, got {value!r}")
     return value
 
@@ -325,6 +360,9 @@ def _build(cls: Type[T], data: Mapping[str, Any], where: str) -> T:
         else:
             value = _coerce(value, tp, full)
             choices = fields[key].metadata.get("choices")
+            if choices and value not in choices and isinstance(value, str):
+                same = [c for c in choices if str(c).lower() == value.lower()]  # 'No', 'BF16'
+                value = same[0] if same else value
             if choices and value not in choices:
                 raise ConfigError(
                     f"'{full}' must be one of {', '.join(map(str, choices))}; got {value!r}{_suggest(str(value), choices)}"
@@ -383,7 +421,7 @@ def parse_overrides(overrides: Optional[Iterable[str]]) -> List[Tuple[str, Any]]
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         result.append((key, value))
@@ -391,12 +429,12 @@ def parse_overrides(overrides: Optional[Iterable[str]]) -> List[Tuple[str, Any]]
 
 
 def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load`` (ConfigError if missing, unreadable or not a mapping)."""
+    """Read a YAML mapping with :func:`yaml_load` (safe; ConfigError if missing, unreadable or not a mapping)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -568,6 +606,9 @@ def validate_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
         raise ConfigError("train.global_batch_size and train.grad_accum must be positive")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    from xqtool.validate import TOKENIZER_CONFIG_RULES, check_config_ranges
+
+    check_config_ranges(cfg, TOKENIZER_CONFIG_RULES)
     return cfg
 
 

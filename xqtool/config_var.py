@@ -165,6 +165,9 @@ def load_var_config(source: Union[str, Path, Mapping[str, Any], None],
         raise ConfigError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     if cfg.train.global_batch_size < 1:
         raise ConfigError(f"train.global_batch_size must be >= 1, got {cfg.train.global_batch_size}")
+    from xqtool.validate import VAR_CONFIG_RULES, check_config_ranges
+
+    check_config_ranges(cfg, VAR_CONFIG_RULES)
     return cfg
 
 

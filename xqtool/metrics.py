@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -154,6 +154,61 @@ def codebook_stats(indices: ArrayLike, K: int) -> dict[str, float]:
     nz = p[p > 0]
     entropy = float(-(nz * nz.log()).sum())
     return {"usage": float((counts > 0).sum()) / K, "perplexity": math.exp(entropy)}
+
+
+def code_histogram(tokens: torch.Tensor, K: int, scales: Optional[Sequence[int]]) -> torch.Tensor:
+    """Exact code counts of token ids ``[N, P, L]`` (L = sum of scale sides squared, coarse to fine)
+    -> LongTensor ``[P, S, K]``: how often each code appears at each scale of each branch. Histograms of
+    several batches (or processes) add up. ``scales=None``: all L positions form one group (S = 1)."""
+    tokens = torch.as_tensor(tokens).long()
+    n, P, L = tokens.shape
+    if scales is None:
+        return torch.stack([torch.bincount(tokens[:, b].reshape(-1), minlength=K)[:K] for b in range(P)])[:, None]
+    if L != sum(int(p) * int(p) for p in scales):
+        raise ValueError(f"tokens have {L} positions per branch, scales {list(scales)} need {sum(p * p for p in scales)}")
+    hist = torch.zeros(P, len(scales), K, dtype=torch.long, device=tokens.device)
+    offs = 0
+    for si, pn in enumerate(scales):
+        ids = tokens[:, :, offs : offs + pn * pn]
+        for b in range(P):
+            hist[b, si] += torch.bincount(ids[:, b].reshape(-1), minlength=K)[:K]
+        offs += pn * pn
+    return hist
+
+
+def _perplexity(counts: torch.Tensor) -> float:
+    total = float(counts.sum())
+    if total <= 0:
+        return 0.0
+    p = counts.double() / total
+    nz = p[p > 0]
+    return math.exp(float(-(nz * nz.log()).sum()))
+
+
+def codebook_usage_metrics(hist: torch.Tensor) -> Dict[str, Any]:
+    """Report-side codebook usage of a histogram ``[P, S, K]`` from :func:`code_histogram`.
+
+    One definition per name (exact counts over the whole evaluated set, never per batch):
+
+    * ``codes_used`` ``[P]``: number of distinct codes of branch p that appear at least once, any scale;
+    * ``codebook_usage`` ``[P]``: ``codes_used / K``;
+    * ``codes_used_per_scale`` ``[P][S]`` and ``codebook_usage_per_scale`` ``[P][S]``: the same at each scale;
+    * ``codebook_perplexity`` ``[P]`` / ``codebook_perplexity_per_scale`` ``[P][S]``: exp(entropy) of the counts.
+
+    (The training-time EMA usage of spec §3.1/§3.5 is a different quantity, logged under its own name.)
+    """
+    hist = hist.detach().long().cpu()
+    P, S, K = hist.shape
+    per_scale = (hist > 0).sum(-1)                 # [P, S]
+    union = (hist.sum(1) > 0).sum(-1)              # [P]
+    return {
+        "codes_used": [int(v) for v in union],
+        "codebook_usage": [int(v) / K for v in union],
+        "codes_used_per_scale": [[int(v) for v in row] for row in per_scale],
+        "codebook_usage_per_scale": [[int(v) / K for v in row] for row in per_scale],
+        "codebook_perplexity": [_perplexity(hist[b].sum(0)) for b in range(P)],
+        "codebook_perplexity_per_scale": [[_perplexity(hist[b, s]) for s in range(S)] for b in range(P)],
+    }
 
 
 # ----------------------------------------------------------------------------------------------

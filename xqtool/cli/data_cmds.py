@@ -128,7 +128,7 @@ def encode(
     flip: Annotated[bool, typer.Option("--flip", help="Also encode the horizontally flipped image (rows k, k@flip).")] = False,
     ten_crop: Annotated[bool, typer.Option("--ten-crop", help="Encode 10 crops per image (rows k@crop0..k@crop9).")] = False,
     bad_files: BadFiles = BadFilesPolicy.skip,
-    unit_size: Annotated[int, typer.Option("--unit-size", min=1, help="Files per resumable work unit (folder/list sources).")] = 1000,
+    unit_size: Annotated[int, typer.Option("--unit-size", help="Files per resumable work unit (folder/list sources).")] = 1000,
 ) -> None:
     """Encode images into token ids, streaming (memory bounded by the batch) and resumable.
 
@@ -197,13 +197,13 @@ def make_shards_cmd(
     source: Annotated[str, typer.Argument(help="Any image source (folder, class tree, .txt list, image, shards).")],
     legacy_out: Annotated[Optional[Path], typer.Argument(hidden=True, help="Deprecated: use -o/--output.")] = None,
     output: Annotated[Optional[Path], output_option("Output folder for PREFIX-000000.tar ... + shards.json.")] = None,
-    maxcount: Annotated[int, typer.Option("--maxcount", min=1, help="Samples per shard.")] = 1000,
+    maxcount: Annotated[int, typer.Option("--maxcount", help="Samples per shard.")] = 1000,
     image_format: Annotated[str, typer.Option("--format", help="jpg (quality --quality) or png (lossless).")] = "jpg",
-    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG quality.")] = 95,
+    quality: Annotated[int, typer.Option("--quality", help="JPEG quality.")] = 95,
     prefix: Annotated[str, typer.Option("--prefix", help="Shard file name prefix.")] = "shard",
     bad_files: BadFiles = BadFilesPolicy.skip,
-    nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes that will read the shards (for the too-few-shards warning).")] = 1,
-    reader_workers: Annotated[int, typer.Option("--reader-workers", min=1, help="DataLoader workers per node that will read them (for the same warning).")] = 4,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes that will read the shards (for the too-few-shards warning).")] = 1,
+    reader_workers: Annotated[int, typer.Option("--reader-workers", help="DataLoader workers per node that will read them (for the same warning).")] = 4,
 ) -> None:
     """Pack images into WebDataset shards (jpg/png + cls + json with original size and path).
 

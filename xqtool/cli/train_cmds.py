@@ -53,9 +53,11 @@ def _summary(result: Any, title: str, cfg: Any) -> None:
     t.add_row("status", f"[{colour}]{result.status}[/] at step {result.step}/{result.total_steps}")
     if result.best_value is not None:
         t.add_row("best", f"{result.best_metric} = {result.best_value:.4f} (step {result.best_step})")
-    for k in ("val/psnr", "val/ssim", "val/rfid", "val/codebook_usage"):
+    for k in ("val/psnr", "val/ssim", "val/rfid"):
         if k in result.last_val:
             t.add_row(k, f"{result.last_val[k]:.4f}")
+    for k in sorted(k for k in result.last_val if k.startswith("val/codebook_usage/b") and k.count("/") == 2):
+        t.add_row(k, f"{result.last_val[k]:.4f}")  # distinct codes / K of one branch over the validation set
     t.add_row("images/s", f"{result.images_per_sec:.1f}")
     prec = cfg.train.mixed_precision
     t.add_row("ran on", run_facts("fp32" if prec == "no" else prec))
@@ -93,7 +95,7 @@ def train_tokenizer_cmd(
     resume: Resume = None,
     output: Annotated[Optional[Path], output_option("Run folder (default: train.results_dir of the config).")] = None,
     max_steps: MaxSteps = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", min=0, help=HELP_NUM_WORKERS)] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", help=HELP_NUM_WORKERS)] = None,
     precision: OptPrecision = None,
     seed: OptSeed = None,
     no_progress: NoProgress = False,
@@ -128,7 +130,7 @@ def finetune_cmd(
     resume: Resume = None,
     output: Annotated[Optional[Path], output_option("Run folder (default: train.results_dir of the config).")] = None,
     max_steps: MaxSteps = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", min=0, help=HELP_NUM_WORKERS)] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", help=HELP_NUM_WORKERS)] = None,
     precision: OptPrecision = None,
     seed: OptSeed = None,
     no_progress: NoProgress = False,

@@ -52,7 +52,7 @@ def train_var_cmd(
     set_: SetOverrides = None,
     resume: Resume = None,
     max_steps: MaxSteps = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", min=0, help=HELP_NUM_WORKERS)] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", help=HELP_NUM_WORKERS)] = None,
     precision: OptPrecision = None,
     seed: OptSeed = None,
     device: Device = None,

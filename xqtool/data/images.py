@@ -10,8 +10,10 @@ Public API::
 Samples are dicts ``{"image": FloatTensor [3, S, S] in [-1, 1], "label": int (-1 unknown),
 "key": str, "path": str, "bad": list[(name, reason)]}``.
 
-Bad inputs (corrupt / truncated / zero-byte files, non-images in a folder, decompression bombs over
-PIL's ``Image.MAX_IMAGE_PIXELS``, bad shard members, unreadable shards) follow ``bad_files``:
+Images are read as displayed by :func:`xqtool.data.reading.decode_image` (EXIF orientation, exact
+16-bit scaling; ``read_options``). Bad inputs (corrupt / truncated / zero-byte files, non-images in a
+folder, unreadable folders, decompression bombs over PIL's ``Image.MAX_IMAGE_PIXELS``, images over the
+aspect-ratio limit, 32-bit ``I``/``F`` images, bad shard members, unreadable shards) follow ``bad_files``:
 
 * ``"skip"`` (default): the input is skipped, logged, and reported. Each sample's ``"bad"`` lists the
   inputs skipped (by the same reader) since the previous sample, so reports survive DataLoader worker
@@ -31,17 +33,16 @@ apply the ADM random-resize-crop and flip, and with ``resample=True`` never end.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import random
-import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from xqtool.data.reading import BadInput, ReadOptions, decode_image
 from xqtool.data.shards import iter_shard_records, shard_url_stream, warn_if_few_shards
 from xqtool.data.sources import RawRecord, SourceLike, SourceSpec, file_records, resolve_source
 from xqtool.data.transforms import eval_transform, train_transform
@@ -55,42 +56,11 @@ _MAX_BAD_WARNINGS = 20
 BadList = List[Tuple[str, str]]
 
 
-class BadInput(Exception):
-    """Internal: an input that cannot be turned into an image (message = the reason)."""
-
-
 def check_policy(bad_files: str) -> str:
     """Validate a bad-file policy name."""
     if bad_files not in BAD_FILE_POLICIES:
         raise DataError(f"bad_files must be 'skip' or 'fail', not {bad_files!r}")
     return bad_files
-
-
-def decode_image(data: Optional[bytes]) -> Image.Image:
-    """Decode image bytes fully -> PIL image (any mode). Raises BadInput with a short reason."""
-    if data is None or len(data) == 0:
-        raise BadInput("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
-            img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and w * h > limit:
-            raise BadInput(f"decompression bomb: {w}x{h} = {w * h} pixels > PIL limit {limit}")
-        img.load()
-    except BadInput:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise BadInput(f"decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise BadInput("not a readable image (unknown format or corrupt header)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
-        msg = str(exc).split("\n")[0][:200]
-        raise BadInput(f"truncated or corrupt image ({type(exc).__name__}: {msg})") from None
-    if img.size[0] < 1 or img.size[1] < 1:
-        raise BadInput("image has zero width or height")
-    return img
 
 
 def process_records(
@@ -99,17 +69,20 @@ def process_records(
     *,
     bad_files: str,
     on_bad: Callable[[str, str], None],
+    options: Optional[ReadOptions] = None,
 ) -> Iterator[Tuple[RawRecord, Any]]:
-    """Decode and transform each record -> (record, views(image)); bad inputs go to the policy.
+    """Decode (:func:`~xqtool.data.reading.decode_image` with `options`, default from the environment)
+    and transform each record -> (record, views(image)); bad inputs go to the policy.
 
     Under ``"skip"`` each bad input calls ``on_bad(name, reason)``; under ``"fail"`` a DataError
     naming it is raised.
     """
+    opts = options if options is not None else ReadOptions.from_env()
     for rec in records:
         try:
             if rec.error is not None:
                 raise BadInput(rec.error)
-            out = views(decode_image(rec.data))
+            out = views(decode_image(rec.data, opts))
         except BadInput as exc:
             reason = str(exc)
             if bad_files == "fail":
@@ -152,6 +125,7 @@ class ImageStream(IterableDataset):
         seed: int = 0,
         resample: bool = False,
         shuffle_buffer: int = 1000,
+        read_options: Optional[ReadOptions] = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -161,6 +135,7 @@ class ImageStream(IterableDataset):
         self.seed = int(seed)
         self.resample = bool(resample)
         self.shuffle_buffer = int(shuffle_buffer)
+        self.read_options = read_options if read_options is not None else ReadOptions.from_env()
         self.epoch = 0
         self.emit_markers = False
         self._log = _BadLog()
@@ -229,7 +204,9 @@ class ImageStream(IterableDataset):
             views: Callable[[Image.Image], torch.Tensor] = lambda img: tf(img, rng)  # noqa: E731
         else:
             views = eval_transform(self.image_size)
-        for rec, image in process_records(records, views, bad_files=self.bad_files_policy, on_bad=self._log):
+        for rec, image in process_records(
+            records, views, bad_files=self.bad_files_policy, on_bad=self._log, options=self.read_options
+        ):
             yield {"image": image, "label": int(rec.label), "key": rec.key, "path": rec.name, "bad": self._log.take()}
         trailing = self._log.take()
         if trailing and self.emit_markers:
@@ -244,6 +221,7 @@ def open_image_source(
     bad_files: str = "skip",
     seed: int = 0,
     resample: bool = False,
+    read_options: Optional[ReadOptions] = None,
 ) -> ImageStream:
     """Open any image source as an IterableDataset of preprocessed samples.
 
@@ -255,13 +233,15 @@ def open_image_source(
         bad_files: ``"skip"`` (skip, count, report) or ``"fail"`` (DataError naming the input).
         seed: shuffling / augmentation seed.
         resample: endless stream (files: epoch after epoch; shards: ``wds.ResampledShards``).
+        read_options: EXIF orientation and aspect-ratio limit (default :meth:`ReadOptions.from_env`).
 
     Yields dicts ``{"image": FloatTensor [3, S, S] in [-1, 1], "label": int, "key": str, "path": str,
     "bad": list[(name, reason)]}``. Raises DataError for a missing or empty source.
     """
     spec = resolve_source(source)
     return ImageStream(
-        spec, image_size=image_size, train=train, bad_files=bad_files, seed=seed, resample=resample
+        spec, image_size=image_size, train=train, bad_files=bad_files, seed=seed, resample=resample,
+        read_options=read_options,
     )
 
 
@@ -350,6 +330,7 @@ def make_loader(
     seed: int = 0,
     resample: bool = False,
     drop_last: bool = False,
+    read_options: Optional[ReadOptions] = None,
 ) -> ImageLoader:
     """DataLoader over :func:`open_image_source` -> batches
     ``{"image": FloatTensor [B, 3, S, S] in [-1, 1], "label": LongTensor [B], "key": list[str],
@@ -357,6 +338,7 @@ def make_loader(
     from all workers. ``drop_last`` drops each reader's final partial batch.
     """
     ds = open_image_source(
-        source, image_size=image_size, train=train, bad_files=bad_files, seed=seed, resample=resample
+        source, image_size=image_size, train=train, bad_files=bad_files, seed=seed, resample=resample,
+        read_options=read_options,
     )
     return ImageLoader(ds, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last)

@@ -12,6 +12,10 @@ Accepted sources (see :func:`resolve_source`):
   ``::``-separated lists, ``http(s)://``, ``pipe:``, ``gs://`` or ``s3://`` URLs;
 * a Python list of image paths.
 
+Folders are walked following folder symlinks, but each real folder is read once (symlink loops end) and
+each real file is listed once (the first path found, in sorted order); folders that cannot be read
+become bad inputs named ``<folder>`` with the reason, under the bad-file policy.
+
 Keys: for folders, the path relative to the root without its extension (POSIX separators); for file
 lists, the path relative to the deepest common folder of the listed files; for shards, ``__key__``.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from xqtool.errors import DataError
 
@@ -106,14 +110,40 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def _walk_files(root: Path) -> List[Path]:
+def _walk_files(root: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
+    """All non-hidden files under `root` (following folder symlinks, each real folder visited once)
+    -> (files, [(unreadable folder, reason)])."""
     out: List[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    errors: List[Tuple[Path, str]] = []
+    seen: Set[str] = set()
+
+    def onerror(exc: OSError) -> None:
+        errors.append((Path(exc.filename or root), f"cannot read folder: {exc.strerror or exc}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=onerror):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink back into the tree (loop) or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or name in IGNORED_NAMES:
                 continue
             out.append(Path(dirpath) / name)
+    return out, errors
+
+
+def _unique_real_paths(items: List[FileItem]) -> List[FileItem]:
+    """Drop items whose file (after resolving symlinks) was already listed; the first one is kept."""
+    seen: Set[str] = set()
+    out = []
+    for it in items:
+        real = os.path.realpath(it.path) if it.error is None else f"\0{it.path}"
+        if real in seen:
+            continue
+        seen.add(real)
+        out.append(it)
     return out
 
 
@@ -141,12 +171,15 @@ def _dedupe_keys(items: List[FileItem]) -> List[FileItem]:
 
 def _folder_items(root: Path, label: int, key_root: Path) -> List[FileItem]:
     items = []
-    for path in _walk_files(root):
+    files, unreadable = _walk_files(root)
+    for path in files:
         rel = path.relative_to(key_root)
         if _hidden(rel):
             continue
         error = None if _is_image(path) else "not an image file (unknown extension)"
         items.append(FileItem(str(path), _key_for(rel), label, error))
+    for path, reason in unreadable:
+        items.append(FileItem(str(path), _key_for(path.relative_to(key_root)) + "/", label, reason))
     return items
 
 
@@ -158,7 +191,7 @@ def _resolve_dir(root: Path) -> SourceSpec:
     if not top_images and shards and not subdirs:
         return SourceSpec("shards", f"{len(shards)} shards in {root}", urls=[str(p) for p in shards])
     if top_images or not subdirs:
-        items = _dedupe_keys(_folder_items(root, -1, root))
+        items = _dedupe_keys(_unique_real_paths(_folder_items(root, -1, root)))
         return SourceSpec("files", f"image folder {root}", items=items)
     classes = [p.name for p in subdirs]
     items: List[FileItem] = []
@@ -168,7 +201,10 @@ def _resolve_dir(root: Path) -> SourceSpec:
     for p in entries:
         if p.is_file() and p.name not in IGNORED_NAMES:
             items.append(FileItem(str(p), _key_for(p.relative_to(root)), -1, "not an image file (outside class folders)"))
-    return SourceSpec("files", f"class tree {root} ({len(classes)} classes)", items=_dedupe_keys(items), classes=classes)
+    return SourceSpec(
+        "files", f"class tree {root} ({len(classes)} classes)", items=_dedupe_keys(_unique_real_paths(items)),
+        classes=classes,
+    )
 
 
 def _parse_list_line(line: str, base: Path) -> tuple:

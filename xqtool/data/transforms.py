@@ -21,29 +21,42 @@ import numpy as np
 import torch
 from PIL import Image
 
-#: One-line description of the evaluation/encoding preprocessing, written into manifests and reports.
-EVAL_PREPROCESSING = (
-    "RGB (alpha over white, 16-bit scaled to 8-bit); ADM center crop: BOX halving while the shorter side >= 2S, "
+from xqtool.data.reading import BadInput, ReadOptions
+
+#: One-line description of the evaluation/encoding preprocessing (default read options), for manifests.
+_EVAL_STEPS = (
+    "RGB (alpha over white, 16-bit round(v/257)); ADM center crop: BOX halving while the shorter side >= 2S, "
     "bicubic resize of the shorter side to S, center crop SxS; x/127.5-1 in [-1,1]"
 )
+
+
+def eval_preprocessing(options: Optional[ReadOptions] = None) -> str:
+    """One-line description of the evaluation/encoding preprocessing with the read options in force
+    (default :meth:`ReadOptions.from_env`), for manifests and reports."""
+    opts = options if options is not None else ReadOptions.from_env()
+    return f"{opts.describe()}; {_EVAL_STEPS}"
+
+
+EVAL_PREPROCESSING = eval_preprocessing(ReadOptions())
 #: One-line description of the training preprocessing.
 TRAIN_PREPROCESSING = (
     "RGB; ADM random-resize-crop: shorter side uniform in [ceil(S/1.0), ceil(S/0.8)], BOX halving, bicubic resize, "
     "random SxS crop; random horizontal flip; x/127.5-1 in [-1,1]"
 )
 
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer or float single-channel image to 8-bit 'L'."""
-    arr = np.asarray(img, dtype=np.float64)
-    if img.mode == "F":
-        hi = float(arr.max()) if arr.size else 1.0
-        arr = arr * (255.0 if hi <= 1.0 else 1.0)
-    elif arr.size and arr.max() > 255:
-        arr = arr / 257.0  # 0..65535 -> 0..255
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    """Scale a 16-bit grayscale image to 8-bit 'L' by its mode: round(v / 257), whatever the content.
+
+    Mode ``I`` is accepted as the 16-bit PNG reading of older Pillow versions (values 0..65535);
+    :func:`xqtool.data.reading.decode_image` refuses ``I`` images from other formats.
+    """
+    arr = np.asarray(img, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise BadInput(f"mode {img.mode} image with values outside 0..65535 has no defined 8-bit scale")
+    return Image.fromarray(((arr * 2 + 257) // 514).astype(np.uint8), mode="L")  # round(v / 257)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -51,11 +64,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     Grayscale ('1', 'L') is replicated; palette images are expanded (through RGBA when they carry
     transparency); images with alpha ('RGBA', 'LA', 'PA', 'La', 'RGBa') are composited over white;
-    CMYK / YCbCr / LAB / HSV are converted; 16-bit and 32-bit single-channel images ('I;16', 'I', 'F')
-    are scaled to 8 bits first.
+    CMYK / YCbCr / LAB / HSV are converted; 16-bit grayscale ('I;16*', 'I' from PNG) is scaled by
+    round(v / 257). Float images ('F') raise :class:`~xqtool.data.reading.BadInput`.
     """
     if img.mode == "RGB":
         return img
+    if img.mode == "F":
+        raise BadInput("32-bit float image (mode F) has no defined 8-bit scale: convert it to 8 or 16-bit")
     if img.mode in _SIXTEEN_BIT_MODES:
         return _sixteen_bit_to_l(img).convert("RGB")
     if img.mode == "P":
@@ -74,19 +89,44 @@ def _box_halve(img: Image.Image, target: int) -> Image.Image:
     return img
 
 
-def _resize_shorter(img: Image.Image, shorter: int) -> Image.Image:
+def _resized_size(img: Image.Image, shorter: int) -> tuple:
+    """(W, H) of the image after resizing its shorter side to `shorter` (ADM rounding)."""
     scale = shorter / min(img.size)
-    size = tuple(max(shorter, round(x * scale)) for x in img.size)
-    return img.resize(size, resample=Image.BICUBIC)
+    return tuple(max(shorter, round(x * scale)) for x in img.size)
+
+
+#: Resized images larger than this many crop windows (aspect ratio > 4) are resized window-only.
+_WINDOW_AREA_FACTOR = 4
+
+
+def _resize_crop(img: Image.Image, shorter: int, top: int, left: int, side: int) -> np.ndarray:
+    """The ``side x side`` window at (top, left) of the image resized (bicubic) to shorter side `shorter`.
+
+    For aspect ratios up to 4 it resizes the whole image and crops (the ADM path). Beyond, the result is
+    the same up to rounding (max 2 levels in rare pixels; Pillow's horizontal-then-vertical passes, up to
+    float rounding of the window's source coordinates), but only the window is computed: the source
+    rows the vertical pass reads are cut out first, then each pass resizes only its window
+    (``Image.resize(box=...)``), so a 1x32000 strip never becomes a 256x8192000 image.
+    """
+    w, h = img.size
+    W, H = _resized_size(img, shorter)
+    if W * H <= _WINDOW_AREA_FACTOR * side * side:  # ordinary aspect ratios: the plain ADM path, bit for bit
+        return np.asarray(img.resize((W, H), resample=Image.BICUBIC))[top : top + side, left : left + side]
+    sx, sy = w / W, h / H
+    support = 2.0 * max(sy, 1.0) + 2.0  # bicubic support (2) in source rows, plus rounding slack
+    r0 = max(0, int(math.floor(top * sy - support)))
+    r1 = min(h, int(math.ceil((top + side) * sy + support)))
+    rows = img.crop((0, r0, w, r1))
+    rows = rows.resize((side, r1 - r0), resample=Image.BICUBIC, box=(left * sx, 0, (left + side) * sx, r1 - r0))
+    out = rows.resize((side, side), resample=Image.BICUBIC, box=(0, top * sy - r0, side, (top + side) * sy - r0))
+    return np.asarray(out)
 
 
 def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
     """ADM center crop of an RGB image -> uint8 array [S, S, 3]."""
-    img = _resize_shorter(_box_halve(img, image_size), image_size)
-    arr = np.asarray(img)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return np.ascontiguousarray(arr[top : top + image_size, left : left + image_size])
+    img = _box_halve(img, image_size)
+    W, H = _resized_size(img, image_size)
+    return np.ascontiguousarray(_resize_crop(img, image_size, (H - image_size) // 2, (W - image_size) // 2, image_size))
 
 
 def random_crop_arr(
@@ -100,11 +140,11 @@ def random_crop_arr(
     lo = math.ceil(image_size / max_crop_frac)
     hi = math.ceil(image_size / min_crop_frac)
     shorter = rng.randrange(lo, hi + 1)
-    img = _resize_shorter(_box_halve(img, shorter), shorter)
-    arr = np.asarray(img)
-    top = rng.randrange(arr.shape[0] - image_size + 1)
-    left = rng.randrange(arr.shape[1] - image_size + 1)
-    return np.ascontiguousarray(arr[top : top + image_size, left : left + image_size])
+    img = _box_halve(img, shorter)
+    W, H = _resized_size(img, shorter)
+    top = rng.randrange(H - image_size + 1)
+    left = rng.randrange(W - image_size + 1)
+    return np.ascontiguousarray(_resize_crop(img, shorter, top, left, image_size))
 
 
 def ten_crop_arrs(img: Image.Image, image_size: int, scale: float = 1.1) -> List[np.ndarray]:

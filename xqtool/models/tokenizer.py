@@ -231,6 +231,16 @@ class XQTokenizer(nn.Module):
         return self.decode_fhat(self.quantizer.tokens_to_fhat(tokens))
 
     @torch.inference_mode()
+    def decode_each(self, tokens: Tensor) -> Tensor:
+        """Batch-size-invariant :meth:`decode`: token ids ``[B, P, L]`` -> images ``[B, 3, S, S]`` in [-1, 1].
+
+        Each row is turned into f_hat and decoded on its own, so an image's float rounding (and its PNG
+        bytes) never depends on which other rows share the batch (conv/matmul kernels block by batch size).
+        """
+        tokens = self._as_tokens(tokens)
+        return torch.cat([self.decode(tokens[j : j + 1]) for j in range(tokens.shape[0])], dim=0)
+
+    @torch.inference_mode()
     def reconstruct(self, images: Tensor) -> Tensor:
         """Images → tokens → images, all scales (``== decode(encode(images))``)."""
         return self.decode_fhat(self.quantizer.tokens_to_fhat(self.quantizer.quantize(self.encode_latents(images))))

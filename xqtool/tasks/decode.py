@@ -139,17 +139,17 @@ def decode_tokens(
         ids = torch.from_numpy(arr.astype(np.int64)).to(dev)
         amp = torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with torch.inference_mode(), amp:
-            images = to_uint8(tok.decode(ids))
+            images = to_uint8(tok.decode_each(ids))  # one image at a time: PNGs independent of -b
             strips = None
-            if progressive:
-                rows = [tok.decode_progressive(ids)] + [tok.decode_progressive(ids, branches=[b]) for b in range(P)]
-                strips = [[to_uint8(img) for img in row] for row in rows]  # [row][scale] -> [B,S,S,3]
+            if progressive:  # per image: [row][scale] -> [S,S,3]; rows = all branches, then each branch
+                strips = [[[to_uint8(img)[0] for img in tok.decode_progressive(ids[j : j + 1], branches=br)]
+                           for br in [None] + [[b] for b in range(P)]] for j in range(ids.shape[0])]
         for j, key in enumerate(keys):
             target = out / png_relpath(key)
             atomic_write_bytes(target, _png_bytes(images[j]))
             result.files.append(target)
             if strips is not None:
-                strip = _strip([[scale[j] for scale in row] for row in strips])
+                strip = _strip(strips[j])
                 ptarget = out / png_relpath(key, ".progressive.png")
                 atomic_write_bytes(ptarget, _png_bytes(strip))
                 result.progressive_files.append(ptarget)

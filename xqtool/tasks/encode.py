@@ -34,7 +34,7 @@ from xqtool.data.images import check_policy, process_records
 from xqtool.data.shards import iter_shard_records, write_token_shard
 from xqtool.data.sources import SourceLike, SourceSpec, file_records, resolve_source
 from xqtool.data.tokens import TokenManifest, manifest_path, token_dtype
-from xqtool.data.transforms import EVAL_PREPROCESSING, view_names, view_transform
+from xqtool.data.transforms import eval_preprocessing, view_names, view_transform
 from xqtool.errors import ConfigError, DataError
 from xqtool.fsutil import atomic_path, atomic_write_text
 
@@ -351,7 +351,7 @@ def encode_images(
     manifest = TokenManifest.from_tokenizer(
         tok,
         checkpoint=str(ckpt) if ckpt is not None else "",
-        preprocessing=EVAL_PREPROCESSING,
+        preprocessing=eval_preprocessing(),
         augmentation=augmentation,
         views=n_views,
         source=spec.description,

@@ -87,9 +87,9 @@ def _adm_text(size: int) -> str:
     """The data layer's eval preprocessing text with S filled in."""
     import re
 
-    from xqtool.data.transforms import EVAL_PREPROCESSING
+    from xqtool.data.transforms import eval_preprocessing
 
-    text = EVAL_PREPROCESSING.replace("2S", str(2 * size)).replace("SxS", f"{size}x{size}")
+    text = eval_preprocessing().replace("2S", str(2 * size)).replace("SxS", f"{size}x{size}")
     return re.sub(r"\bS\b", str(size), text)
 
 
@@ -116,8 +116,7 @@ class _ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
+        from xqtool.data.reading import decode_image
         from xqtool.data.transforms import center_crop_arr, to_rgb
 
         path = self.files[i]
@@ -125,9 +124,7 @@ class _ImageFiles(Dataset):
             if path.suffix.lower() == ".npy":
                 arr = np.load(path, allow_pickle=False)
             else:
-                with Image.open(path) as im:
-                    img = to_rgb(im)
-                    img.load()
+                img = to_rgb(decode_image(path.read_bytes()))  # EXIF orientation, exact 16-bit scaling
                 arr = center_crop_arr(img, self.image_size) if self.image_size else np.asarray(img)
         except Exception as exc:  # noqa: BLE001 - unreadable input is a user/data error
             raise DataError(f"cannot read image {path}: {exc}".splitlines()[0]) from None
@@ -521,6 +518,12 @@ def evaluate_fid(
     notes = []
     if gen_set.count >= 0 and gen_set.count < 10000:
         notes.append(f"only {gen_set.count} generated images: FID is biased upwards for small sets (papers use 50k)")
+    if gen_set.sizes and ref_set.sizes and set(gen_set.sizes) != set(ref_set.sizes):
+        what = f"statistics '{ref_stats}'" if ref_stats else "reference"
+        msg = (f"resolution mismatch: generated images are {', '.join(gen_set.sizes)} but the {what} were made at "
+               f"{', '.join(ref_set.sizes)}: FID across resolutions is not comparable (use --image-size)")
+        log.warning(msg)
+        notes.append(msg)
     if "stats" in (gen_set.kind, ref_set.kind) and ref_set.kind != "custom-stats":
         notes.append("precomputed mu/sigma were used: they are only comparable if made with the same extractor/mode")
     report = {
@@ -609,7 +612,7 @@ def evaluate_rfid(
     from xqtool.checkpoint import load_tokenizer
     from xqtool.config import config_hash
     from xqtool.data.images import make_loader
-    from xqtool.metrics import codebook_stats, from_uint8, to_uint8
+    from xqtool.metrics import code_histogram, codebook_usage_metrics, from_uint8, to_uint8
 
     _check_mode(mode)
     if lpips not in ("auto", "on", "off"):
@@ -673,7 +676,8 @@ def evaluate_rfid(
     dist = _distribution_metrics(fake, real, kid=kid, isc=True, kid_subsets=kid_subsets, is_splits=10, seed=seed)
     ps, ss = torch.cat(psnrs), torch.cat(ssims)
     toks = torch.cat(tokens_all)  # [N, P, L]
-    usage = [codebook_stats(toks[:, b], int(tok.codebook_size)) for b in range(toks.shape[1])]
+    scales = getattr(tok, "scales", None)  # None (toy tokenizers): all positions as one group
+    usage = codebook_usage_metrics(code_histogram(toks, int(tok.codebook_size), scales))
     metrics = {
         "rfid": dist["fid"],
         "kid": dist["kid"],
@@ -681,8 +685,7 @@ def evaluate_rfid(
         "psnr": float(ps.mean()),
         "ssim": float(ss.mean()),
         "lpips": float(torch.cat(lps).mean()) if lps else None,
-        "codebook_usage": [u["usage"] for u in usage],
-        "codebook_perplexity": [u["perplexity"] for u in usage],
+        **usage,  # codebook_usage [P], codebook_usage_per_scale [P][S], codes_used ..., see metrics.py
     }
     try:
         chash = config_hash(tok.config)

@@ -156,9 +156,10 @@ def sample_images(
 ) -> SampleResult:
     """Sample ``len(labels)`` images. `var` / `tokenizer` are models or checkpoint paths (loaded frozen, eval).
 
-    Tokens and f_hat never depend on the batch size. The tokenizer decoder's float rounding can (kernels pick
-    different blockings per batch size), so images are decoded ``decode_batch`` (default 1) at a time: with 1 the
-    PNG/npz bytes are identical whatever ``batch_size`` or the number of processes. ``pack`` (CPU only) runs the
+    Tokens never depend on the batch size; the sampler's running f_hat and the tokenizer decoder's float
+    rounding can (kernels pick different blockings per batch size), so each image's f_hat is rebuilt from its
+    tokens and decoded ``decode_batch`` (default 1) at a time: with 1 the PNG/npz bytes are identical whatever
+    ``batch_size`` or the number of processes, and equal to ``xqtool decode`` of the same tokens. ``pack`` (CPU only) runs the
     transformer's linears on oneDNN pre-packed weights (``VAR.packed_linears``): faster, one extra weight copy.
     """
     from accelerate import Accelerator
@@ -223,9 +224,9 @@ def sample_images(
                 out = sample_tokens(var, tokenizer.quantizer, lab, cfg=cfg, top_k=top_k, top_p=top_p,
                                     temperature=temperature, seeds=[seed + int(i) for i in idx],
                                     use_cache=use_cache, amp_dtype=amp)
-            with torch.no_grad():
+            with torch.no_grad():  # f_hat again from the tokens, one image at a time: batch-size invariant
                 step = max(int(decode_batch), 1)
-                images = np.concatenate([to_uint8(tokenizer.decode_fhat(out.f_hat[j:j + step]))
+                images = np.concatenate([to_uint8(tokenizer.decode(out.tokens[j:j + step]))
                                          for j in range(0, len(idx), step)])
             if out_dir is not None:
                 for i, arr in zip(idx, images):

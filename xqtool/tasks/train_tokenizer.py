@@ -630,7 +630,7 @@ class TokenizerTrainer:
     @torch.no_grad()
     def validate(self, step: int) -> Dict[str, float]:
         """PSNR/SSIM/rFID and codebook usage on the held-out set (EMA weights when EMA is on); saves a grid PNG."""
-        from xqtool.metrics import fid_from_features, psnr, ssim, to_uint8
+        from xqtool.metrics import code_histogram, codebook_usage_metrics, fid_from_features, psnr, ssim, to_uint8
 
         acc, cfg = self.acc, self.cfg
         model = self.ema.module if self.ema is not None else self.unwrapped
@@ -641,7 +641,7 @@ class TokenizerTrainer:
         count = torch.zeros_like(psnr_sum)
         P, K = cfg.quant.product_quant, cfg.quant.codebook_size
         scales = tuple(cfg.quant.v_patch_nums)
-        hist = torch.zeros(P, len(scales), K, device=acc.device, dtype=torch.float64)
+        hist = torch.zeros(P, len(scales), K, device=acc.device, dtype=torch.long)
         feats_r: List[Tensor] = []
         feats_o: List[Tensor] = []
         grid: Optional[Tuple[Tensor, Tensor]] = None
@@ -660,12 +660,7 @@ class TokenizerTrainer:
             psnr_sum += psnr(recon, x).double().sum()
             ssim_sum += ssim(recon, x).double().sum()
             count += x.shape[0]
-            offs = 0
-            for si, pn in enumerate(scales):
-                ids = tokens[:, :, offs : offs + pn * pn]
-                for b in range(P):
-                    hist[b, si] += torch.bincount(ids[:, b].reshape(-1), minlength=K).double()
-                offs += pn * pn
+            hist += code_histogram(tokens, K, scales).to(hist.device)
             if self.feature_extractor is not None:
                 feats_r.append(_extract(self.feature_extractor, to_uint8(recon)))
                 feats_o.append(_extract(self.feature_extractor, to_uint8(x)))
@@ -684,17 +679,14 @@ class TokenizerTrainer:
                 fr, fo = self._gather_rows(fr), self._gather_rows(fo)
             if fr.shape[0] >= 2:
                 metrics["val/rfid"] = float(fid_from_features(fo.numpy(), fr.numpy()))
-        usages = []
+        # report-side usage: exact distinct codes over the validation set (same numbers as eval-fid --rfid)
+        usage = codebook_usage_metrics(hist)
         for b in range(P):
-            for si, pn in enumerate(scales):
-                h = hist[b, si]
-                p = h / h.sum().clamp_min(1.0)
-                nz = p[p > 0]
-                usage = float((h > 0).double().mean())
-                metrics[f"val/usage/b{b}/s{si}"] = usage
-                metrics[f"val/perplexity/b{b}/s{si}"] = float(torch.exp(-(nz * nz.log()).sum()))
-                usages.append(usage)
-        metrics["val/codebook_usage"] = sum(usages) / max(1, len(usages))
+            metrics[f"val/codebook_usage/b{b}"] = usage["codebook_usage"][b]
+            metrics[f"val/codebook_perplexity/b{b}"] = usage["codebook_perplexity"][b]
+            for si in range(len(scales)):
+                metrics[f"val/codebook_usage/b{b}/s{si}"] = usage["codebook_usage_per_scale"][b][si]
+                metrics[f"val/codebook_perplexity/b{b}/s{si}"] = usage["codebook_perplexity_per_scale"][b][si]
         if acc.is_main_process and grid is not None:
             path = self.out / "recon" / f"step-{step:07d}.png"
             _save_grid(path, *grid, step=step)
@@ -727,7 +719,8 @@ class TokenizerTrainer:
     # ------------------------------------------------------------------ saving
     def save_state(self) -> Optional[Path]:
         """Accelerate training state at the current step, written atomically; keeps the newest few."""
-        return save_state_atomic(self.acc, self.out, self.pos.step, self.pos.state_dict(), KEEP_STATES)
+        return save_state_atomic(self.acc, self.out, self.pos.step, {**self.pos.state_dict(), "trainer": "tokenizer"},
+                                 KEEP_STATES)
 
     def export_model(self, directory: Path) -> Path:
         """xqtool tokenizer checkpoint (raw weights + EMA + config) of the current model."""

@@ -363,7 +363,7 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
                 save_state_atomic(accelerator, run_dir, done, {"step": done, "epoch_micro": iters_per_epoch,
                                                                "samples_seen": done * global_batch,
                                                                "world_size": world, "last_metrics": last,
-                                                               "classes_seen": seen_all}, t.keep_last)
+                                                               "classes_seen": seen_all, "trainer": "var"}, t.keep_last)
                 if accelerator.is_main_process:
                     save_var(run_dir / "var-last", raw, extra_config={**tok_info, "step": done,
                                                                      "classes_seen": seen_all,
