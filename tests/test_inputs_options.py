@@ -36,16 +36,16 @@ def env(tmp_path):
 
 
 def _sample(t: Path, *extra: str) -> list:
-    return ["sample", "--ckpt", str(t / "nope-var"), "--tokenizer", str(t / "nope-tok"), "-n", "2",
+    return ["sample", "--var", str(t / "nope-var"), "--tokenizer", str(t / "nope-tok"), "-n", "2",
             "--npz", str(t / "a.npz"), *extra]
 
 
 def _encode(t: Path, *extra: str) -> list:
-    return ["encode", str(t / "nope-imgs"), "-o", str(t / "t.npy"), "--ckpt", str(t / "nope"), *extra]
+    return ["encode", str(t / "nope-imgs"), "-o", str(t / "t.npy"), "--tokenizer", str(t / "nope"), *extra]
 
 
 def _decode(t: Path, *extra: str) -> list:
-    return ["decode", str(t / "nope.npy"), "-o", str(t / "out"), "--ckpt", str(t / "nope"), *extra]
+    return ["decode", str(t / "nope.npy"), "-o", str(t / "out"), "--tokenizer", str(t / "nope"), *extra]
 
 
 def _fid(t: Path, *extra: str) -> list:
@@ -53,7 +53,7 @@ def _fid(t: Path, *extra: str) -> list:
 
 
 def _probe(t: Path, *extra: str) -> list:
-    return ["probe", str(t / "nope"), "--train", str(t / "tr"), "--val", str(t / "va"), *extra]
+    return ["probe", "--tokenizer", str(t / "nope"), "--train", str(t / "tr"), "--val", str(t / "va"), *extra]
 
 
 # (id, argv builder, option named in the message, range fragment)
@@ -87,10 +87,10 @@ CASES = [
     ("decode -o onto a file", lambda t: _decode(t)[:3] + [str(t / "afile.txt")] + _decode(t)[4:], "--output",
      "existing file"),
     ("decode --device bogus", lambda t: _decode(t, "--device", "bogus"), "--device", "cpu, cuda"),
-    ("make-shards out under a file", lambda t: ["make-shards", str(t / "imgs"), str(t / "afile.txt" / "s")], "OUT_DIR",
+    ("make-shards out under a file", lambda t: ["make-shards", str(t / "imgs"), "-o", str(t / "afile.txt" / "s")], "--output",
      "which is a file"),
     ("eval-fid --device bogus", lambda t: _fid(t, "--device", "bogus"), "--device", "cpu, cuda"),
-    ("eval-fid --report under a file", lambda t: _fid(t, "--report", str(t / "afile.txt" / "r.json")), "--report",
+    ("eval-fid --report under a file", lambda t: _fid(t, "-o", str(t / "afile.txt" / "r.json")), "--output",
      "which is a file"),
     ("make-fid-stats --device cuda:99", lambda t: ["make-fid-stats", str(t / "s"), "--name", "n", "--device", "cuda:99"],
      "--device", "cuda"),
@@ -100,21 +100,21 @@ CASES = [
     ("probe --decay-rate 0", lambda t: _probe(t, "--decay-rate", "0"), "--decay-rate", "(0, 1]"),
     ("probe --min-lr inf", lambda t: _probe(t, "--min-lr", "inf"), "--min-lr", "finite"),
     ("probe --device bogus", lambda t: _probe(t, "--device", "bogus"), "--device", "cpu, cuda"),
-    ("demo-images --size 0", lambda t: ["demo-images", str(t / "d"), "--size", "0"], "--size", "[8, 512]"),
-    ("demo-images --per-class 0", lambda t: ["demo-images", str(t / "d"), "--per-class", "0"], "--per-class", ">= 1"),
-    ("demo-images --val-per-class -1", lambda t: ["demo-images", str(t / "d"), "--val-per-class", "-1"],
+    ("demo-images --size 0", lambda t: ["demo-images", "-o", str(t / "d"), "--size", "0"], "--size", "[8, 512]"),
+    ("demo-images --per-class 0", lambda t: ["demo-images", "-o", str(t / "d"), "--per-class", "0"], "--per-class", ">= 1"),
+    ("demo-images --val-per-class -1", lambda t: ["demo-images", "-o", str(t / "d"), "--val-per-class", "-1"],
      "--val-per-class", ">= 0"),
     ("train-tokenizer --max-steps -1", lambda t: ["train-tokenizer", TOK_CFG, "--max-steps", "-1"], "--max-steps", ">= 1"),
     ("train-tokenizer lr < 0", lambda t: ["train-tokenizer", TOK_CFG, "--set", "train.lr=-1"], "train.lr", "> 0"),
     ("train-tokenizer lr nan", lambda t: ["train-tokenizer", TOK_CFG, "--set", "train.lr=.nan"], "train.lr", "finite"),
     ("train-tokenizer beta2 1", lambda t: ["train-tokenizer", TOK_CFG, "--set", "train.beta2=1"], "train.beta2", "[0, 1)"),
     ("train-tokenizer -o under a file", lambda t: ["train-tokenizer", TOK_CFG, "-o", str(t / "afile.txt" / "r")],
-     "--output-dir", "which is a file"),
+     "--output", "which is a file"),
     ("train-tokenizer --resume var run", lambda t: ["train-tokenizer", TOK_CFG, "--resume", str(t / "varrun")],
      "--resume", "train-var run"),
-    ("finetune --max-steps 0", lambda t: ["finetune", TOK_CFG, "--from", TOK_CFG, "--max-steps", "0"], "--max-steps",
+    ("finetune --max-steps 0", lambda t: ["finetune", TOK_CFG, "--tokenizer", TOK_CFG, "--max-steps", "0"], "--max-steps",
      ">= 1"),
-    ("finetune --lora-rank 0", lambda t: ["finetune", TOK_CFG, "--from", TOK_CFG, "--lora-rank", "0"], "--lora-rank",
+    ("finetune --lora-rank 0", lambda t: ["finetune", TOK_CFG, "--tokenizer", TOK_CFG, "--lora-rank", "0"], "--lora-rank",
      ">= 1"),
     ("train-var tblr < 0", lambda t: ["train-var", VAR_CFG, "--set", "train.tblr=-1"], "train.tblr", "> 0"),
     ("train-var tblr inf", lambda t: ["train-var", VAR_CFG, "--set", "train.tblr=inf"], "train.tblr", "finite"),

@@ -65,6 +65,7 @@ RULES: Dict[str, Range] = {
     "quality": Range(lo=1, hi=100),
     "nodes": POSITIVE,
     "workers": POSITIVE,
+    "reader_workers": POSITIVE,
     "cfg": NON_NEGATIVE,
     "top_k": Range(lo=0, hint="0 = off"),
     "top_p": Range(lo=0, hi=1, hint="0 = off"),
@@ -106,6 +107,13 @@ OUTPUTS: Dict[str, str] = {
     "npz": "file",
     "grid": "file",
     "report": "file",
+    "legacy_out": "dir",
+}
+
+#: Per-command kind of ``-o/--output`` (the one vocabulary gives every command the same option name).
+COMMAND_OUTPUTS: Dict[str, str] = {
+    "sample": "dir", "decode": "dir", "make-shards": "dir", "demo-images": "dir", "probe": "dir",
+    "train-tokenizer": "dir", "finetune": "dir", "train-var": "dir", "eval-fid": "file", "make-fid-stats": "file",
 }
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda|cuda:\d+|xpu|xpu:\d+)$")
@@ -226,6 +234,8 @@ def validate_command(command: str, values: Mapping[str, Any], labels: Optional[M
         if name in values and isinstance(values[name], (str, os.PathLike)) and values[name] is not None:
             if command == "encode" and name == "output":
                 kind = "file" if str(values[name]).endswith(".npy") else "dir"
+            elif name == "output":
+                kind = COMMAND_OUTPUTS.get(command, kind)
             check_output(label(name), values[name], kind)
     if "resume" in values and command in _RESUME_TRAINER:
         check_resume(label("resume"), values["resume"], _RESUME_TRAINER[command])
