@@ -18,7 +18,7 @@ Generator losses take fake logits:
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,33 @@ def adaptive_weight(
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     return torch.clamp(w, 0.0, max_value).detach()
+
+
+def adaptive_weight_at_output(
+    nll_loss: Tensor, g_loss: Tensor, output: Tensor, last_layer: Tensor, max_value: float = 1e4
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The adaptive weight λ of :func:`adaptive_weight` (spec §5.1), plus the two losses' gradients at `output`.
+
+    Both losses must depend on the generator's parameters only through `output` (the decoder's image,
+    computed with `last_layer`). Each loss is differentiated once down to `output` (LPIPS-VGG and
+    discriminator backwards run here, once); from there only the short path back to `last_layer` runs
+    twice. The returned output gradients let the caller finish the generator backward from `output`
+    (e.g. ``(output * (g_nll + c·g_adv)).sum()``) instead of running those networks' backwards again:
+    the same parameter gradients to float rounding.
+
+    Args:
+        nll_loss, g_loss: scalars attached to the graph through `output`.
+        output: the generator's image ``[B, 3, H, W]`` (non-leaf, requires grad).
+        last_layer: the decoder's last weight (a leaf parameter used to compute `output`).
+    Returns:
+        (λ detached 0-dim, ∂nll/∂output, ∂g/∂output), the gradients detached with `output`'s shape.
+    """
+    g_nll = torch.autograd.grad(nll_loss, output, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, output, retain_graph=True)[0]
+    nll_grads = torch.autograd.grad(output, last_layer, grad_outputs=g_nll, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(output, last_layer, grad_outputs=g_adv, retain_graph=True)[0]
+    w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(w, 0.0, max_value).detach(), g_nll, g_adv
 
 
 class LeCam(nn.Module):

@@ -224,16 +224,26 @@ class LPIPS(nn.Module):
                 out.append(h)
         return out
 
+    @staticmethod
+    def _unit(f: torch.Tensor) -> torch.Tensor:
+        """Channel-normalise a feature map: f / (‖f‖₂ over channels + 1e-10)."""
+        return f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Distances ``[B]`` between images ``x``, ``y`` ``[B, 3, H, W]`` in [-1, 1]."""
-        n = x.shape[0]
-        feats = self._feats(torch.cat([x, y.to(x.dtype)], 0))
-        total = x.new_zeros(n)
-        for k, f in enumerate(feats):
-            a, b = f[:n], f[n:]
-            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            d = getattr(self, f"lin{k}")((a - b) ** 2)
+        """Distances ``[B]`` between images ``x``, ``y`` ``[B, 3, H, W]`` in [-1, 1].
+
+        d(x, y) = Σ_k mean_hw lin_k((x̂_k − ŷ_k)²), with x̂_k the channel-normalised VGG16 features
+        after slice k. Each image goes through VGG on its own; an input that does not require a
+        gradient (the real image in training) runs without autograd, so no graph is kept for it and
+        the backward never runs over it.
+        """
+        fx = self._feats(x)
+        y = y.to(x.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and y.requires_grad):
+            fy = [self._unit(f) for f in self._feats(y)]
+        total = x.new_zeros(x.shape[0])
+        for k, (a, b) in enumerate(zip(fx, fy)):
+            d = getattr(self, f"lin{k}")((self._unit(a) - b) ** 2)
             total = total + d.mean(dim=(1, 2, 3))
         return total
 

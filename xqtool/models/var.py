@@ -120,15 +120,20 @@ class SelfAttention(nn.Module):
         else:
             qkv = F.linear(x, self.mat_qkv.weight, torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]))
         qkv = qkv.view(b, t, 3, self.num_heads, self.head_dim)
-        v = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, hd]
+        # split/unbind rather than slicing: their backwards concatenate the pieces' gradients into one
+        # buffer, where select/slice backwards would each zero-fill a full-size qkv gradient
+        qk, v = qkv.split((2, 1), dim=2)
+        v = v.squeeze(2).transpose(1, 2)  # [B, H, T, hd]
         if self.attn_l2_norm:
             # q and k normalised by one kernel pair (same per-vector arithmetic as two F.normalize calls)
-            qk = F.normalize(qkv[:, :, :2], dim=-1)  # [B, T, 2, H, hd]
+            q, k = F.normalize(qk, dim=-1).unbind(2)  # [B, T, H, hd] each
             scale = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
-            q = qk[:, :, 0].transpose(1, 2).mul_(scale).to(v.dtype)
-            k = qk[:, :, 1].transpose(1, 2).to(v.dtype)
+            q = q.transpose(1, 2)
+            # in place only without autograd: an in-place multiply of a view makes autograd copy the base
+            q = (q.mul_(scale) if not torch.is_grad_enabled() else q * scale).to(v.dtype)
+            k = k.transpose(1, 2).to(v.dtype)
         else:
-            q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+            q, k = (u.transpose(1, 2) for u in qk.unbind(2))
         if cache is not None:
             k, v = cache.extend(layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
@@ -181,6 +186,12 @@ class AdaLNSelfAttn(nn.Module):
         """x [B, T, C], mod [B, 1, 6, C] (from :meth:`modulation`) → [B, T, C]."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
         h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
+        # in-place gamma products only without autograd: with it, mul_ would first clone its input for the
+        # gamma gradient (the out-of-place product keeps a reference instead)
+        if torch.is_grad_enabled():
+            x = x + self.drop_path(self.attn(h, attn_mask, cache, layer) * gamma1)
+            h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
+            return x + self.drop_path(self.ffn(h) * gamma2)
         x = x + self.drop_path(self.attn(h, attn_mask, cache, layer).mul_(gamma1))
         h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
         x = x + self.drop_path(self.ffn(h).mul_(gamma2))

@@ -430,7 +430,11 @@ class TokenizerTrainer:
             raise ConfigError("no trainable tokenizer parameters (everything is frozen)")
         self.g_lr = scaled_lr(tc.lr, b, tc.lr_scale_rule)
         self.d_lr = scaled_lr(tc.disc_lr, b, tc.lr_scale_rule)
-        opt_g = torch.optim.AdamW(gen_params, lr=self.g_lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        from xqtool.runtime import fast_adamw_kwargs
+
+        fast = fast_adamw_kwargs(acc.device)  # fused AdamW kernel where torch has one (CPU and CUDA)
+        opt_g = torch.optim.AdamW(gen_params, lr=self.g_lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
+                                  **fast)
         total, warm = self.total_steps, self.warmup
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(
             opt_g, lambda s: lr_factor(s, total=total, warmup=warm, kind=tc.lr_scheduler, base=self.g_lr, min_lr=tc.min_lr)
@@ -438,7 +442,7 @@ class TokenizerTrainer:
         self.opt_d = self.sched_d = None
         if disc is not None:
             opt_d = torch.optim.AdamW(disc.parameters(), lr=self.d_lr, betas=(tc.beta1, tc.beta2),
-                                      weight_decay=tc.disc_weight_decay)
+                                      weight_decay=tc.disc_weight_decay, **fast)
             d_warm = max(1, int(0.02 * max(1, total - self.disc_start)))
             dstart = self.disc_start
             # the disc scheduler counts discriminator steps, which begin at disc_start
@@ -510,7 +514,7 @@ class TokenizerTrainer:
 
         `step` is the 1-based optimizer step this micro-batch contributes to. Returns (logs, finite).
         """
-        from xqtool.losses import adaptive_weight, disc_weight_at, semantic_scale
+        from xqtool.losses import adaptive_weight, adaptive_weight_at_output, disc_weight_at, semantic_scale
 
         acc, lc = self.acc, self.cfg.loss
         logs: Dict[str, float] = {}
@@ -531,7 +535,7 @@ class TokenizerTrainer:
                 nll = nll + lc.perceptual_weight * p
                 logs["perceptual_loss"] = p.detach().item()
             q = out.loss
-            loss = nll + q["vq"] + q["commit"] + q["entropy"]
+            rest = q["vq"] + q["commit"] + q["entropy"]  # the generator loss terms that do not go through recon
             for k in ("vq", "commit", "entropy"):
                 logs[f"{k}_loss"] = float(q[k].detach())
             for role, (teacher, loss_mod, which) in self.teachers.items():
@@ -542,15 +546,21 @@ class TokenizerTrainer:
                 s_loss = loss_mod(student, feats, quant_conv=getattr(self.unwrapped, "quant_conv", None),
                                   n_drop=int(out.n_drop), scale=scale)
                 weight = lc.sem_loss_weight if role == "semantic" else lc.detail_loss_weight
-                loss = loss + weight * s_loss
+                rest = rest + weight * s_loss
                 logs[f"{'sem' if role == 'semantic' else 'detail'}_loss"] = s_loss.detach().item()
+            loss = nll + rest
+            to_backward: Optional[Tensor] = None  # None: differentiate `loss` itself
             if w_disc > 0 and raw_disc is not None:
                 raw_disc.requires_grad_(False)
                 with acc.autocast():
                     logits_fake = raw_disc(self._disc_input(recon, blur)).float()
                 raw_disc.requires_grad_(True)
                 g_adv = self.g_loss_fn(logits_fake)
-                if lc.disc_adaptive_weight:
+                if lc.disc_adaptive_weight and acc.scaler is None:
+                    # LPIPS and discriminator backwards once each (down to recon), shared by λ and the step
+                    lam, g_nll, g_g = adaptive_weight_at_output(nll, g_adv, recon, self.unwrapped.last_layer)
+                    to_backward = (recon * (g_nll + (lam * w_disc) * g_g)).sum() + rest
+                elif lc.disc_adaptive_weight:  # fp16 loss scaling: differentiate the whole loss (scaled)
                     lam = adaptive_weight(nll, g_adv, self.unwrapped.last_layer)
                 else:
                     lam = torch.ones((), device=x.device)
@@ -561,7 +571,7 @@ class TokenizerTrainer:
             finite = self._all_finite(loss)
             logs["train_loss"] = loss.detach().item()
             if finite:
-                acc.backward(loss)
+                acc.backward(loss if to_backward is None else to_backward)
                 if acc.sync_gradients and acc.num_processes > 1 and len(self.aux):
                     # loss-side projections are not DDP-wrapped: average their gradients by hand
                     for prm in self.aux.parameters():

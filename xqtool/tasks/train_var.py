@@ -35,12 +35,14 @@ from xqtool.config import config_to_dict
 from xqtool.config_var import VARConfig
 from xqtool.errors import ConfigError, DataError
 from xqtool.models.var import VAR
+from xqtool.runtime import fast_adamw_kwargs
 from xqtool.training_state import read_state, resolve_resume, save_state_atomic
 from xqtool.var_checkpoint import save_var
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_var", "TrainVARResult", "lr_factor", "param_groups", "NO_WD_KEYS", "check_tokenizer_fit"]
+__all__ = ["train_var", "TrainVARResult", "lr_factor", "param_groups", "NO_WD_KEYS", "check_tokenizer_fit",
+           "build_optimizer", "teacher_forcing_loss"]
 
 NO_WD_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
               "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
@@ -97,6 +99,37 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay, "wd_sc": 1.0},
             {"params": no_decay, "weight_decay": 0.0, "wd_sc": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, t: Any, device: torch.device, lr: Optional[float] = None
+                    ) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (betas ``t.beta1``, ``t.beta2``; weight decay ``t.weight_decay``).
+
+    Uses torch's fused AdamW kernel where it exists for `device` (CUDA, and the CPU since torch 2.4): one
+    pass over all parameters instead of a dozen elementwise ops per tensor; the same update to float
+    rounding (``tests/test_train_step_speed.py``). Falls back to the multi-tensor (foreach) kind elsewhere.
+    """
+    kw: Dict[str, Any] = {"lr": t.tblr if lr is None else lr, "betas": (t.beta1, t.beta2)}
+    kw.update(fast_adamw_kwargs(device))
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), **kw)
+
+
+def teacher_forcing_loss(model: torch.nn.Module, quantizer: Any, tokens: Tensor, labels: Tensor,
+                         label_smoothing: float = 0.0, raw: Optional[VAR] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One teacher-forcing pass (spec var.md §3): → (mean CE loss, logits ``[B, L, P, K]``, targets ``[B, L, P]``).
+
+    `tokens` ``[B, P, L]`` long, `labels` ``[B]`` (``num_classes`` = unconditional). The quantizer builds the
+    inputs in fp32 without autograd; `model` may be wrapped (DDP, compile), `raw` is the bare :class:`VAR`.
+    Condition dropout draws from the global RNG (upstream behaviour).
+    """
+    raw = raw if raw is not None else model
+    with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
+        x = quantizer.var_input(tokens).float()
+    targets = tokens.transpose(1, 2)  # [B, L, P]
+    logits = model(labels, x, drop_cond=True)
+    logits4 = logits.view(logits.shape[0], raw.L, raw.num_branches, raw.codebook_size)
+    loss = F.cross_entropy(logits4.flatten(0, 2), targets.flatten(), label_smoothing=label_smoothing)
+    return loss, logits4, targets
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -279,10 +312,7 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     peak_lr = t.tblr * global_batch / 256
 
     model = VAR(cfg.model)
-    opt_kw: Dict[str, Any] = {"lr": peak_lr, "betas": (t.beta1, t.beta2)}
-    if device.type == "cuda":
-        opt_kw["fused"] = True
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), **opt_kw)
+    optimizer = build_optimizer(model, t, device, lr=peak_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw: VAR = accelerator.unwrap_model(model)
 
@@ -324,15 +354,10 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
                 classes_seen.update(int(c) for c in labels.reshape(-1).tolist() if 0 <= int(c) < raw.num_classes)
                 tokens = tokens.to(device).long()
                 labels = _labels(labels.to(device), raw.num_classes)
-                with torch.no_grad():
-                    x = quantizer.var_input(tokens).float()
-                targets = tokens.transpose(1, 2)  # [B, L, P]
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        logits = model(labels, x, drop_cond=True)
-                    logits4 = logits.view(logits.shape[0], raw.L, P, K)
-                    loss = F.cross_entropy(logits4.float().flatten(0, 2), targets.flatten(),
-                                           label_smoothing=t.label_smoothing)
+                        loss, logits4, targets = teacher_forcing_loss(model, quantizer, tokens, labels,
+                                                                      t.label_smoothing, raw)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         params = [p for p in model.parameters() if p.requires_grad]
