@@ -53,9 +53,12 @@ def _tokenizer_step(args: argparse.Namespace, tmp: Path) -> tuple[Callable[[], N
     train_dir, _ = sample_photo_folder(tmp / "photos", 256)
     prec = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision]
     overrides = [f"data.data_path={train_dir}", f"data.val_data_path={train_dir}",
-                 f"train.global_batch_size={args.batch}", "train.tracker=none", f"train.mixed_precision={prec}",
+                 f"train.global_batch_size={args.batch}", "train.tracker=none", f"train.mixed_precision='{prec}'",
                  "loss.disc_start=0", "data.num_workers=0"]
-    cfg = load_tokenizer_config(ROOT / "configs" / "tokenizer" / "MSVR10P2-4096.yaml", overrides=overrides)
+    import xqtool  # the configs of the xqtool being measured (also when this file runs against another tree)
+
+    configs = Path(xqtool.__file__).resolve().parents[1] / "configs"
+    cfg = load_tokenizer_config(configs / "tokenizer" / "MSVR10P2-4096.yaml", overrides=overrides)
     trainer = TokenizerTrainer(cfg, output_dir=tmp / "run", max_steps=10**6, allow_random_weights=True,
                                progress=False)
     if args.compile:

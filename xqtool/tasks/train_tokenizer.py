@@ -311,6 +311,10 @@ class TokenizerTrainer:
         except ValueError as exc:
             raise ConfigError(f"train.mixed_precision={tc.mixed_precision!r} is not usable here: {exc}".splitlines()[0]) from None
         acc = self.acc
+        if acc.device.type == "cpu":
+            from xqtool.runtime import configure_cpu_allocator
+
+            configure_cpu_allocator()  # reuse big step buffers instead of page-faulting them in every step
         world = acc.num_processes
         per_proc = tc.global_batch_size // (world * max(1, tc.grad_accum))
         if per_proc < 1 or per_proc * world * max(1, tc.grad_accum) != tc.global_batch_size:

@@ -290,6 +290,10 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     )
     set_seed(t.seed, device_specific=True)
     device = accelerator.device
+    if device.type == "cpu":
+        from xqtool.runtime import configure_cpu_allocator
+
+        configure_cpu_allocator()  # reuse big step buffers instead of page-faulting them in every step
 
     if tokenizer is None:
         if not cfg.data.tokenizer:
