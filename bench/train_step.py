@@ -89,6 +89,11 @@ def _var_step(args: argparse.Namespace, depth: int) -> tuple[Callable[[], None],
     from xqtool.tasks import train_var as tv
 
     dev = torch.device(args.device)
+    from xqtool import runtime  # the process settings train-var applies
+
+    runtime.configure_cpu_math()
+    if dev.type == "cpu" and hasattr(runtime, "configure_cpu_allocator"):
+        runtime.configure_cpu_allocator()
     scales = [1, 1, 2, 3, 3, 4, 5, 6, 8, 11]
     quantizer = ProductQuantizer([build_branch_quantizer(codebook_size=4096, dim=32, scales=scales, side=11)
                                   for _ in range(2)]).to(dev).eval().requires_grad_(False)
