@@ -218,7 +218,10 @@ def test_fused_adamw_equals_plain_adamw():
     shapes = [(64, 32), (32,), (7, 3, 3, 3), (1,)]
     a = [torch.randn(s, requires_grad=True) for s in shapes]
     b = [t.detach().clone().requires_grad_(True) for t in a]
-    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.05}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa: E731
+
+    def groups(ps):  # noqa: ANN001, ANN202
+        return [{"params": ps[:2], "weight_decay": 0.05}, {"params": ps[2:], "weight_decay": 0.0}]
+
     fast = torch.optim.AdamW(groups(a), lr=3e-3, betas=(0.9, 0.95), **kw)
     plain = torch.optim.AdamW(groups(b), lr=3e-3, betas=(0.9, 0.95), foreach=False)
     for it in range(5):
