@@ -128,7 +128,8 @@ def teacher_forcing_loss(model: torch.nn.Module, quantizer: Any, tokens: Tensor,
     targets = tokens.transpose(1, 2)  # [B, L, P]
     logits = model(labels, x, drop_cond=True)
     logits4 = logits.view(logits.shape[0], raw.L, raw.num_branches, raw.codebook_size)
-    loss = F.cross_entropy(logits4.flatten(0, 2), targets.flatten(), label_smoothing=label_smoothing)
+    with torch.autocast(tokens.device.type, enabled=False):  # fp32 logits, fp32 loss
+        loss = F.cross_entropy(logits4.float().flatten(0, 2), targets.flatten(), label_smoothing=label_smoothing)
     return loss, logits4, targets
 
 
