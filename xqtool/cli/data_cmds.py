@@ -108,12 +108,9 @@ def _print_skipped(skipped: Dict[str, str], where: Optional[Path]) -> None:
 
 
 def _is_main() -> bool:
-    try:
-        from accelerate import PartialState
+    from xqtool.distributed import process_state
 
-        return PartialState().is_main_process
-    except Exception:  # pragma: no cover - accelerate always installed
-        return True
+    return bool(process_state().is_main_process)  # CPU (gloo) processes under ACCELERATE_USE_CPU
 
 
 def encode(

@@ -90,6 +90,8 @@ def train_var_cmd(
     console.print(f"output: {cfg.train.results_dir}")
     if result.model_dir is not None:
         console.print(f"model: {result.model_dir}")
+    if result.launch:
+        console.print(f"run: {result.launch}")
 
 
 def sample_cmd(

@@ -18,7 +18,7 @@ Generator losses take fake logits:
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,8 @@ def disc_weight_at(step: int, disc_start: int, disc_weight: float) -> float:
 
 
 def adaptive_weight(
-    nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_value: float = 1e4
+    nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_value: float = 1e4,
+    reduce_grads: Optional[Callable[..., Sequence[Tensor]]] = None,
 ) -> Tensor:
     """λ = ‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), clamped to [0, max_value], detached (spec §5.1).
 
@@ -103,11 +104,15 @@ def adaptive_weight(
         nll_loss: scalar reconstruction (+ perceptual) loss, still attached to the graph.
         g_loss: scalar generator adversarial loss, attached to the graph.
         last_layer: the decoder's last weight ``W`` (a leaf parameter).
+        reduce_grads: maps (∇nll, ∇g) to their mean over processes (``xqtool.distributed.mean_across``),
+            so λ is the global batch's under DDP; None: this process's batch only.
     Returns:
         a 0-dim detached tensor.
     """
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if reduce_grads is not None:
+        nll_grads, g_grads = reduce_grads(nll_grads, g_grads)
     w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     return torch.clamp(w, 0.0, max_value).detach()
 

@@ -171,6 +171,11 @@ def sample_images(
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     accelerator = Accelerator(cpu=cpu)
+    from xqtool.distributed import check_launch, describe
+
+    check_launch(accelerator.num_processes)
+    if accelerator.is_main_process:
+        log.info("sample: %s", describe(accelerator, precision))
     device = accelerator.device
     if isinstance(var, (str, Path)):
         from xqtool.var_checkpoint import load_var

@@ -55,6 +55,7 @@ class TrainVARResult:
     model_dir: Optional[Path]
     history: List[Dict[str, float]] = field(default_factory=list)
     resumed_from: Optional[int] = None
+    launch: str = ""  # world size, backend, device, precision (xqtool.distributed.describe)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -255,6 +256,11 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with=trackers, cpu=cpu,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
+    from xqtool.distributed import check_launch, describe
+
+    check_launch(accelerator.num_processes)
+    if accelerator.is_main_process:
+        log.info("train-var: %s", describe(accelerator))
     set_seed(t.seed, device_specific=True)
     device = accelerator.device
 
@@ -375,4 +381,4 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
             accelerator.end_training()
     model_dir = run_dir / "var-last" if (run_dir / "var-last").is_dir() else None
     return TrainVARResult(steps=max_steps, run_dir=run_dir, model_dir=model_dir, history=history,
-                          resumed_from=resumed_from)
+                          resumed_from=resumed_from, launch=describe(accelerator))
