@@ -32,7 +32,7 @@ def config(photos: Path, batch: int):  # noqa: ANN201
     return load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=[
         "model.ch=8", "model.z_channels=8", "quant.codebook_size=16", "quant.codebook_drop=0",
         f"train.global_batch_size={batch}", "train.warmup_steps=0", "train.log_every=1", "train.tracker=none",
-        "train.eval_every=3", "train.ckpt_every=3", "train.ema_decay=0.5", "train.best_metric=psnr",
+        "train.eval_every=3", "train.ckpt_every=3", "train.ema_decay=0.8", "train.best_metric=psnr",
         "loss.disc_type=stylegan", "loss.disc_start=1", "loss.lecam_loss_weight=0.1",
         "loss.semantic_guide=dinov2", "loss.sem_loss_weight=0.1",
         f"data.data_path={photos / 'train'}", f"data.val_data_path={photos / 'val'}", "data.max_val_images=8",
