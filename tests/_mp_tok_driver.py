@@ -71,7 +71,7 @@ def main() -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         (out / f"result-{world}.json").write_text(json.dumps(
             {"status": res.status, "step": res.step, "history": res.history, "val": res.last_val,
-             "launch": res.launch, "message": res.message}, default=str))
+             "launch": getattr(res, "launch", ""), "message": res.message}, default=str))
     sys.exit(0 if res.status == "finished" else 143)
 
 

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 
 from _mp import ROOT, TESTS, finish, mp_env, torchrun, wait_for
-from xqtool.distributed import LaunchError, check_launch
 from xqtool.tasks.train_tokenizer import sample_photo_folder
 
 DRIVER = TESTS / "_mp_tok_driver.py"
@@ -146,6 +145,8 @@ def test_sigterm_kill_and_resume_end_bit_identical(photos, two_proc_run, tmp_pat
 
 
 def test_check_launch_reports_a_wrong_launch_in_one_line(monkeypatch):
+    from xqtool.distributed import LaunchError, check_launch
+
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"):
         monkeypatch.delenv(k, raising=False)
     check_launch(1)

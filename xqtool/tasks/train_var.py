@@ -177,15 +177,19 @@ def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: 
     if d.tokens:
         from xqtool.data.tokens import check_manifest, token_dataset
 
-        ds = token_dataset(d.tokens, train=True, seed=cfg.train.seed)
+        # token shards: every process reads the whole (small) token stream and keeps its slice of each
+        # global micro-batch, so batches do not depend on the number of processes or of shards
+        ds = token_dataset(d.tokens, train=True, seed=cfg.train.seed, split_nodes=False)
         check_manifest(ds.manifest, tokenizer)
         if isinstance(ds, torch.utils.data.IterableDataset):
             per_epoch = max(int(ds.manifest.count) // global_batch, 1)
+            lo = rank * local_batch
 
             def make(epoch: int) -> Iterator:
-                loader = torch.utils.data.DataLoader(ds, batch_size=local_batch, num_workers=d.num_workers,
+                loader = torch.utils.data.DataLoader(ds, batch_size=local_batch * world, num_workers=d.num_workers,
                                                      drop_last=True)
-                return ((b["tokens"], torch.as_tensor(b["label"])) for b in loader)
+                return ((b["tokens"][lo:lo + local_batch], torch.as_tensor(b["label"])[lo:lo + local_batch])
+                        for b in loader)
             return _StreamBatches(make, per_epoch), per_epoch
         src = _TokenArrayBatches(ds, local_batch * world, local_batch, rank, cfg.train.seed)
         return src, max(src.per_epoch // cfg.train.grad_accum, 1)
