@@ -47,6 +47,7 @@ def _close(a: float, b: float, rel: float = 1e-4, abs_: float = 1e-6) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_global_batch(photos, two_proc_run, tmp_path):
     """2 procs x batch 4 == 1 proc x batch 8: losses, weights, EMA and validation (disc + LeCam + adaptive
     weight, EMA, semantic teacher on); the logged validation equals re-validating the saved EMA."""
@@ -84,6 +85,13 @@ def test_two_processes_train_like_one_process_with_the_global_batch(photos, two_
         value = float(psnr(tok.decode(tok.encode(batch["image"])).float(), batch["image"]).double().mean())
     assert _close(value, res2["val"]["val/psnr"], rel=1e-5), (value, res2["val"]["val/psnr"])
 
+    # a 2-process run continues in one process (same global batch): one more step from its state
+    import shutil
+
+    shutil.copytree(two_proc_run, tmp_path / "cont", ignore=shutil.ignore_patterns("result-*"))
+    res = _mp_tok_driver.run(photos, tmp_path / "cont", BATCH, STEPS + 1, resume="auto")
+    assert res.status == "finished" and res.step == STEPS + 1 and math.isfinite(res.history[-1]["train_loss"])
+
 
 def _launch_held(photos: Path, out: Path, hold: int, log: str, resume: bool = True) -> subprocess.Popen:
     for p in list(out.glob("held-*")) + [out / "release"]:
@@ -100,6 +108,7 @@ def _newest_state(out: Path) -> str:
     return list_states(out)[-1].name
 
 
+@pytest.mark.slow
 def test_sigterm_kill_and_resume_end_bit_identical(photos, two_proc_run, tmp_path):
     """SIGTERM to the launcher, then to one rank: all ranks save at that step and exit; a rank killed
     mid-run: the other stops with one line; resuming ends bit-identical to the uninterrupted run."""
@@ -164,6 +173,7 @@ def test_check_launch_reports_a_wrong_launch_in_one_line(monkeypatch):
         check_launch(1)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_cpu_num_processes_2_is_refused(tmp_path):
     """The command docs/training.md used to give: accelerate starts ONE process; xqtool says so (exit 2)."""
     env = mp_env(cpu=False)
@@ -202,6 +212,7 @@ def task_inputs(tmp_path_factory) -> Path:
     return base
 
 
+@pytest.mark.slow
 def test_encode_sample_train_var_eval_probe_match_one_process(task_inputs, tmp_path):
     """2 processes give the same tokens (rows, order), samples, VAR weights, rFID/PSNR and probe numbers."""
     import numpy as np

@@ -155,7 +155,12 @@ def broadcast_modules(modules: Sequence[Optional[nn.Module]], src: int = 0) -> N
         if module is None:
             continue
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=src)
+            if t.data.is_contiguous():
+                dist.broadcast(t.data, src=src)
+            else:
+                tmp = t.data.contiguous()
+                dist.broadcast(tmp, src=src)
+                t.data.copy_(tmp)
 
 
 def mean_across(*tensors: Tensor) -> Sequence[Tensor]:

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xqtool.config import TokenizerConfig, config_to_dict, save_config_yaml
 from xqtool import distributed
+from xqtool.config import TokenizerConfig, config_to_dict, save_config_yaml
 from xqtool.ema import EMAModel, EMAState
 from xqtool.errors import ConfigError, DataError, WeightsMissingError, XQError
 from xqtool.fsutil import atomic_path, atomic_write_text
