@@ -51,8 +51,13 @@ def run(photos: Path, out: Path, batch: int, steps: int, resume: Optional[str] =
             while not (out / "release").exists() and time.time() - t0 < 60:
                 time.sleep(0.05)
 
+    from xqtool.metrics import TorchFeatureExtractor
+
+    # tiny stand-in for Inception (mean colour): rFID runs through the cross-rank feature gather
+    fx = TorchFeatureExtractor(lambda x: torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 1).flatten(1), name="tiny")
     torch.manual_seed(1234)
     res = train_tokenizer(cfg, output_dir=out, resume=resume, max_steps=steps, allow_random_weights=True,
+                          feature_extractor=fx,
                           disc_overrides=dict(base_channels=4, max_channels=8),
                           teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8),
                           progress=False, callbacks=[hook])

@@ -71,8 +71,9 @@ def test_two_processes_train_like_one_process_with_the_global_batch(photos, two_
         # float-summation noise; Adam can turn it into at most ~lr per step for the few weights whose
         # gradient is ~0 (conv biases before GroupNorm)
         assert float(diffs.max()) <= 2 * LR * STEPS and float((diffs > 1e-5).double().mean()) < 0.02, name
-    for k in ("val/psnr", "val/ssim", "val/codebook_usage"):
-        assert _close(res1.last_val[k], res2["val"][k], rel=1e-5), k
+    assert res2["val"]["val/images"] == 8 and math.isfinite(res2["val"]["val/rfid"])
+    for k in ("val/psnr", "val/ssim", "val/codebook_usage", "val/rfid"):
+        assert _close(res1.last_val[k], res2["val"][k], rel=1e-4 if k == "val/rfid" else 1e-5), k
 
     # re-validate the EMA that the 2-process run saved, in this (1) process: PSNR of the first 8 val images
     from xqtool.checkpoint import load_tokenizer
