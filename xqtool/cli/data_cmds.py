@@ -179,6 +179,10 @@ def decode(
     Example: [bold]xqtool decode runs/tokens/val.npy -o runs/recon -t runs/tiny-cnn/best --progressive[/]
     """
     from xqtool.tasks.decode import decode_tokens
+    from xqtool.distributed import main_process_only
+
+    if not main_process_only("decode"):  # under a multi-process launch, rank 0 does all of it
+        return
 
     with _progress("decoding") as (on_start, advance):
         result = decode_tokens(
@@ -208,6 +212,10 @@ def make_shards_cmd(
     [bold]xqtool encode 'runs/shards/shard-{000000..000003}.tar' -o runs/tokens/ -t CKPT[/]
     """
     from xqtool.tasks.make_shards import make_shards
+    from xqtool.distributed import main_process_only
+
+    if not main_process_only("make-shards"):  # under a multi-process launch, rank 0 does all of it
+        return
 
     if legacy_out is not None:
         if output is not None:
