@@ -106,7 +106,8 @@ def _launch_held(photos: Path, out: Path, hold: int, log: str, resume: bool = Tr
 def _newest_state(out: Path) -> str:
     from xqtool.training_state import list_states
 
-    return list_states(out)[-1].name
+    states = list_states(out)
+    return states[-1].name if states else "(no complete state)"
 
 
 @pytest.mark.slow
