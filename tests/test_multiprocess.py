@@ -242,9 +242,17 @@ def test_encode_sample_train_var_eval_probe_match_one_process(task_inputs, tmp_p
         a = load_file(one / name / "var-last" / "model.safetensors")
         b = load_file(two / name / "var-last" / "model.safetensors")
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a), name
+    # (this process may run more BLAS threads than the launched ones: float sums agree to ~1e-7)
     r1, r2 = json.loads((one / "rfid.json").read_text()), json.loads((two / "rfid.json").read_text())
-    for k, v in r1.items():
-        if isinstance(v, float):
-            assert r2[k] == v, k
+    m1, m2 = r1["metrics"], r2["metrics"]
+    assert {"rfid", "psnr", "ssim"} <= set(m1) and m1.keys() == m2.keys()
+    assert r1["image_counts"] == r2["image_counts"] and r1["image_counts"]["originals"] == 10
+    for k, v in m1.items():
+        if isinstance(v, (int, float)):
+            assert _close(m2[k], v, rel=1e-5), (k, v, m2[k])
     p1, p2 = json.loads((one / "probe.json").read_text()), json.loads((two / "probe.json").read_text())
-    assert p1 == p2
+    assert p1["best_top1"] == p2["best_top1"] and len(p1["history"]) == len(p2["history"]) == 2
+    for h1, h2 in zip(p1["history"], p2["history"]):
+        assert h1.keys() == h2.keys()
+        for k in h1:
+            assert _close(h1[k], h2[k], rel=1e-5), k
