@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -66,3 +67,17 @@ def wait_for(paths: Sequence[Path], proc: subprocess.Popen, timeout: float = LAU
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"timed out waiting for {[str(p) for p in paths]}")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the 1-process reference with the launched processes' thread count (OMP_NUM_THREADS=1): CPU
+    kernels sum in a thread-count dependent order, which can flip a uint8 rounding."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

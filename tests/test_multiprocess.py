@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _mp import ROOT, TESTS, finish, mp_env, torchrun, wait_for
+from _mp import ROOT, TESTS, finish, mp_env, one_thread, torchrun, wait_for
 from xqtool.tasks.train_tokenizer import sample_photo_folder
 
 DRIVER = TESTS / "_mp_tok_driver.py"
@@ -56,7 +56,8 @@ def test_two_processes_train_like_one_process_with_the_global_batch(photos, two_
     res2 = _result(two_proc_run)
     assert res2["status"] == "finished" and res2["step"] == STEPS
     assert res2["launch"].startswith("2 processes, backend gloo, device cpu, precision no"), res2["launch"]
-    res1 = _mp_tok_driver.run(photos, tmp_path / "one", BATCH, STEPS)
+    with one_thread():
+        res1 = _mp_tok_driver.run(photos, tmp_path / "one", BATCH, STEPS)
     assert res1.launch.startswith("1 process,")
     assert len(res1.history) == len(res2["history"]) == STEPS
     for h1, h2 in zip(res1.history, res2["history"]):
@@ -225,7 +226,8 @@ def test_encode_sample_train_var_eval_probe_match_one_process(task_inputs, tmp_p
     two, one = tmp_path / "two", tmp_path / "one"
     proc = torchrun([TESTS / "_mp_tasks_driver.py", task_inputs, two], log=tmp_path / "log.txt")
     assert finish(proc) == 0, (tmp_path / "log.txt").read_text()[-4000:]
-    _mp_tasks_driver.run(task_inputs, one)
+    with one_thread():
+        _mp_tasks_driver.run(task_inputs, one)
 
     for name in ("enc.npy", "enc-shards"):
         t1, m1 = load_tokens(one / name)
