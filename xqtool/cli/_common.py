@@ -87,7 +87,7 @@ def add_command(app: typer.Typer, fn: Callable[..., Any], name: str,
 
 
 def run_facts(precision: Any, device: Any = None) -> str:
-    """'world size N, backend B, device D, precision P' of the run that just finished (for final summaries).
+    """'world size N, device D, precision P, backend B' of the run that just finished (for final summaries).
 
     World size and device come from Accelerate's process state (what the task actually used); `device` overrides
     the device when the task picked its own.
@@ -103,5 +103,5 @@ def run_facts(precision: Any, device: Any = None) -> str:
     except Exception:  # pragma: no cover - accelerate is a dependency
         pass
     prec = getattr(precision, "value", precision)
-    return (f"world size {world}, backend {backend or 'none'}, device {dev if dev is not None else 'cpu'}, "
-            f"precision {prec}")
+    return (f"world size {world}, device {dev if dev is not None else 'cpu'}, precision {prec}, "
+            f"backend {backend or 'none (1 process)'}")
