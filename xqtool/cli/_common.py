@@ -87,19 +87,21 @@ def add_command(app: typer.Typer, fn: Callable[..., Any], name: str,
 
 
 def run_facts(precision: Any, device: Any = None) -> str:
-    """'world size N, device D, precision P' of the run that just finished (for final summaries).
+    """'world size N, device D, precision P, backend B' of the run that just finished (for final summaries).
 
     World size and device come from Accelerate's process state (what the task actually used); `device` overrides
     the device when the task picked its own.
     """
-    world, dev = 1, device
+    world, dev, backend = 1, device, None
     try:
         from accelerate import PartialState
 
         state = PartialState()
         world = state.num_processes
+        backend = state.backend
         dev = dev if dev is not None else state.device
     except Exception:  # pragma: no cover - accelerate is a dependency
         pass
     prec = getattr(precision, "value", precision)
-    return f"world size {world}, device {dev if dev is not None else 'cpu'}, precision {prec}"
+    return (f"world size {world}, device {dev if dev is not None else 'cpu'}, precision {prec}, "
+            f"backend {backend or 'none (1 process)'}")

@@ -108,12 +108,9 @@ def _print_skipped(skipped: Dict[str, str], where: Optional[Path]) -> None:
 
 
 def _is_main() -> bool:
-    try:
-        from accelerate import PartialState
+    from xqtool.distributed import process_state
 
-        return PartialState().is_main_process
-    except Exception:  # pragma: no cover - accelerate always installed
-        return True
+    return bool(process_state().is_main_process)  # CPU (gloo) processes under ACCELERATE_USE_CPU
 
 
 def encode(
@@ -182,6 +179,10 @@ def decode(
     Example: [bold]xqtool decode runs/tokens/val.npy -o runs/recon -t runs/tiny-cnn/best --progressive[/]
     """
     from xqtool.tasks.decode import decode_tokens
+    from xqtool.distributed import main_process_only
+
+    if not main_process_only("decode"):  # under a multi-process launch, rank 0 does all of it
+        return
 
     with _progress("decoding") as (on_start, advance):
         result = decode_tokens(
@@ -211,6 +212,10 @@ def make_shards_cmd(
     [bold]xqtool encode 'runs/shards/shard-{000000..000003}.tar' -o runs/tokens/ -t CKPT[/]
     """
     from xqtool.tasks.make_shards import make_shards
+    from xqtool.distributed import main_process_only
+
+    if not main_process_only("make-shards"):  # under a multi-process launch, rank 0 does all of it
+        return
 
     if legacy_out is not None:
         if output is not None:

@@ -127,6 +127,10 @@ def eval_fid(
       [bold]xqtool eval-fid make-stats imagenet/val --name imagenet256-val --image-size 256[/]
     """
     from xqtool.tasks.eval_fid import evaluate_fid, evaluate_rfid, make_fid_stats
+    from xqtool.distributed import main_process_only
+
+    if not main_process_only("eval-fid"):
+        return
 
     device = resolve_device(device)
     if gen == "make-stats":
@@ -180,6 +184,10 @@ def make_fid_stats_cmd(
     Example: [bold]xqtool make-fid-stats imagenet/val --name imagenet256-val --image-size 256[/]
     """
     from xqtool.tasks.eval_fid import make_fid_stats
+    from xqtool.distributed import main_process_only
+
+    if not main_process_only("make-fid-stats"):
+        return
 
     _print_stats(make_fid_stats(source, name, mode=mode, stats_dir=stats_dir, batch_size=batch_size,
                                 num_workers=num_workers, device=resolve_device(device),
@@ -245,6 +253,10 @@ def probe(
         table.add_row(str(rec["epoch"]), f"{rec['lr']:.2e}", f"{rec['train_loss']:.4f}",
                       f"{100 * rec['train_top1']:.2f}", f"{100 * rec['val_top1']:.2f}", f"{100 * rec['val_top5']:.2f}")
 
+    from xqtool.distributed import main_process_only
+
+    if not main_process_only("probe"):
+        return
     rep = run_probe(tokenizer, train, val, features=features, settings=settings, config=config, prefer_ema=ema,
                     cache_features=cache_features, num_classes=num_classes, num_workers=num_workers, device=device,
                     max_train_images=max_train_images, max_val_images=max_val_images, bad_files=bad_files.value,

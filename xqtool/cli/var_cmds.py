@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -80,6 +81,8 @@ def train_var_cmd(
     if not cfg.data.tokens and not cfg.data.images:
         raise ConfigError("train-var needs training data: pass --tokens TOKENS (from `xqtool encode`) or --images SRC")
     result = train_var(cfg, resume=resume, console=None if no_progress else console, cpu=cpu)
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes: the main one reports
+        return
     last = result.history[-1] if result.history else {}
     console.print(f"[green]done[/] {result.steps} steps"
                   + (f", resumed from {result.resumed_from}" if result.resumed_from else "")
@@ -139,6 +142,8 @@ def sample_cmd(
                         batch_size=batch_size, out_dir=output, npz=npz, grid=grid, use_cache=not no_cache,
                         precision=precision.value, upstream_rng=upstream_rng, cpu=cpu, pack=not no_pack,
                         console=console)
+    if not res.is_main:  # several processes: the main one reports
+        return
     console.print(f"[green]done[/] {res.count} images in {res.seconds:.1f}s ({res.images_per_s:.2f} img/s)")
     console.print(f"ran on: {run_facts(precision)}")
     for label, path in (("png", res.out_dir), ("npz", res.npz), ("grid", res.grid)):

@@ -200,8 +200,18 @@ class ImageStream(IterableDataset):
                 warn_if_few_shards(len(self.spec.urls), world, nworkers)
             records = self._shard_records(epoch, rng)
         if self.train:
+            # each sample's crop/flip draws from its own seed (run seed, epoch, sample name), so the
+            # augmentation of an image does not depend on the number of processes or workers
             tf = train_transform(self.image_size)
-            views: Callable[[Image.Image], torch.Tensor] = lambda img: tf(img, rng)  # noqa: E731
+            aug_rng = random.Random()
+            views: Callable[[Image.Image], torch.Tensor] = lambda img: tf(img, aug_rng)  # noqa: E731
+
+            def reseeded(recs: Iterable[RawRecord]) -> Iterator[RawRecord]:
+                for rec in recs:
+                    aug_rng.seed(f"aug-{self.seed}-{epoch}-{rec.name}")
+                    yield rec
+
+            records = reseeded(records)
         else:
             views = eval_transform(self.image_size)
         for rec, image in process_records(

@@ -95,12 +95,14 @@ def shard_url_stream(
     resample: bool,
     seed: int,
     epoch: int,
+    split_nodes: bool = True,
 ) -> Iterator[str]:
     """Shard URLs for this node and DataLoader worker.
 
     Evaluation: fixed order, split by node then by worker. Training: shuffled per epoch
     (``seed``, ``epoch``) then split; with ``resample`` an endless ``wds.ResampledShards`` stream
     (independently seeded per node and worker, deterministic given ``seed`` and ``epoch``).
+    ``split_nodes=False``: every process reads all shards (split by DataLoader worker only).
     """
     if resample:
         rs = wds.ResampledShards(list(urls), seed=seed + 1000003 * epoch, deterministic=True)
@@ -111,7 +113,7 @@ def shard_url_stream(
     if train:
         random.Random(seed * 1000003 + epoch).shuffle(order)
     dicts = ({"url": u} for u in order)
-    for d in wds.split_by_worker(wds.split_by_node(dicts)):
+    for d in wds.split_by_worker(wds.split_by_node(dicts) if split_nodes else dicts):
         yield d["url"]
 
 

@@ -247,8 +247,9 @@ class TokenShardStream(IterableDataset):
     """
 
     def __init__(self, directory: PathLike, *, train: bool = False, seed: int = 0, resample: bool = False,
-                 shuffle_buffer: int = 2000) -> None:
+                 shuffle_buffer: int = 2000, split_nodes: bool = True) -> None:
         super().__init__()
+        self.split_nodes = split_nodes  # False: every process reads the whole stream (train-var slices batches)
         self.directory = Path(directory)
         self.manifest = TokenManifest.load(self.directory / DIR_MANIFEST)
         self.urls = _token_shards(self.directory, self.manifest)
@@ -266,7 +267,8 @@ class TokenShardStream(IterableDataset):
 
         epoch = self.epoch
         while True:
-            for url in shard_url_stream(self.urls, train=self.train, resample=False, seed=self.seed, epoch=epoch):
+            for url in shard_url_stream(self.urls, train=self.train, resample=False, seed=self.seed, epoch=epoch,
+                                        split_nodes=self.split_nodes):
                 for s in _iter_token_samples(url):
                     yield {"tokens": torch.from_numpy(s["tokens"].astype(np.int64)), "label": s["label"], "key": s["key"]}
             if not self.resample:
@@ -279,21 +281,24 @@ class TokenShardStream(IterableDataset):
         it = self._samples()
         if self.train and self.shuffle_buffer > 1:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            rank = rank if self.split_nodes else 0
             rng = random.Random(f"tok-{self.seed}-{self.epoch}-{rank}-{worker}")
             it = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(it)
         return it
 
 
-def token_dataset(path_or_dir: PathLike, *, train: bool = False, seed: int = 0, resample: bool = False) -> Dataset:
+def token_dataset(path_or_dir: PathLike, *, train: bool = False, seed: int = 0, resample: bool = False,
+                  split_nodes: bool = True) -> Dataset:
     """Tokens as a dataset of ``{"tokens": LongTensor [P, L], "label": int, "key": str}``.
 
     A ``.npy`` file gives a map-style :class:`TokenArrayDataset` (shuffle with a sampler); a
     token-shard folder gives a :class:`TokenShardStream` (IterableDataset; ``train`` / ``seed`` /
-    ``resample`` control shuffling). Both expose ``.manifest``.
+    ``resample`` control shuffling; ``split_nodes=False``: every process reads all shards). Both expose
+    ``.manifest``.
     """
     p = Path(path_or_dir)
     if p.is_dir():
-        return TokenShardStream(p, train=train, seed=seed, resample=resample)
+        return TokenShardStream(p, train=train, seed=seed, resample=resample, split_nodes=split_nodes)
     return TokenArrayDataset(p)
 
 

@@ -18,7 +18,7 @@ Generator losses take fake logits:
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,8 @@ def disc_weight_at(step: int, disc_start: int, disc_weight: float) -> float:
 
 
 def adaptive_weight(
-    nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_value: float = 1e4
+    nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_value: float = 1e4,
+    reduce_grads: Optional[Callable[..., Sequence[Tensor]]] = None,
 ) -> Tensor:
     """λ = ‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), clamped to [0, max_value], detached (spec §5.1).
 
@@ -103,17 +104,22 @@ def adaptive_weight(
         nll_loss: scalar reconstruction (+ perceptual) loss, still attached to the graph.
         g_loss: scalar generator adversarial loss, attached to the graph.
         last_layer: the decoder's last weight ``W`` (a leaf parameter).
+        reduce_grads: maps (∇nll, ∇g) to their mean over processes (``xqtool.distributed.mean_across``),
+            so λ is the global batch's under DDP; None: this process's batch only.
     Returns:
         a 0-dim detached tensor.
     """
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if reduce_grads is not None:
+        nll_grads, g_grads = reduce_grads(nll_grads, g_grads)
     w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     return torch.clamp(w, 0.0, max_value).detach()
 
 
 def adaptive_weight_at_output(
-    nll_loss: Tensor, g_loss: Tensor, output: Tensor, last_layer: Tensor, max_value: float = 1e4
+    nll_loss: Tensor, g_loss: Tensor, output: Tensor, last_layer: Tensor, max_value: float = 1e4,
+    reduce_grads: Optional[Callable[..., Sequence[Tensor]]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The adaptive weight λ of :func:`adaptive_weight` (spec §5.1), plus the two losses' gradients at `output`.
 
@@ -128,6 +134,7 @@ def adaptive_weight_at_output(
         nll_loss, g_loss: scalars attached to the graph through `output`.
         output: the generator's image ``[B, 3, H, W]`` (non-leaf, requires grad).
         last_layer: the decoder's last weight (a leaf parameter used to compute `output`).
+        reduce_grads: as in :func:`adaptive_weight` (global-batch λ under DDP).
     Returns:
         (λ detached 0-dim, ∂nll/∂output, ∂g/∂output), the gradients detached with `output`'s shape.
     """
@@ -135,6 +142,8 @@ def adaptive_weight_at_output(
     g_adv = torch.autograd.grad(g_loss, output, retain_graph=True)[0]
     nll_grads = torch.autograd.grad(output, last_layer, grad_outputs=g_nll, retain_graph=True)[0]
     g_grads = torch.autograd.grad(output, last_layer, grad_outputs=g_adv, retain_graph=True)[0]
+    if reduce_grads is not None:
+        nll_grads, g_grads = reduce_grads(nll_grads, g_grads)
     w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     return torch.clamp(w, 0.0, max_value).detach(), g_nll, g_adv
 

@@ -331,7 +331,7 @@ def encode_images(
         progress: called with the number of images (views) just encoded.
         on_start: called once with the number of images to encode now (None when unknown: shards).
     """
-    from accelerate import PartialState
+    from xqtool.distributed import describe, process_state
 
     if augmentation not in AUGMENTATIONS:
         raise ConfigError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, not {augmentation!r}")
@@ -341,7 +341,9 @@ def encode_images(
         raise ConfigError("--batch-size and the unit size must be at least 1")
     check_policy(bad_files)
     output = Path(output)
-    state = PartialState()
+    state = process_state()  # CPU processes (gloo) under ACCELERATE_USE_CPU; real rank / world size
+    if state.is_main_process:
+        log.info("encode: %s", describe(state, precision))
     dev = torch.device(device) if device else state.device
     spec = resolve_source(source)
 

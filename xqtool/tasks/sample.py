@@ -88,6 +88,8 @@ class SampleResult:
     npz: Optional[Path]
     grid: Optional[Path]
     peak_mem_mb: float = 0.0
+    launch: str = ""  # world size, backend, device, precision (xqtool.distributed.describe)
+    is_main: bool = True
 
 
 def parse_classes(spec: Union[str, Sequence[int], None]) -> Optional[List[int]]:
@@ -171,6 +173,11 @@ def sample_images(
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     accelerator = Accelerator(cpu=cpu)
+    from xqtool.distributed import check_launch, describe
+
+    check_launch(accelerator.num_processes)
+    if accelerator.is_main_process:
+        log.info("sample: %s", describe(accelerator, precision))
     device = accelerator.device
     if isinstance(var, (str, Path)):
         from xqtool.var_checkpoint import load_var
@@ -270,4 +277,5 @@ def sample_images(
     accelerator.wait_for_everyone()
     total = n if accelerator.num_processes > 1 else done
     return SampleResult(count=total, seconds=seconds, images_per_s=done / max(seconds, 1e-9),
-                        out_dir=out_dir, npz=npz_path, grid=grid_path, peak_mem_mb=peak)
+                        out_dir=out_dir, npz=npz_path, grid=grid_path, peak_mem_mb=peak,
+                        launch=describe(accelerator, precision), is_main=accelerator.is_main_process)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xqtool import distributed
 from xqtool.config import TokenizerConfig, config_to_dict, save_config_yaml
 from xqtool.ema import EMAModel, EMAState
 from xqtool.errors import ConfigError, DataError, WeightsMissingError, XQError
@@ -68,6 +69,7 @@ class TrainResult:
     message: str = ""
     export_dir: Optional[Path] = None
     adapter_dirs: List[Path] = field(default_factory=list)
+    launch: str = ""  # world size, backend, device, precision (xqtool.distributed.describe)
 
 
 class _Position:
@@ -79,14 +81,20 @@ class _Position:
         self.batch_in_epoch = 0
         self.best_value: Optional[float] = None
         self.best_step: Optional[int] = None
+        # python-side counters of the quantizers' codebook-hit EMA (``record_hit``): not in the model's
+        # state_dict, so kept here for an exact resume; `model` is set by the trainer
+        self.model: Optional[nn.Module] = None
 
     def state_dict(self) -> Dict[str, Any]:
+        hits = {n: int(m.record_hit) for n, m in self.model.named_modules() if hasattr(m, "record_hit")} \
+            if self.model is not None else {}
         return {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best_value": self.best_value,
             "best_step": self.best_step,
+            "record_hit": hits,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -95,6 +103,11 @@ class _Position:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.best_value = state.get("best_value")
         self.best_step = state.get("best_step")
+        hits = state.get("record_hit") or {}
+        if self.model is not None:
+            for n, m in self.model.named_modules():
+                if n in hits and hasattr(m, "record_hit"):
+                    m.record_hit = int(hits[n])
 
 
 # ============================================================================ schedules
@@ -315,6 +328,10 @@ class TokenizerTrainer:
             from xqtool.runtime import configure_cpu_allocator
 
             configure_cpu_allocator()  # reuse big step buffers instead of page-faulting them in every step
+        distributed.check_launch(acc.num_processes)
+        self.launch = distributed.describe(acc)
+        if acc.is_main_process:
+            log.info("train-tokenizer: %s", self.launch)
         world = acc.num_processes
         per_proc = tc.global_batch_size // (world * max(1, tc.grad_accum))
         if per_proc < 1 or per_proc * world * max(1, tc.grad_accum) != tc.global_batch_size:
@@ -386,7 +403,7 @@ class TokenizerTrainer:
         if prepare_model is not None:
             prepare_model(tok)
         tok.train()
-        self.ema = EMAModel(tok, tc.ema_decay) if tc.ema else None
+        self.ema: Optional[EMAModel] = None  # created after acc.prepare, from the weights DDP synchronised
         disc = None
         if lc.disc_type != "none" and lc.disc_weight > 0:
             disc = build_discriminator(
@@ -463,6 +480,12 @@ class TokenizerTrainer:
             self.tok, self.opt_g = acc.prepare(tok, opt_g)
             self.disc = None
         self.aux.to(acc.device)
+        self.pos.model = self.unwrapped
+        # every rank drew its own random init above: modules outside DDP take rank 0's weights, and the
+        # EMA starts from the weights DDP broadcast from rank 0 (not from this rank's own init)
+        distributed.broadcast_modules([self.aux, self.lpips, *(t for t, _, _ in self.teachers.values())])
+        if tc.ema:
+            self.ema = EMAModel(self.unwrapped, tc.ema_decay)
         if self.ema is not None:
             self.ema.to(acc.device)
             acc.register_for_checkpointing(EMAState(self.ema))
@@ -562,10 +585,11 @@ class TokenizerTrainer:
                 g_adv = self.g_loss_fn(logits_fake)
                 if lc.disc_adaptive_weight and acc.scaler is None:
                     # LPIPS and discriminator backwards once each (down to recon), shared by λ and the step
-                    lam, g_nll, g_g = adaptive_weight_at_output(nll, g_adv, recon, self.unwrapped.last_layer)
+                    lam, g_nll, g_g = adaptive_weight_at_output(nll, g_adv, recon, self.unwrapped.last_layer,
+                                                                reduce_grads=distributed.mean_across)
                     to_backward = (recon * (g_nll + (lam * w_disc) * g_g)).sum() + rest
                 elif lc.disc_adaptive_weight:  # fp16 loss scaling: differentiate the whole loss (scaled)
-                    lam = adaptive_weight(nll, g_adv, self.unwrapped.last_layer)
+                    lam = adaptive_weight(nll, g_adv, self.unwrapped.last_layer, reduce_grads=distributed.mean_across)
                 else:
                     lam = torch.ones((), device=x.device)
                 loss = loss + lam * w_disc * g_adv
@@ -594,7 +618,8 @@ class TokenizerTrainer:
                 d_loss = self.d_loss_fn(lr_, lf_)
                 logs["discriminator_adv_loss"] = d_loss.detach().item()
                 if self.lecam is not None:
-                    self.lecam.update(lr_, lf_)
+                    # EMA of the GLOBAL batch means: identical on every rank (so the rank-0 save restores all ranks)
+                    self.lecam.update(*distributed.mean_across(lr_.detach().float().mean(), lf_.detach().float().mean()))
                     reg = self.lecam(lr_, lf_)
                     d_loss = d_loss + lc.lecam_loss_weight * reg
                     logs["lecam_loss"] = reg.detach().item()
@@ -811,6 +836,7 @@ class TokenizerTrainer:
                     continue
                 bad_streak = 0
                 self.pos.step = step
+                logs_acc = distributed.mean_logs(logs_acc, acc.device)  # global-batch values on every rank
                 self.sched_g.step()
                 if self.ema is not None:
                     self.ema.update(self.unwrapped)
@@ -845,6 +871,8 @@ class TokenizerTrainer:
                     self.export_model(self.out / "last")
                 for cb in self.callbacks:
                     cb(self)
+                # a signal seen by any rank stops every rank at this same step (they save together)
+                self.stop_requested = distributed.agree_stop(self.stop_requested, acc.device)
                 if self.stop_requested:
                     status = "interrupted"
                     message = f"stopped by {self.stop_requested} at step {step}; resume with --resume auto"
@@ -852,6 +880,9 @@ class TokenizerTrainer:
                         last_good_state = self.save_state()
                         self.export_model(self.out / "last")
                     break
+        except (RuntimeError, OSError) as exc:
+            distributed.raise_if_peer_lost(exc, "train-tokenizer")
+            raise
         finally:
             if progress is not None:
                 progress.stop()
@@ -875,6 +906,7 @@ class TokenizerTrainer:
             bad_files=dict(getattr(self.train_loader, "bad_files", {}) or {}) | dict(getattr(self.val_loader, "bad_files", {}) or {}),
             images_per_sec=images / elapsed if self.pos.step > start_step else 0.0,
             message=message,
+            launch=self.launch,
         )
         if self.on_finish is not None:
             self.on_finish(self, result)

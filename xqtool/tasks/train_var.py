@@ -57,6 +57,7 @@ class TrainVARResult:
     model_dir: Optional[Path]
     history: List[Dict[str, float]] = field(default_factory=list)
     resumed_from: Optional[int] = None
+    launch: str = ""  # world size, backend, device, precision (xqtool.distributed.describe)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -210,15 +211,19 @@ def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: 
     if d.tokens:
         from xqtool.data.tokens import check_manifest, token_dataset
 
-        ds = token_dataset(d.tokens, train=True, seed=cfg.train.seed)
+        # token shards: every process reads the whole (small) token stream and keeps its slice of each
+        # global micro-batch, so batches do not depend on the number of processes or of shards
+        ds = token_dataset(d.tokens, train=True, seed=cfg.train.seed, split_nodes=False)
         check_manifest(ds.manifest, tokenizer)
         if isinstance(ds, torch.utils.data.IterableDataset):
             per_epoch = max(int(ds.manifest.count) // global_batch, 1)
+            lo = rank * local_batch
 
             def make(epoch: int) -> Iterator:
-                loader = torch.utils.data.DataLoader(ds, batch_size=local_batch, num_workers=d.num_workers,
+                loader = torch.utils.data.DataLoader(ds, batch_size=local_batch * world, num_workers=d.num_workers,
                                                      drop_last=True)
-                return ((b["tokens"], torch.as_tensor(b["label"])) for b in loader)
+                return ((b["tokens"][lo:lo + local_batch], torch.as_tensor(b["label"])[lo:lo + local_batch])
+                        for b in loader)
             return _StreamBatches(make, per_epoch), per_epoch
         src = _TokenArrayBatches(ds, local_batch * world, local_batch, rank, cfg.train.seed)
         return src, max(src.per_epoch // cfg.train.grad_accum, 1)
@@ -289,6 +294,11 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with=trackers, cpu=cpu,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
+    from xqtool.distributed import check_launch, describe
+
+    check_launch(accelerator.num_processes)
+    if accelerator.is_main_process:
+        log.info("train-var: %s", describe(accelerator))
     set_seed(t.seed, device_specific=True)
     device = accelerator.device
     if device.type == "cpu":
@@ -405,4 +415,4 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
             accelerator.end_training()
     model_dir = run_dir / "var-last" if (run_dir / "var-last").is_dir() else None
     return TrainVARResult(steps=max_steps, run_dir=run_dir, model_dir=model_dir, history=history,
-                          resumed_from=resumed_from)
+                          resumed_from=resumed_from, launch=describe(accelerator))
