@@ -81,7 +81,8 @@ def train_var_cmd(
         raise ConfigError("train-var needs training data: pass --tokens TOKENS (from `xqtool encode`) or --images SRC")
     result = train_var(cfg, resume=resume, console=None if no_progress else console, cpu=cpu)
     last = result.history[-1] if result.history else {}
-    console.print(f"[green]done[/] {result.steps} steps"
+    console.print((f"[green]done[/] {result.steps} steps" if result.status == "finished"
+                   else f"{result.status} at step {result.steps}")
                   + (f", resumed from {result.resumed_from}" if result.resumed_from else "")
                   + (f", loss {last['loss']:.4f}" if "loss" in last else "")
                   + (f", acc {last['acc']:.3f}" if "acc" in last else ""))
@@ -90,6 +91,12 @@ def train_var_cmd(
     console.print(f"output: {cfg.train.results_dir}")
     if result.model_dir is not None:
         console.print(f"model: {result.model_dir}")
+    if result.status != "finished":  # diverged → 1; SIGINT → 130, SIGTERM → 143 (after saving)
+        from xqtool.cli._common import err_console
+
+        err_console.print(f"[bold {'red' if result.status == 'diverged' else 'yellow'}]"
+                          f"{'error' if result.status == 'diverged' else 'stopped'}:[/] {result.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(result.exit_code)
 
 
 def sample_cmd(
