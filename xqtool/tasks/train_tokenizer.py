@@ -762,7 +762,8 @@ class TokenizerTrainer:
         """Training state at the current step (safetensors + JSON), written atomically; keeps the newest few."""
         self.pos.last_val = dict(self.last_val)
         info = {"trainer": "tokenizer", "samples_seen": self.samples_seen, "global_batch": self.cfg.train.global_batch_size,
-                "grad_accum": self.cfg.train.grad_accum}
+                "grad_accum": self.cfg.train.grad_accum, "epoch": self.pos.epoch, "best_value": self.pos.best_value,
+                "best_step": self.pos.best_step, "val_step": self.pos.last_val_step, "val": dict(self.last_val)}
         return save_state_atomic(self.acc, self.out, self.pos.step, self.components, info, KEEP_STATES)
 
     def export_model(self, directory: Path) -> Path:
