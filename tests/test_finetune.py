@@ -99,3 +99,46 @@ def test_bad_tuning_requests(setup):
     r = CliRunner().invoke(xqtool.cli.app, ["finetune", str(ROOT / "configs/tokenizer/tiny-vit.yaml"), "-t",
                                             str(base), "--enc", "half"])
     assert r.exit_code == 2 and "--enc must be one of" in r.output
+
+
+def test_finetune_default_output_is_fresh_and_resume_works(setup, tmp_path):
+    """Case 8 (issue 13): a fresh default dir next to the source; the printed advice works; LoRA resume is exact."""
+    import os
+    import shutil
+    import signal
+
+    from test_training_robustness import assert_same_state
+
+    root, base, run = setup
+    src = tmp_path / "src"
+    shutil.copytree(base, src)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text((ROOT / "configs/tokenizer/tiny-vit.yaml").read_text())
+    args = ["finetune", str(cfg_path), "-t", str(src), "--enc", "lora", "--dec", "frozen", "--max-steps", "2",
+            "--no-progress"]
+    for s in RUN + [f"data.data_path={run.data.data_path}", f"data.val_data_path={run.data.val_data_path}",
+                    f"train.results_dir={src}"]:  # a config pointing at the source run must not matter
+        args += ["--set", s]
+    import xqtool.cli
+
+    r = CliRunner().invoke(xqtool.cli.app, args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "src-finetune" / "export" / "model.safetensors").is_file()
+    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in base.iterdir())  # source untouched
+    again = CliRunner().invoke(xqtool.cli.app, args)
+    assert again.exit_code == 2 and "--resume auto" in again.output
+    follow = CliRunner().invoke(xqtool.cli.app, args[:-len(args) + args.index("--max-steps")] + ["--max-steps", "3"]
+                                + args[args.index("--max-steps") + 2:] + ["--resume", "auto"])
+    assert follow.exit_code == 0, follow.output
+    # LoRA + frozen parts: interrupted at step 2 and resumed == 4 steps straight, every tensor
+    kw = dict(enc="lora", dec="frozen", max_steps=4, progress=False, feature_extractor=None)
+    finetune_tokenizer(run, src, output_dir=tmp_path / "a", **kw)
+
+    def stop_at_2(tr):
+        if tr.pos.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    r1 = finetune_tokenizer(run, src, output_dir=tmp_path / "b", callbacks=[stop_at_2], **kw)
+    assert r1.status == "interrupted" and r1.exit_code == 143
+    r2 = finetune_tokenizer(run, src, output_dir=tmp_path / "b", resume="auto", **kw)
+    assert r2.status == "finished" and r2.step == 4
+    assert_same_state(tmp_path / "a" / "checkpoints" / "step-0000004", tmp_path / "b" / "checkpoints" / "step-0000004")

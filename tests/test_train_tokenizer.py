@@ -121,13 +121,41 @@ def test_exact_resume(photos, tmp_path):
     r2 = train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, resume="auto", **kw)
     assert r2.status == "finished" and r2.step == 6
     (m1, e1), (m2, e2) = _weights(tmp_path / "straight" / "last"), _weights(tmp_path / "resumed" / "last")
-    for k in m1:
-        if "ema_vocab_hit" not in k:
-            assert torch.equal(m1[k], m2[k]), k
-            assert torch.equal(e1[k], e2[k]), k
-    d1 = load_file(tmp_path / "straight" / "checkpoints" / "step-0000006" / "model_1.safetensors")
-    d2 = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000006" / "model_1.safetensors")
-    assert all(torch.equal(d1[k], d2[k]) for k in d1)
+    assert m1.keys() == m2.keys() and e1.keys() == e2.keys() and any("ema_vocab_hit" in k for k in m1)
+    for k in m1:  # no key skipped: codebook-usage buffers included
+        assert torch.equal(m1[k], m2[k]), k
+        assert torch.equal(e1[k], e2[k]), k
+    assert_same_state(tmp_path / "straight" / "checkpoints" / "step-0000006",
+                      tmp_path / "resumed" / "checkpoints" / "step-0000006")
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Every tensor and value of two training states is identical (models, EMA, optimizers, schedulers,
+    LeCam, data position, RNG), no key skipped."""
+    from xqtool.training_state import load_verified
+
+    sa, sb = load_verified(a), load_verified(b)
+    assert sorted(sa.components) == sorted(sb.components)
+
+    def same(x, y, where):
+        assert type(x) is type(y), where
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), where
+            for k in x:
+                same(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        elif hasattr(x, "shape"):  # numpy RNG key
+            assert (x == y).all(), where
+        else:
+            assert x == y, where
+
+    same(sa.components, sb.components, "state")
+    same(sa.rng, sb.rng, "rng")
 
 
 def test_nan_patience_stops_and_keeps_last_good(photos, tmp_path):
@@ -181,3 +209,30 @@ def test_cli_train_tiny_vit(photos, tmp_path):
     ])
     assert r.exit_code == 0, r.output
     assert "finished" in r.output and (tmp_path / "vit" / "last" / "model.safetensors").is_file()
+
+
+def test_last_reports_its_own_step_and_validation(photos, tmp_path):
+    """last/train_state.json names the step its val metrics come from; a resumed run keeps the last validation."""
+    import json
+
+    cfg = _cfg(photos, "train.eval_every=3", "train.ckpt_every=100", "train.best_metric=psnr")
+    seen = {}
+
+    def cb(tr):
+        if tr.pos.step == 3:
+            seen["val"] = dict(tr.last_val)
+        if tr.pos.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+    r = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=6, callbacks=[cb], progress=False,
+                        feature_extractor=None)
+    assert r.status == "interrupted" and r.exit_code == 143
+    doc = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())
+    assert doc["step"] == 4 and doc["val_step"] == 3 and doc["val"] == seen["val"]
+    assert doc["train"]["rec_loss"] == r.history[-1]["rec_loss"] and r.history[-1]["step"] == 4
+    r2 = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=6, resume="auto", progress=False,
+                         feature_extractor=None)
+    assert r2.status == "finished" and r2.images_per_sec and r2.images_per_sec > 0
+    r3 = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=6, resume="auto", progress=False,
+                         feature_extractor=None)
+    assert r3.images_per_sec is None and "already finished" in r3.message
+    assert r3.last_val == r2.last_val  # the resumed (finished) run still knows its last validation

@@ -206,6 +206,7 @@ class TrainConfig:
     global_seed: int = 0
     tracker: str = field(default="tensorboard", metadata=_choices("tensorboard", "wandb", "none"))
     nan_patience: int = 5
+    allow_batch_change: bool = False
     vq_ckpt: Optional[str] = None
     finetune: bool = False
     no_local_save: bool = False

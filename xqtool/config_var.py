@@ -119,6 +119,8 @@ class VARTrainConfig:
     upstream_cond_drop: bool = False      # True: condition dropout in every forward from the global RNG (§2.1)
     ckpt_every: int = 1000
     keep_last: int = 2
+    nan_patience: int = 5                 # consecutive non-finite steps (skipped) before the run stops
+    allow_batch_change: bool = False     # resume with another global batch / process count (remapped)
     log_every: int = 20
     results_dir: str = "runs/var"
     seed: int = 0

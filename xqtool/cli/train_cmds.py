@@ -58,7 +58,8 @@ def _summary(result: Any, title: str, cfg: Any) -> None:
             t.add_row(k, f"{result.last_val[k]:.4f}")
     for k in sorted(k for k in result.last_val if k.startswith("val/codebook_usage/b") and k.count("/") == 2):
         t.add_row(k, f"{result.last_val[k]:.4f}")  # distinct codes / K of one branch over the validation set
-    t.add_row("images/s", f"{result.images_per_sec:.1f}")
+    if result.images_per_sec is not None:  # None: this invocation ran no step (e.g. resume of a finished run)
+        t.add_row("images/s", f"{result.images_per_sec:.1f}")
     prec = cfg.train.mixed_precision
     t.add_row("ran on", run_facts("fp32" if prec == "no" else prec))
     t.add_row("output", str(result.output_dir))
@@ -89,6 +90,16 @@ def config_overrides(overrides: Optional[List[str]], num_workers: Optional[int],
     return out
 
 
+def _exit(result: Any) -> None:
+    """Diverged → one error line, exit 1; stopped by SIGINT/SIGTERM (after saving) → exit 130/143."""
+    if result.status == "diverged":
+        err_console.print(f"[bold red]error:[/] {result.message}", highlight=False, soft_wrap=True)
+    elif result.status == "interrupted":
+        err_console.print(f"[bold yellow]stopped:[/] {result.message}", highlight=False, soft_wrap=True)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
 def train_tokenizer_cmd(
     config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Tokenizer YAML (xqtool or official XQ-GAN keys).")],
     set_: SetOverrides = None,
@@ -113,9 +124,7 @@ def train_tokenizer_cmd(
     result = train_tokenizer(cfg, output_dir=output, resume=resume, max_steps=max_steps,
                              progress=not no_progress, console=console)
     _summary(result, "train-tokenizer", cfg)
-    if result.status == "diverged":
-        err_console.print(f"[bold red]error:[/] {result.message}")
-        raise typer.Exit(1)
+    _exit(result)
 
 
 def finetune_cmd(
@@ -128,7 +137,7 @@ def finetune_cmd(
     lora_targets: Annotated[Optional[str], typer.Option("--lora-targets", help=r"Regex of modules to adapt (default '.*\.mlp\.fc\d').")] = None,
     set_: SetOverrides = None,
     resume: Resume = None,
-    output: Annotated[Optional[Path], output_option("Run folder (default: train.results_dir of the config).")] = None,
+    output: Annotated[Optional[Path], output_option("Run folder (default: next to the source, runs/a/best -> runs/a-best-finetune).")] = None,
     max_steps: MaxSteps = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", help=HELP_NUM_WORKERS)] = None,
     precision: OptPrecision = None,
@@ -152,9 +161,7 @@ def finetune_cmd(
                                 lora_rank=lora_rank, lora_targets=lora_targets, output_dir=output, resume=resume,
                                 max_steps=max_steps, progress=not no_progress, console=console)
     _summary(result, "finetune", cfg)
-    if result.status == "diverged":
-        err_console.print(f"[bold red]error:[/] {result.message}")
-        raise typer.Exit(1)
+    _exit(result)
 
 
 def register(app: typer.Typer) -> None:

@@ -84,7 +84,8 @@ def train_var_cmd(
     if int(os.environ.get("RANK", "0")) != 0:  # several processes: the main one reports
         return
     last = result.history[-1] if result.history else {}
-    console.print(f"[green]done[/] {result.steps} steps"
+    console.print((f"[green]done[/] {result.steps} steps" if result.status == "finished"
+                   else f"{result.status} at step {result.steps}")
                   + (f", resumed from {result.resumed_from}" if result.resumed_from else "")
                   + (f", loss {last['loss']:.4f}" if "loss" in last else "")
                   + (f", acc {last['acc']:.3f}" if "acc" in last else ""))
@@ -93,6 +94,12 @@ def train_var_cmd(
     console.print(f"output: {cfg.train.results_dir}")
     if result.model_dir is not None:
         console.print(f"model: {result.model_dir}")
+    if result.status != "finished":  # diverged → 1; SIGINT → 130, SIGTERM → 143 (after saving)
+        from xqtool.cli._common import err_console
+
+        err_console.print(f"[bold {'red' if result.status == 'diverged' else 'yellow'}]"
+                          f"{'error' if result.status == 'diverged' else 'stopped'}:[/] {result.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(result.exit_code)
 
 
 def sample_cmd(

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from xqtool.config import TokenizerConfig
 from xqtool.errors import CheckpointError
 from xqtool.tasks.lora import DEFAULT_LORA_TARGETS, apply_tuning, freeze_codebook, has_lora, merge_lora, save_adapters
@@ -34,6 +36,22 @@ def _load_base(path: os.PathLike, cfg: TokenizerConfig) -> Any:
         if "carries no config" not in str(exc):
             raise
         return load_tokenizer(path, config=cfg, prefer_ema=True)
+
+
+def default_output_dir(from_path: os.PathLike) -> Path:
+    """Fresh run directory next to the source, never the source's own run: ``runs/a/best`` →
+    ``runs/a-best-finetune``; ``ckpts/x.pt`` → ``ckpts/x-finetune``. The same source always maps to the same
+    directory, so ``--resume auto`` finds an interrupted fine-tune. A registry name or ``hf://`` reference →
+    ``runs/NAME-finetune``."""
+    if not Path(from_path).exists():  # a model name or hf:// reference
+        import re
+
+        return Path("runs") / (re.sub(r"[^A-Za-z0-9._-]+", "-", str(from_path).replace("hf:/", "")).strip("-.")
+                               + "-finetune")
+    src = Path(from_path).absolute()
+    if src.is_dir() and src.parent.name and (src.parent / "config.yaml").is_file():  # a checkpoint inside a run
+        return src.parent.parent / f"{src.parent.name}-{src.name}-finetune"
+    return src.parent / f"{src.stem if src.is_file() else src.name}-finetune"
 
 
 def finetune_tokenizer(
@@ -56,9 +74,12 @@ def finetune_tokenizer(
 
     The architecture (``model``/``quant`` sections) comes from the checkpoint; `cfg` supplies ``loss``, ``data``
     and ``train``. `enc`/`dec` default to ``cfg.model.enc_tuning_method``/``dec_tuning_method``; LoRA rank,
-    alpha and target regex default to ``cfg.model.lora_*``. `train_kwargs` go to :class:`TokenizerTrainer`
+    alpha and target regex default to ``cfg.model.lora_*``. `output_dir` defaults to
+    :func:`default_output_dir` (never the source's run, whatever ``train.results_dir`` says); ``resume="auto"``
+    continues an interrupted fine-tune there (LoRA, frozen parts, optimizer, EMA). `train_kwargs` go to :class:`TokenizerTrainer`
     (``feature_extractor``, ``disc_overrides``, ``allow_random_weights``, ``progress``, ``callbacks`` ...).
     """
+    output_dir = Path(output_dir) if output_dir else default_output_dir(from_path)
     tok = _load_base(from_path, cfg)
     m = cfg.model
     enc = enc or m.enc_tuning_method
@@ -73,6 +94,7 @@ def finetune_tokenizer(
     if (m.image_size, cfg.quant.codebook_size) != (base_cfg.model.image_size, base_cfg.quant.codebook_size):
         log.warning("model/quant settings of the config differ from the checkpoint's: the checkpoint's are used")
     tok.train()
+    torch.manual_seed(cfg.train.global_seed)  # LoRA init: the same fine-tune from the same source, every time
     apply_tuning(tok, "encoder", enc, rank=rank, alpha=alpha, targets=targets)
     apply_tuning(tok, "decoder", dec, rank=rank, alpha=alpha, targets=targets)
     if freeze_codebook_ids:

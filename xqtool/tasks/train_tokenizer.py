@@ -3,8 +3,8 @@
 Public entry point: :func:`train_tokenizer`. Output directory layout::
 
     OUT/config.yaml                 resolved config of the run
-    OUT/checkpoints/step-0000100/   Accelerate training state (both models, both optimizers, schedulers,
-                                    scaler, RNG states, EMA, LeCam, trainer position) — atomic, newest 2 kept
+    OUT/checkpoints/step-0000100/   training state, safetensors + JSON (both models, both optimizers, schedulers,
+                                    scaler, RNG states, EMA, LeCam, exact data position) — atomic, newest 2 kept
     OUT/last/  OUT/best/            xqtool tokenizer checkpoints (model.safetensors + ema.safetensors + config.yaml)
     OUT/recon/step-0000100.png      originals (top row) over reconstructions (bottom row)
     OUT/logs/                       tracker logs (tensorboard by default)
@@ -14,6 +14,11 @@ Generator objective (spec §5.1): w_rec·L_rec + w_p·LPIPS + λ·w_disc·L_adv 
 Discriminator (spec §5.5): w_disc·(L_D + lecam_weight·R_LeCam), trained from ``disc_start`` on (the reference's
 pre-start LeCam updates and weight decay on an untrained discriminator are skipped, spec §9.11). The adaptive
 weight is only computed once the GAN weight is non-zero.
+
+Robustness: non-finite steps are skipped and ``train.nan_patience`` in a row stop the run (status ``diverged``);
+no save ever writes NaN/Inf weights (EMA included); SIGINT/SIGTERM save, then stop (CLI exit 130/143);
+``--resume auto`` continues bit-exactly (see :mod:`xqtool.training_state`), and a batch-size change on resume
+needs ``train.allow_batch_change``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,9 @@ from xqtool.config import TokenizerConfig, config_to_dict, save_config_yaml
 from xqtool.ema import EMAModel, EMAState
 from xqtool.errors import ConfigError, DataError, WeightsMissingError, XQError
 from xqtool.fsutil import atomic_path, atomic_write_text
-from xqtool.training_state import list_states, resolve_resume, save_state_atomic
+from xqtool.stopping import StopFlag
+from xqtool.training_state import (NonFiniteError, SampleBatches, apply_state, check_geometry, first_nonfinite,
+                                   has_states, list_states, resolve_resume, save_state_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -65,49 +70,62 @@ class TrainResult:
     last_val: Dict[str, float] = field(default_factory=dict)
     history: List[Dict[str, float]] = field(default_factory=list)
     bad_files: Dict[str, str] = field(default_factory=dict)
-    images_per_sec: float = 0.0
+    images_per_sec: Optional[float] = None  # None when this invocation ran no step
     message: str = ""
+    exit_code: int = 0  # 0 finished, 1 diverged, 130 SIGINT / 143 SIGTERM
     export_dir: Optional[Path] = None
     adapter_dirs: List[Path] = field(default_factory=list)
     launch: str = ""  # world size, backend, device, precision (xqtool.distributed.describe)
 
 
 class _Position:
-    """Checkpointable trainer position: optimizer step, epoch, micro-batches consumed in the epoch, best metric."""
+    """Checkpointable trainer position: optimizer step, data position (epoch, samples of this process consumed in
+    the epoch), best metric, the last validation, and the plain-attribute counters of the model
+    (``record_hit`` of the codebook-usage EMA, so ``ema_vocab_hit_SV`` continues exactly)."""
 
     def __init__(self) -> None:
         self.step = 0
         self.epoch = 0
-        self.batch_in_epoch = 0
+        self.offset = 0
+        self.samples = 0
         self.best_value: Optional[float] = None
         self.best_step: Optional[int] = None
-        # python-side counters of the quantizers' codebook-hit EMA (``record_hit``): not in the model's
-        # state_dict, so kept here for an exact resume; `model` is set by the trainer
+        self.last_val: Dict[str, float] = {}
+        self.last_val_step: Optional[int] = None
         self.model: Optional[nn.Module] = None
 
+    def _counters(self) -> Dict[str, int]:
+        if self.model is None:
+            return {}
+        return {n: int(m.record_hit) for n, m in self.model.named_modules() if hasattr(m, "record_hit")}
+
     def state_dict(self) -> Dict[str, Any]:
-        hits = {n: int(m.record_hit) for n, m in self.model.named_modules() if hasattr(m, "record_hit")} \
-            if self.model is not None else {}
         return {
             "step": self.step,
             "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            "offset": self.offset,
+            "samples": self.samples,
             "best_value": self.best_value,
             "best_step": self.best_step,
-            "record_hit": hits,
+            "last_val": dict(self.last_val),
+            "last_val_step": self.last_val_step,
+            "record_hit": self._counters(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.offset = int(state["offset"])
+        self.samples = int(state["samples"])
         self.best_value = state.get("best_value")
         self.best_step = state.get("best_step")
-        hits = state.get("record_hit") or {}
+        self.last_val = dict(state.get("last_val") or {})
+        self.last_val_step = state.get("last_val_step")
         if self.model is not None:
-            for n, m in self.model.named_modules():
-                if n in hits and hasattr(m, "record_hit"):
-                    m.record_hit = int(hits[n])
+            modules = dict(self.model.named_modules())
+            for name, value in (state.get("record_hit") or {}).items():
+                if name in modules:
+                    modules[name].record_hit = int(value)
 
 
 # ============================================================================ schedules
@@ -261,11 +279,11 @@ class TokenizerTrainer:
         self.console = console
         self.callbacks = list(callbacks)
         self.on_finish = on_finish
-        self.stop_requested: Optional[str] = None
+        self.stop = StopFlag()
         self.history: List[Dict[str, float]] = []
         self.last_val: Dict[str, float] = {}
         self.pos = _Position()
-        if not resume and list_states(self.out):
+        if not resume and has_states(self.out):
             raise ConfigError(
                 f"{self.out} already holds training checkpoints: pass --resume auto to continue, or choose another -o/--output"
             )
@@ -486,28 +504,39 @@ class TokenizerTrainer:
         distributed.broadcast_modules([self.aux, self.lpips, *(t for t, _, _ in self.teachers.values())])
         if tc.ema:
             self.ema = EMAModel(self.unwrapped, tc.ema_decay)
+        self.components: Dict[str, Any] = {"model": self.tok, "opt_g": self.opt_g, "sched_g": self.sched_g,
+                                           "position": self.pos}
+        if self.disc is not None:
+            self.components.update(disc=self.disc, opt_d=self.opt_d, sched_d=self.sched_d)
         if self.ema is not None:
             self.ema.to(acc.device)
-            acc.register_for_checkpointing(EMAState(self.ema))
-        acc.register_for_checkpointing(self.sched_g, self.pos)
-        if self.sched_d is not None:
-            acc.register_for_checkpointing(self.sched_d)
+            self.components["ema"] = EMAState(self.ema)
         if self.lecam is not None:
             self.lecam.to(acc.device)
-            acc.register_for_checkpointing(self.lecam)
+            self.components["lecam"] = self.lecam
         if len(self.aux):
-            acc.register_for_checkpointing(self.aux)
+            self.components["aux"] = self.aux
+        if acc.scaler is not None:
+            self.components["scaler"] = acc.scaler
 
         # ---- output dir, config, resume, trackers
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", save_config_yaml(cfg))
-        resume_dir = resolve_resume(self.resume_arg, self.out)
+        loaded = resolve_resume(self.resume_arg, self.out, acc.process_index)
         self.resumed_from: Optional[Path] = None
-        if resume_dir is not None:
-            acc.load_state(str(resume_dir))
-            self.resumed_from = resume_dir
-            log.info("resumed from %s at step %d", resume_dir, self.pos.step)
+        if loaded is not None:
+            note = check_geometry(loaded, global_batch=tc.global_batch_size, world=world,
+                                  allow=tc.allow_batch_change, world_exact=False)
+            apply_state(acc, loaded, self.components)
+            old_world = int(loaded.info.get("world_size", world))
+            if old_world != world:  # per-process streams differ: keep the epoch's share of samples seen
+                self.pos.offset = self.pos.offset * old_world // world
+            self.last_val = dict(self.pos.last_val)
+            self.resumed_from = loaded.path
+            log.info("resumed from %s at step %d", loaded.path, self.pos.step)
+            if note:
+                log.warning("%s", note)
         if tracker is not None:
             try:
                 acc.init_trackers("xqtool", config=_flat_config(config_to_dict(cfg)))
@@ -649,21 +678,20 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ batches with position
     def _batches(self) -> Iterator[Tensor]:
-        """Endless training batches, starting at the saved (epoch, batch_in_epoch) position."""
-        while True:
-            self.train_loader._epoch = self.pos.epoch  # type: ignore[attr-defined]
-            skip = self.pos.batch_in_epoch
-            got = 0
-            for i, batch in enumerate(self.train_loader):
-                if i < skip:
-                    continue
-                got += 1
-                self.pos.batch_in_epoch = i + 1
+        """Endless training batches, starting exactly at the saved (epoch, samples consumed) position."""
+        loader = self.train_loader
+
+        def epoch_batches(epoch: int) -> Iterator[Dict[str, Any]]:
+            loader._epoch = epoch  # type: ignore[attr-defined]
+            return iter(loader)
+
+        stream = SampleBatches(epoch_batches, self.per_proc_batch, ("image",), self.pos.epoch, self.pos.offset)
+        try:
+            for batch in stream:
+                self.pos.epoch, self.pos.offset = stream.epoch, stream.offset
                 yield batch["image"]
-            if got == 0 and skip == 0:
-                raise DataError("the training source produced no batch (all images bad, or fewer than one batch)")
-            self.pos.epoch += 1
-            self.pos.batch_in_epoch = 0
+        except DataError:
+            raise DataError("the training source produced no batch (all images bad, or fewer than one batch)") from None
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -731,6 +759,7 @@ class TokenizerTrainer:
             _save_grid(path, *grid, step=step)
             self._log_image(grid, step)
         self.last_val = metrics
+        self.pos.last_val_step = step
         return metrics
 
     def _gather_rows(self, t: Tensor) -> Tensor:
@@ -757,17 +786,26 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ saving
     def save_state(self) -> Optional[Path]:
-        """Accelerate training state at the current step, written atomically; keeps the newest few."""
-        return save_state_atomic(self.acc, self.out, self.pos.step, {**self.pos.state_dict(), "trainer": "tokenizer"},
-                                 KEEP_STATES)
+        """Training state at the current step (safetensors + JSON), written atomically; keeps the newest few."""
+        self.pos.last_val = dict(self.last_val)
+        info = {"trainer": "tokenizer", "samples_seen": self.samples_seen, "global_batch": self.cfg.train.global_batch_size,
+                "grad_accum": self.cfg.train.grad_accum, "epoch": self.pos.epoch, "best_value": self.pos.best_value,
+                "best_step": self.pos.best_step, "val_step": self.pos.last_val_step, "val": dict(self.last_val)}
+        return save_state_atomic(self.acc, self.out, self.pos.step, self.components, info, KEEP_STATES)
 
     def export_model(self, directory: Path) -> Path:
         """xqtool tokenizer checkpoint (raw weights + EMA + config) of the current model."""
         from xqtool.checkpoint import save_tokenizer
 
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        bad = first_nonfinite(list(self.unwrapped.state_dict().items()) + [("ema." + k, v) for k, v in (ema_state or {}).items()])
+        if bad is not None:
+            raise NonFiniteError(f"refusing to save {directory} at step {self.pos.step}: {bad} holds NaN/Inf values")
         if self.acc.is_main_process:
-            ema_state = self.ema.state_dict() if self.ema is not None else None
-            extra = {"train_state.json": json.dumps({"step": self.pos.step, "val": self.last_val}, indent=1)}
+            last_train = next((h for h in reversed(self.history) if h.get("step") == self.pos.step), {})
+            doc = {"step": self.pos.step, "val_step": self.pos.last_val_step, "val": self.last_val,
+                   "train": {k: v for k, v in last_train.items() if k != "step"}}
+            extra = {"train_state.json": json.dumps(doc, indent=1)}
             save_tokenizer(directory, self.unwrapped, ema_state=ema_state, extra_files=extra)
         self.acc.wait_for_everyone()
         return directory
@@ -778,19 +816,15 @@ class TokenizerTrainer:
             return True
         return value >= best if HIGHER_IS_BETTER[self.cfg.train.best_metric] else value <= best
 
-    # ------------------------------------------------------------------ signals
-    def _install_signals(self) -> Dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {}
+    @property
+    def stop_requested(self) -> Optional[str]:
+        """Name of the signal that asked this run to stop (SIGINT / SIGTERM), else None."""
+        return self.stop.any_rank(self.acc)
 
-        def handler(signum: int, frame: Any) -> None:
-            self.stop_requested = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.getsignal(sig)
-            signal.signal(sig, handler)
-        return old
+    @property
+    def samples_seen(self) -> int:
+        """Training samples consumed over all processes (skipped non-finite steps included)."""
+        return self.pos.samples
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
@@ -798,7 +832,7 @@ class TokenizerTrainer:
         metric_key = f"val/{tc.best_metric}"
         if tc.best_metric == "rfid" and self.feature_extractor is None:
             raise ConfigError("train.best_metric=rfid needs Inception weights: --set train.inception_weights=PATH or --set train.best_metric=psnr")
-        old_handlers = self._install_signals()
+        self.stop.__enter__()
         progress = self._progress()
         status, message = "finished", ""
         bad_streak = 0
@@ -820,6 +854,7 @@ class TokenizerTrainer:
                     x = next(batches).to(acc.device, non_blocking=True)
                     logs, ok = self._micro_step(x, step)
                     images += x.shape[0] * acc.num_processes
+                    self.pos.samples += x.shape[0] * acc.num_processes
                     ok_all = ok_all and ok
                     for k, v in logs.items():
                         logs_acc[k] = logs_acc.get(k, 0.0) + v / max(1, tc.grad_accum)
@@ -832,6 +867,16 @@ class TokenizerTrainer:
                         message = (f"{bad_streak} consecutive steps with a NaN/Inf loss (train.nan_patience="
                                    f"{tc.nan_patience}); stopped at step {step}; last good checkpoint kept"
                                    + (f" in {last_good_state}" if last_good_state else ""))
+                        break
+                    if self.stop_requested:
+                        status = "interrupted"
+                        try:  # the skipped steps consumed data: save the position after them
+                            self.export_model(self.out / "last")
+                            last_good_state = self.save_state()
+                        except NonFiniteError:
+                            pass
+                        message = (f"stopped by {self.stop.requested} at step {self.pos.step}; saved {last_good_state}; "
+                                   "resume with --resume auto")
                         break
                     continue
                 bad_streak = 0
@@ -855,30 +900,32 @@ class TokenizerTrainer:
                     elapsed = max(1e-9, time.perf_counter() - t0)
                     info = f"rec {logs_acc.get('rec_loss', float('nan')):.4f} loss {logs_acc['train_loss']:.4f} {images / elapsed:.1f} img/s"
                     progress.update(task, completed=step, info=info)
-                if step % max(1, tc.eval_every) == 0 or step == self.total_steps:
-                    val = self.validate(step)
-                    acc.log(val, step=step)
-                    if acc.is_main_process and self.console is not None:
-                        shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in val.items() if k in PLAIN_VAL_KEYS)
-                        (progress.console if progress is not None else self.console).print(
-                            f"validation at step {step}: {shown}", highlight=False, soft_wrap=True)
-                    value = val.get(metric_key)
-                    if value is not None and tc.save_best and self._is_better(value):
-                        self.pos.best_value, self.pos.best_step = value, step
-                        self.export_model(self.out / "best")
-                if step % max(1, tc.ckpt_every) == 0 or step == self.total_steps:
-                    last_good_state = self.save_state()
-                    self.export_model(self.out / "last")
-                for cb in self.callbacks:
-                    cb(self)
-                # a signal seen by any rank stops every rank at this same step (they save together)
-                self.stop_requested = distributed.agree_stop(self.stop_requested, acc.device)
-                if self.stop_requested:
-                    status = "interrupted"
-                    message = f"stopped by {self.stop_requested} at step {step}; resume with --resume auto"
-                    if last_good_state is None or not last_good_state.name.endswith(f"{step:07d}"):
-                        last_good_state = self.save_state()
+                try:
+                    if step % max(1, tc.eval_every) == 0 or step == self.total_steps:
+                        val = self.validate(step)
+                        acc.log(val, step=step)
+                        if acc.is_main_process and self.console is not None:
+                            shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in val.items() if k in PLAIN_VAL_KEYS)
+                            (progress.console if progress is not None else self.console).print(
+                                f"validation at step {step}: {shown}", highlight=False, soft_wrap=True)
+                        value = val.get(metric_key)
+                        if value is not None and tc.save_best and self._is_better(value):
+                            self.export_model(self.out / "best")
+                            self.pos.best_value, self.pos.best_step = value, step
+                    for cb in self.callbacks:
+                        cb(self)
+                    # a signal seen by any rank stops every rank at this same step (they save together)
+                    stopping = self.stop_requested
+                    if step % max(1, tc.ckpt_every) == 0 or step == self.total_steps or stopping:
                         self.export_model(self.out / "last")
+                        last_good_state = self.save_state()
+                except NonFiniteError as exc:
+                    status = "diverged"
+                    message = f"{exc}; last good checkpoint kept" + (f" in {last_good_state}" if last_good_state else "")
+                    break
+                if stopping:
+                    status = "interrupted"
+                    message = f"stopped by {stopping} at step {step}; saved {last_good_state}; resume with --resume auto"
                     break
         except (RuntimeError, OSError) as exc:
             distributed.raise_if_peer_lost(exc, "train-tokenizer")
@@ -886,8 +933,7 @@ class TokenizerTrainer:
         finally:
             if progress is not None:
                 progress.stop()
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
+            self.stop.__exit__(None, None, None)
         elapsed = max(1e-9, time.perf_counter() - t0)
         states = list_states(self.out)
         result = TrainResult(
@@ -904,8 +950,9 @@ class TokenizerTrainer:
             last_val=dict(self.last_val),
             history=self.history,
             bad_files=dict(getattr(self.train_loader, "bad_files", {}) or {}) | dict(getattr(self.val_loader, "bad_files", {}) or {}),
-            images_per_sec=images / elapsed if self.pos.step > start_step else 0.0,
-            message=message,
+            images_per_sec=images / elapsed if images else None,
+            message=message or ("" if self.pos.step > start_step else f"already finished at step {self.pos.step}: nothing to do"),
+            exit_code={"interrupted": self.stop.exit_code, "diverged": 1}.get(status, 0),
             launch=self.launch,
         )
         if self.on_finish is not None:

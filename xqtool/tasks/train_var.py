@@ -12,10 +12,12 @@ Optimisation: AdamW (β = 0.9, 0.95) with the spec's no-weight-decay group, peak
 linear warm-up from ``warmup_start`` then the ``lin0`` decay to ``final_lr_ratio`` (spec §1.3), cosine WD
 schedule, grad-norm clipping, Accelerate for devices, precision, accumulation and multi-GPU.
 
-Checkpoints: ``RUN/checkpoints/step-NNNNNNN`` via Accelerate ``save_state`` into a temp dir + rename (plus
-``trainer_state.json``), and the plain model ``RUN/var-last`` (model.safetensors + config.yaml). ``resume="auto"``
-continues from the newest checkpoint; with token files the data order is a pure function of (seed, step), so
-a resumed run is identical to an uninterrupted one.
+Checkpoints: ``RUN/checkpoints/step-NNNNNNN`` (:mod:`xqtool.training_state`: safetensors + JSON, never
+pickles; model, optimizer, scaler, RNG and the exact data position in samples) and the plain model
+``RUN/var-last`` (model.safetensors + config.yaml). ``resume="auto"`` continues from the newest intact state;
+the batches after a resume are exactly the uninterrupted run's for ``.npy`` tokens, token shards and images
+encoded on the fly. Robustness: non-finite steps are skipped (``train.nan_patience``), SIGINT/SIGTERM save
+and stop (exit 130/143 in the CLI), a run directory is never overwritten without ``--resume``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +38,9 @@ from xqtool.config_var import VARConfig
 from xqtool.errors import ConfigError, DataError
 from xqtool.models.var import VAR
 from xqtool.runtime import fast_adamw_kwargs
-from xqtool.training_state import read_state, resolve_resume, save_state_atomic
+from xqtool.stopping import StopFlag
+from xqtool.training_state import (NonFiniteError, SampleBatches, apply_state, check_geometry, has_states,
+                                     resolve_resume, save_state_atomic)
 from xqtool.var_checkpoint import save_var
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,9 @@ class TrainVARResult:
     history: List[Dict[str, float]] = field(default_factory=list)
     resumed_from: Optional[int] = None
     launch: str = ""  # world size, backend, device, precision (xqtool.distributed.describe)
+    status: str = "finished"  # "finished" | "interrupted" | "diverged"
+    message: str = ""
+    exit_code: int = 0  # 0 finished, 1 diverged, 130 SIGINT / 143 SIGTERM
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -164,49 +171,73 @@ def _labels(raw: Tensor, num_classes: int) -> Tensor:
 
 
 class _TokenArrayBatches:
-    """Deterministic batches from a map-style token dataset: order = f(seed, epoch); position = f(step)."""
+    """Deterministic batches from a map-style token dataset (``.npy``).
 
-    def __init__(self, dataset: Any, micro_global: int, local_batch: int, rank: int, seed: int) -> None:
-        self.ds, self.gb, self.lb, self.rank, self.seed = dataset, micro_global, local_batch, rank, seed
-        self.per_epoch = len(dataset) // micro_global  # micro-batches (over all processes) per epoch
-        if self.per_epoch < 1:
-            raise DataError(f"{len(dataset)} token rows are fewer than one batch ({micro_global}): "
+    The sample stream is the concatenation of one permutation per epoch (order = f(seed, epoch)); a global
+    micro-batch takes the next ``micro_global`` samples of that stream (rank r its r-th slice of
+    ``local_batch``). The position is the number of samples consumed, so a resume continues exactly, also with
+    another batch size or process count.
+    """
+
+    def __init__(self, dataset: Any, local_batch: int, rank: int, world: int, seed: int) -> None:
+        self.ds, self.lb, self.rank, self.world, self.seed = dataset, local_batch, rank, world, seed
+        self.n = len(dataset)
+        if self.n < local_batch * world:
+            raise DataError(f"{self.n} token rows are fewer than one batch ({local_batch * world}): "
                             "lower train.global_batch_size")
-        self._perm: Tuple[int, Optional[np.ndarray]] = (-1, None)
+        self.samples_seen = 0
+        self._perm: Dict[int, np.ndarray] = {}
 
-    def batch(self, micro: int) -> Tuple[Tensor, Tensor]:
-        """Micro-batch number `micro` (global count) → (tokens [b, P, L], labels [b])."""
-        epoch, pos = divmod(micro, self.per_epoch)
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ds)))
-        perm = self._perm[1]
-        start = pos * self.gb + self.rank * self.lb
-        rows = [self.ds[int(i)] for i in perm[start:start + self.lb]]
+    def _row(self, i: int) -> int:
+        epoch, pos = divmod(i, self.n)
+        if epoch not in self._perm:
+            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return int(self._perm[epoch][pos])
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.samples_seen = int(state["samples_seen"])
+
+    def next_batch(self) -> Tuple[Tensor, Tensor]:
+        """The next micro-batch of this process → (tokens [b, P, L], labels [b])."""
+        start = self.samples_seen + self.rank * self.lb
+        rows = [self.ds[self._row(i)] for i in range(start, start + self.lb)]
+        self.samples_seen += self.lb * self.world
         return torch.stack([r["tokens"] for r in rows]), torch.tensor([r["label"] for r in rows])
 
 
 class _StreamBatches:
-    """Batches from an iterable source (token shards or images encoded on the fly); restarts when exhausted."""
+    """Batches from an iterable source (token shards or images encoded on the fly), resumable at any sample.
 
-    def __init__(self, make_iter: Any, per_epoch: int) -> None:
-        self.make_iter, self.per_epoch = make_iter, per_epoch
-        self.it: Optional[Iterator] = None
-        self.epoch = 0
+    The position (epoch, samples consumed in the epoch by this process) is kept by
+    :class:`~xqtool.training_state.SampleBatches`; `encode` turns a raw batch into (tokens, labels).
+    """
 
-    def batch(self, micro: int) -> Tuple[Tensor, Tensor]:
-        for _ in range(2):
-            if self.it is None:
-                self.it = iter(self.make_iter(self.epoch))
-            try:
-                return next(self.it)
-            except StopIteration:
-                self.it, self.epoch = None, self.epoch + 1
-        raise DataError("the training data yielded no complete batch")
+    def __init__(self, make_epoch: Any, local_batch: int, world: int, key: str, encode: Any = None) -> None:
+        self.stream = SampleBatches(make_epoch, local_batch, (key, "label"))
+        self.key, self.encode, self.world = key, encode, world
+
+    @property
+    def samples_seen(self) -> int:
+        return self.stream.offset * self.world
+
+    def state_dict(self) -> Dict[str, int]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.stream.epoch, self.stream.offset, self.stream._it = int(state["epoch"]), int(state["offset"]), None
+
+    def next_batch(self) -> Tuple[Tensor, Tensor]:
+        b = next(self.stream)
+        x = b[self.key]
+        return (self.encode(x) if self.encode is not None else x), b["label"]
 
 
 def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: int, rank: int, world: int,
                 device: torch.device) -> Tuple[Any, int]:
-    """→ (batch source with ``.batch(micro)``, optimizer steps per epoch)."""
+    """→ (batch source with ``.next_batch()`` / ``state_dict()``, optimizer steps per epoch)."""
     d = cfg.data
     if d.tokens:
         from xqtool.data.tokens import check_manifest, token_dataset
@@ -220,32 +251,49 @@ def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: 
             lo = rank * local_batch
 
             def make(epoch: int) -> Iterator:
+                ds.set_epoch(epoch)
+                # own generator: creating a loader iterator must not draw from the global RNG (exact resume)
                 loader = torch.utils.data.DataLoader(ds, batch_size=local_batch * world, num_workers=d.num_workers,
-                                                     drop_last=True)
-                return ((b["tokens"][lo:lo + local_batch], torch.as_tensor(b["label"])[lo:lo + local_batch])
+                                                     drop_last=True, generator=torch.Generator().manual_seed(epoch))
+                return ({"tokens": b["tokens"][lo:lo + local_batch], "label": torch.as_tensor(b["label"])[lo:lo + local_batch]}
                         for b in loader)
-            return _StreamBatches(make, per_epoch), per_epoch
-        src = _TokenArrayBatches(ds, local_batch * world, local_batch, rank, cfg.train.seed)
-        return src, max(src.per_epoch // cfg.train.grad_accum, 1)
+            return _StreamBatches(make, local_batch, world, "tokens"), per_epoch
+        src = _TokenArrayBatches(ds, local_batch, rank, world, cfg.train.seed)
+        return src, max(len(ds) // global_batch, 1)
     if d.images:
         from xqtool.data.images import make_loader
 
         size = d.image_size or int(tokenizer.image_size)
         loader = make_loader(d.images, image_size=size, batch_size=local_batch, train=True,
-                             num_workers=d.num_workers, bad_files=d.bad_files, seed=cfg.train.seed, drop_last=True)
+                             num_workers=d.num_workers, bad_files=d.bad_files, seed=cfg.train.seed, drop_last=False)
+        loader.generator = torch.Generator().manual_seed(cfg.train.seed)  # keep the global RNG untouched
         n = getattr(loader.dataset, "num_items", None)
         per_epoch = max(int(n) // global_batch, 1) if n else 1000
 
         def make_img(epoch: int) -> Iterator:
-            if hasattr(loader.dataset, "set_epoch"):
-                loader.dataset.set_epoch(epoch)
-            for b in loader:
-                with torch.no_grad():
-                    toks = tokenizer.encode(b["image"].to(device))
-                yield toks, b["label"]
-        return _StreamBatches(make_img, per_epoch), per_epoch
+            loader._epoch = epoch  # the loader sets the stream's epoch (shuffle, augmentation RNG) from this
+            return iter(loader)
+
+        def encode(images: Tensor) -> Tensor:
+            with torch.no_grad():
+                return tokenizer.encode(images.to(device))
+        return _StreamBatches(make_img, local_batch, world, "image", encode), per_epoch
     raise ConfigError("no training data: pass --tokens (token file/shards from `xqtool encode`) or --images "
                       "(config keys data.tokens / data.images)")
+
+
+class _Position:
+    """Checkpointable position of a VAR run: optimizer step and the data source's position."""
+
+    def __init__(self, data: Any) -> None:
+        self.step, self.data = 0, data
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"step": self.step, "data": self.data.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.data.load_state_dict(state["data"])
 
 
 def per_scale_metrics(logits: Tensor, targets: Tensor, begin_ends: List[Tuple[int, int]]) -> Dict[str, float]:
@@ -274,11 +322,25 @@ def _gather_classes(accelerator: Any, seen: set) -> List[int]:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def _refuse_rerun(run_dir: Path, resume: Optional[str]) -> None:
+    """A run directory that already holds a run is only continued with --resume (never overwritten)."""
+    if resume:
+        return
+    if has_states(run_dir) or (run_dir / "var-last").exists():
+        raise ConfigError(f"{run_dir} already holds a VAR run: pass --resume auto to continue it, or choose another "
+                          "output folder (-o/--output DIR)")
+
+
 def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, resume: Optional[str] = None,
-              console: Any = None, cpu: bool = False) -> TrainVARResult:
+              console: Any = None, cpu: bool = False,
+              callbacks: Sequence[Callable[[Dict[str, Any]], None]] = ()) -> TrainVARResult:
     """Train VAR per `cfg`. `tokenizer` may be injected (tests); else loaded from ``cfg.data.tokenizer``.
 
+    Non-finite steps are skipped; after ``train.nan_patience`` in a row the run stops with status
+    ``diverged`` (nothing non-finite is ever saved). SIGINT/SIGTERM save a training state and return status
+    ``interrupted`` (``result.exit_code`` 130/143). `callbacks` get each history row after its step.
     Returns a :class:`TrainVARResult` (history rows hold step, loss, lr, grad_norm and per-scale metrics).
+    Raises ConfigError when `results_dir` holds a run and `resume` is not set, or on a refused batch change.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -289,6 +351,7 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
 
     t = cfg.train
     run_dir = Path(t.results_dir)
+    _refuse_rerun(run_dir, resume)
     trackers = None if t.tracker == "none" else t.tracker
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with=trackers, cpu=cpu,
@@ -330,20 +393,26 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     optimizer = build_optimizer(model, t, device, lr=peak_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw: VAR = accelerator.unwrap_model(model)
+    pos = _Position(data)
+    components: Dict[str, Any] = {"model": model, "optimizer": optimizer, "position": pos}
+    if accelerator.scaler is not None:
+        components["scaler"] = accelerator.scaler
 
-    start_step, resumed_from = 0, None
-    ckpt = resolve_resume(resume, run_dir)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        start_step = int(read_state(ckpt)["step"])
-        resumed_from = start_step
+    resumed_from = None
+    loaded = resolve_resume(resume, run_dir, accelerator.process_index)
+    if loaded is not None:
+        note = check_geometry(loaded, global_batch=global_batch, world=world, allow=t.allow_batch_change,
+                              world_exact=isinstance(data, _TokenArrayBatches))
+        apply_state(accelerator, loaded, components)
+        resumed_from = pos.step
+        if note:
+            log.warning("%s", note)
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("var", config={k: str(v) for k, v in config_to_dict(cfg.train).items()})
 
     quantizer = tokenizer.quantizer
-    K, P = raw.codebook_size, raw.num_branches
     history: List[Dict[str, float]] = []
-    classes_seen = set(int(c) for c in read_state(ckpt).get("classes_seen", [])) if ckpt is not None else set()
+    classes_seen = set(int(c) for c in loaded.info.get("classes_seen", [])) if loaded is not None else set()
     progress = None
     # Terminals get a live bar; piped output (files, cluster logs) gets one plain line every log_every steps.
     plain_log = console is not None and accelerator.is_main_process and not getattr(console, "is_terminal", False)
@@ -353,66 +422,129 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
         progress = Progress(TextColumn("[bold]train-var"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
         progress.start()
-        task = progress.add_task("train", total=max_steps, completed=start_step, info="")
+        task = progress.add_task("train", total=max_steps, completed=pos.step, info="")
     tok_info = {"tokenizer": {"path": str(cfg.data.tokenizer or ""),
                               "config_hash": getattr(tokenizer, "config_hash", lambda: "")()}}
+    status, message, stop = "finished", "", StopFlag()
+    last_saved: Optional[Path] = None
+
+    def save(done: int) -> Optional[Path]:
+        """Training state + var-last at step `done`; a non-finite weight refuses both (None returned)."""
+        seen_all = _gather_classes(accelerator, classes_seen)
+        last = next(({k: v for k, v in r.items() if k in ("loss", "acc", "lr", "grad_norm")}
+                     for r in reversed(history) if r["step"] == done), {})
+        info = {"trainer": "var", "samples_seen": int(data.samples_seen), "global_batch": global_batch,
+                "grad_accum": t.grad_accum, "epoch_micro": iters_per_epoch, "last_metrics": last,
+                "classes_seen": seen_all}
+        path = save_state_atomic(accelerator, run_dir, done, components, info, t.keep_last)
+        if accelerator.is_main_process:
+            save_var(run_dir / "var-last", raw, extra_config={**tok_info, "step": done, "classes_seen": seen_all,
+                                                             "train": config_to_dict(cfg.train)})
+        accelerator.wait_for_everyone()
+        return path
+
     model.train()
+    bad_streak = 0
     try:
-        for step in range(start_step, max_steps):
-            for g in optimizer.param_groups:
-                g["lr"] = peak_lr * lr_factor(step, warmup, max_steps, t.schedule, t.warmup_start, t.final_lr_ratio)
-                g["weight_decay"] = wd_value(step, max_steps, t.weight_decay, t.weight_decay_end) * g["wd_sc"]
-            raw.p_drop_scale = max(1.0 - (step / iters_per_epoch) / max(t.epochs, 1), 0.0)
-            loss_sum, metrics, grad_norm = 0.0, {}, float("nan")
-            for a in range(t.grad_accum):
-                tokens, labels = data.batch(step * t.grad_accum + a)
-                classes_seen.update(int(c) for c in labels.reshape(-1).tolist() if 0 <= int(c) < raw.num_classes)
-                tokens = tokens.to(device).long()
-                labels = _labels(labels.to(device), raw.num_classes)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        loss, logits4, targets = teacher_forcing_loss(model, quantizer, tokens, labels,
-                                                                      t.label_smoothing, raw)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        params = [p for p in model.parameters() if p.requires_grad]
-                        if t.max_grad_norm > 0:
-                            grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
-                        else:
-                            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += float(loss.detach()) / t.grad_accum
-                if a == t.grad_accum - 1 and (step % t.log_every == 0 or step == max_steps - 1):
-                    metrics = per_scale_metrics(logits4.detach(), targets, raw.begin_ends)
-            row = {"step": step + 1, "loss": loss_sum, "lr": max(g["lr"] for g in optimizer.param_groups),
-                   "grad_norm": grad_norm, **metrics}
-            history.append(row)
-            if metrics and trackers:
-                accelerator.log(row, step=step + 1)
-            if progress is not None:
-                progress.update(task, advance=1, info=f"loss {loss_sum:.4f} lr {row['lr']:.2e}")
-            if plain_log and ((step + 1) % max(t.log_every, 1) == 0 or step + 1 == max_steps):
-                extra = "".join(f" {k} {row[k]:.4f}" for k in ("acc", "loss_tail", "acc_tail") if k in row)
-                console.print(f"train-var step {step + 1}/{max_steps} loss {loss_sum:.4f}{extra} lr {row['lr']:.3e} "
-                              f"grad_norm {grad_norm:.3f}", highlight=False, soft_wrap=True)
-            done = step + 1
-            if (t.ckpt_every > 0 and done % t.ckpt_every == 0) or done == max_steps:
-                seen_all = _gather_classes(accelerator, classes_seen)
-                last = {k: v for k, v in row.items() if k in ("loss", "acc", "lr", "grad_norm")}
-                save_state_atomic(accelerator, run_dir, done, {"step": done, "epoch_micro": iters_per_epoch,
-                                                               "samples_seen": done * global_batch,
-                                                               "world_size": world, "last_metrics": last,
-                                                               "classes_seen": seen_all, "trainer": "var"}, t.keep_last)
-                if accelerator.is_main_process:
-                    save_var(run_dir / "var-last", raw, extra_config={**tok_info, "step": done,
-                                                                     "classes_seen": seen_all,
-                                                                     "train": config_to_dict(cfg.train)})
+        with stop:
+            while pos.step < max_steps:
+                step = pos.step
+                for g in optimizer.param_groups:
+                    g["lr"] = peak_lr * lr_factor(step, warmup, max_steps, t.schedule, t.warmup_start, t.final_lr_ratio)
+                    g["weight_decay"] = wd_value(step, max_steps, t.weight_decay, t.weight_decay_end) * g["wd_sc"]
+                raw.p_drop_scale = max(1.0 - (step / iters_per_epoch) / max(t.epochs, 1), 0.0)
+                loss_sum, metrics, grad_norm, finite = 0.0, {}, float("nan"), True
+                for a in range(t.grad_accum):
+                    tokens, labels = data.next_batch()
+                    classes_seen.update(int(c) for c in labels.reshape(-1).tolist() if 0 <= int(c) < raw.num_classes)
+                    tokens = tokens.to(device).long()
+                    labels = _labels(labels.to(device), raw.num_classes)
+                    with accelerator.accumulate(model):
+                        with accelerator.autocast():
+                            loss, logits4, targets = teacher_forcing_loss(model, quantizer, tokens, labels,
+                                                                          t.label_smoothing, raw)
+                        finite = finite and _all_finite(accelerator, loss)
+                        if finite:
+                            accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            if finite:
+                                params = [p for p in model.parameters() if p.requires_grad]
+                                if t.max_grad_norm > 0:
+                                    grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
+                                else:
+                                    grad_norm = float(torch.norm(torch.stack(
+                                        [p.grad.norm() for p in params if p.grad is not None])))
+                                finite = math.isfinite(grad_norm) or accelerator.scaler is not None
+                            if finite:
+                                optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                    loss_sum += float(loss.detach()) / t.grad_accum
+                    if finite and a == t.grad_accum - 1 and (step % t.log_every == 0 or step == max_steps - 1):
+                        metrics = per_scale_metrics(logits4.detach(), targets, raw.begin_ends)
+                if not finite:
+                    bad_streak += 1
+                    log.warning("step %d: non-finite loss or gradient (loss %s); step skipped (%d/%d)", step + 1,
+                                loss_sum, bad_streak, t.nan_patience)
+                    if bad_streak >= max(1, t.nan_patience):
+                        status = "diverged"
+                        message = (f"{bad_streak} consecutive steps with a NaN/Inf loss or gradient "
+                                   f"(train.nan_patience={t.nan_patience}); stopped at step {step + 1}; "
+                                   + (f"last good state {last_saved}" if last_saved else "no state was saved")
+                                   + "; lower train.tblr")
+                        break
+                    if stop.any_rank(accelerator):
+                        status = "interrupted"
+                        try:  # the skipped steps consumed data: save the position after them
+                            last_saved = save(pos.step)
+                        except NonFiniteError:
+                            pass
+                        message = (f"stopped by {stop.requested} at step {pos.step}; saved {last_saved}; "
+                                   "resume with --resume auto")
+                        break
+                    continue
+                bad_streak = 0
+                pos.step = done = step + 1
+                row = {"step": done, "loss": loss_sum, "lr": max(g["lr"] for g in optimizer.param_groups),
+                       "grad_norm": grad_norm, **metrics}
+                history.append(row)
+                if metrics and trackers:
+                    accelerator.log(row, step=done)
+                if progress is not None:
+                    progress.update(task, advance=1, info=f"loss {loss_sum:.4f} lr {row['lr']:.2e}")
+                if plain_log and (done % max(t.log_every, 1) == 0 or done == max_steps):
+                    extra = "".join(f" {k} {row[k]:.4f}" for k in ("acc", "loss_tail", "acc_tail") if k in row)
+                    console.print(f"train-var step {done}/{max_steps} loss {loss_sum:.4f}{extra} lr {row['lr']:.3e} "
+                                  f"grad_norm {grad_norm:.3f}", highlight=False, soft_wrap=True)
+                for cb in callbacks:
+                    cb(row)
+                stopping = stop.any_rank(accelerator)
+                if (t.ckpt_every > 0 and done % t.ckpt_every == 0) or done == max_steps or stopping:
+                    try:
+                        last_saved = save(done)
+                    except NonFiniteError as exc:
+                        status, message = "diverged", f"{exc}; last good state {last_saved or 'none'}"
+                        break
+                if stopping:
+                    status = "interrupted"
+                    message = f"stopped by {stop.requested} at step {done}; saved {last_saved}; resume with --resume auto"
+                    break
     finally:
         if progress is not None:
             progress.stop()
         if trackers:
             accelerator.end_training()
+    if status == "interrupted" and last_saved is None:
+        message += "; nothing new was saved"
     model_dir = run_dir / "var-last" if (run_dir / "var-last").is_dir() else None
-    return TrainVARResult(steps=max_steps, run_dir=run_dir, model_dir=model_dir, history=history,
-                          resumed_from=resumed_from, launch=describe(accelerator))
+    return TrainVARResult(steps=pos.step, run_dir=run_dir, model_dir=model_dir, history=history,
+                          resumed_from=resumed_from, status=status, message=message,
+                          exit_code=stop.exit_code if status == "interrupted" else (1 if status == "diverged" else 0),
+                          launch=describe(accelerator))
+
+
+def _all_finite(accelerator: Any, loss: Tensor) -> bool:
+    """True when the loss is finite on every process (all processes then take the same branch)."""
+    flag = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=loss.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag.item() == 0)
