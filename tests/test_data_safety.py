@@ -325,7 +325,7 @@ def test_second_writer_gets_one_line_and_a_killed_writers_lock_is_stale(env, tmp
                    "another xqtool process")
         _one_error(_invoke("train-var", TINY_VAR, "-o", run, "-t", TOK_ANY, "--tokens", run / "t.npy", "--device", "cpu"), "another xqtool process")
         assert not run.exists()
-        res = subprocess.run([sys.executable, "-m", "xqtool", "encode", str(env["imgs"]), "-o", str(out),
+        res = subprocess.run([sys.executable, "-m", "xqtool", "encode", str(env["imgs"]), "-o", f"{out}/",
                               "-t", str(env["A"])], capture_output=True, text=True, env=_env(), timeout=300)
         assert res.returncode == 2 and "another xqtool process" in res.stderr and "Traceback" not in res.stderr
         assert not out.exists()

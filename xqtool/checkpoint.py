@@ -360,8 +360,9 @@ def load_tokenizer(
     from xqtool.hub import resolve_checkpoint
     from xqtool.models.tokenizer import build_tokenizer
 
+    if "://" not in str(path):
+        recover_dir(Path(path))  # a crash mid-replacement left only the aside copy: restore it first
     path = resolve_checkpoint(path, kind="tokenizer")
-    recover_dir(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     cfg = _resolve_config(config)

@@ -216,8 +216,9 @@ def load_var(path: Union[str, Path], map_location: str = "cpu", patch_nums: Opti
     from xqtool.checkpoint import check_finite, load_safetensors_checked
     from xqtool.hub import resolve_checkpoint
 
+    if "://" not in str(path):
+        recover_dir(Path(path))  # a crash mid-replacement left only the aside copy: restore it first
     path = resolve_checkpoint(path, kind="var")
-    recover_dir(path)
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path} is a directory without model.safetensors (not an xqtool VAR checkpoint)")
