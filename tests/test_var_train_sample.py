@@ -163,7 +163,7 @@ def test_train_var_records_classes_and_sample_warns_for_unseen(tiny_data, tmp_pa
     warned = runner.invoke(app, common + ["--classes", "1,7"])
     assert warned.exit_code == 0, warned.output
     assert "class(es) 7 never occurred" in " ".join(warned.output.split())
-    quiet = runner.invoke(app, common + ["--classes", "1,4"])
+    quiet = runner.invoke(app, common + ["--classes", "1,4", "--overwrite"])  # s.npz exists: replace it
     assert quiet.exit_code == 0 and "never occurred" not in quiet.output
 
 
