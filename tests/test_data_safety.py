@@ -146,7 +146,7 @@ def test_a_file_where_a_folder_is_expected_is_refused(env, tmp_path):
     for args in (["make-shards", env["imgs"], "-o", target],
                  ["encode", env["imgs"], "-o", f"{target}/", "-t", env["A"]],
                  ["demo-images", "-o", target, "--overwrite"]):
-        _one_error(_invoke(*args), "is a file")
+        _one_error(_invoke(*args), str(target), "file")
     assert target.read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]  # not hidden as .OUT.old-PID
 
