@@ -21,20 +21,20 @@ _xqtool() {
         train-var:--precision) COMPREPLY=( $(compgen -W "fp32 bf16 fp16" -- "$cur") ); return 0 ;;
     esac
     case "$cmd" in
-        decode) opts="--batch-size --config --device --help --output --precision --progressive --tokenizer" ;;
-        demo-images) opts="--help --output --per-class --seed --size --val-per-class" ;;
-        encode) opts="--bad-files --batch-size --config --device --flip --help --num-workers --output --precision --ten-crop --tokenizer --unit-size" ;;
+        decode) opts="--batch-size --config --device --help --ignore-fingerprint --output --overwrite --precision --progressive --tokenizer" ;;
+        demo-images) opts="--help --output --overwrite --per-class --seed --size --val-per-class" ;;
+        encode) opts="--bad-files --batch-size --config --device --flip --help --num-workers --output --overwrite --precision --ten-crop --tokenizer --unit-size" ;;
         eval-fid) opts="--bad-files --batch-size --config --device --ema --help --image-size --inception-weights --is --kid --lpips --lpips-weights --max-images --mode --name --no-ema --no-is --no-kid --num-workers --output --overwrite --ref-stats --rfid --save-recon --seed --stats-dir --tokenizer --use-npz-stats" ;;
-        finetune) opts="--dec --enc --freeze-codebook --help --lora-rank --lora-targets --max-steps --no-progress --num-workers --output --precision --resume --seed --set --tokenizer" ;;
+        finetune) opts="--dec --enc --freeze-codebook --help --lora-rank --lora-targets --max-steps --no-progress --num-workers --output --overwrite --precision --resume --seed --set --tokenizer" ;;
         inspect) opts="--full --help --json --set" ;;
         make-fid-stats) opts="--batch-size --device --help --image-size --inception-weights --max-images --mode --name --num-workers --overwrite --stats-dir" ;;
-        make-shards) opts="--bad-files --format --help --maxcount --nodes --output --prefix --quality --reader-workers" ;;
+        make-shards) opts="--bad-files --format --help --maxcount --nodes --output --overwrite --prefix --quality --reader-workers" ;;
         models) opts="--help --json --registry" ;;
-        probe) opts="--bad-files --batch-size --cache-features --config --decay-rate --device --ema --epochs --features --help --lr --max-train-images --max-val-images --milestones --min-lr --no-cache-features --no-ema --num-classes --num-workers --output --seed --tokenizer --train --val --warmup-epochs --warmup-lr --weight-decay" ;;
+        probe) opts="--bad-files --batch-size --cache-features --config --decay-rate --device --ema --epochs --features --help --lr --max-train-images --max-val-images --milestones --min-lr --no-cache-features --no-ema --num-classes --num-workers --output --overwrite --seed --tokenizer --train --val --warmup-epochs --warmup-lr --weight-decay" ;;
         push) opts="--dry-run --help --license --message --private --report --revision" ;;
-        sample) opts="--batch-size --cfg --classes --device --grid --help --no-cache --no-pack --npz --num-samples --output --per-class --precision --seed --temperature --tokenizer --top-k --top-p --upstream-rng --var" ;;
-        train-tokenizer) opts="--help --max-steps --no-progress --num-workers --output --precision --resume --seed --set" ;;
-        train-var) opts="--device --help --images --max-steps --no-progress --num-workers --output --precision --resume --seed --set --tokenizer --tokens" ;;
+        sample) opts="--batch-size --cfg --classes --device --grid --help --ignore-fingerprint --no-cache --no-pack --npz --num-samples --output --overwrite --per-class --precision --seed --temperature --tokenizer --top-k --top-p --upstream-rng --var" ;;
+        train-tokenizer) opts="--help --max-steps --no-progress --num-workers --output --overwrite --precision --resume --seed --set" ;;
+        train-var) opts="--device --help --ignore-fingerprint --images --max-steps --no-progress --num-workers --output --overwrite --precision --resume --seed --set --tokenizer --tokens" ;;
         *) opts="--help" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -5,7 +5,9 @@ complete -c xqtool -n '__fish_seen_subcommand_from decode' -l batch-size -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l config -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l device -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from decode' -l ignore-fingerprint
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from decode' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l precision -x -a 'fp32 bf16 fp16'
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l progressive
 complete -c xqtool -n '__fish_seen_subcommand_from decode' -l tokenizer -r -F
@@ -13,6 +15,7 @@ complete -c xqtool -n '__fish_seen_subcommand_from decode' -F
 complete -c xqtool -n '__fish_use_subcommand' -a demo-images -d 'Write random crops of scikit-images bundled photos as a class-tree dataset (no network).'
 complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l help
 complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l per-class -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l seed -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from demo-images' -l size -r -F
@@ -27,6 +30,7 @@ complete -c xqtool -n '__fish_seen_subcommand_from encode' -l flip
 complete -c xqtool -n '__fish_seen_subcommand_from encode' -l help
 complete -c xqtool -n '__fish_seen_subcommand_from encode' -l num-workers -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from encode' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from encode' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from encode' -l precision -x -a 'fp32 bf16 fp16'
 complete -c xqtool -n '__fish_seen_subcommand_from encode' -l ten-crop
 complete -c xqtool -n '__fish_seen_subcommand_from encode' -l tokenizer -r -F
@@ -73,6 +77,7 @@ complete -c xqtool -n '__fish_seen_subcommand_from finetune' -l max-steps -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from finetune' -l no-progress
 complete -c xqtool -n '__fish_seen_subcommand_from finetune' -l num-workers -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from finetune' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from finetune' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from finetune' -l precision -x -a 'fp32 bf16 fp16'
 complete -c xqtool -n '__fish_seen_subcommand_from finetune' -l resume -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from finetune' -l seed -r -F
@@ -105,6 +110,7 @@ complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l help
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l maxcount -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l nodes -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l prefix -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l quality -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from make-shards' -l reader-workers -r -F
@@ -135,6 +141,7 @@ complete -c xqtool -n '__fish_seen_subcommand_from probe' -l no-ema
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l num-classes -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l num-workers -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from probe' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l seed -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l tokenizer -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from probe' -l train -r -F
@@ -159,11 +166,13 @@ complete -c xqtool -n '__fish_seen_subcommand_from sample' -l classes -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l device -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l grid -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from sample' -l ignore-fingerprint
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l no-cache
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l no-pack
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l npz -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l num-samples -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from sample' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l per-class -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l precision -x -a 'fp32 bf16 fp16'
 complete -c xqtool -n '__fish_seen_subcommand_from sample' -l seed -r -F
@@ -180,6 +189,7 @@ complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -l max-steps
 complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -l no-progress
 complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -l num-workers -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -l precision -x -a 'fp32 bf16 fp16'
 complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -l resume -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -l seed -r -F
@@ -188,11 +198,13 @@ complete -c xqtool -n '__fish_seen_subcommand_from train-tokenizer' -F
 complete -c xqtool -n '__fish_use_subcommand' -a train-var -d 'Train a class-conditional VAR on tokenizer tokens.'
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l device -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l help
+complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l ignore-fingerprint
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l images -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l max-steps -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l no-progress
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l num-workers -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l output -r -F
+complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l overwrite
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l precision -x -a 'fp32 bf16 fp16'
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l resume -r -F
 complete -c xqtool -n '__fish_seen_subcommand_from train-var' -l seed -r -F

@@ -241,6 +241,8 @@ def test_cli_fid_make_stats_alias_and_errors(tmp_path, sets, monkeypatch):
     assert res.exit_code == 0, res.output
     via_stats = json.loads(rp.read_text())["metrics"]["fid"]
     res = runner.invoke(app, ["eval-fid", str(tmp_path / "b"), str(tmp_path / "a"), "-o", str(rp)])
+    assert res.exit_code == 2 and "--overwrite" in res.output  # never replaced without asking
+    res = runner.invoke(app, ["eval-fid", str(tmp_path / "b"), str(tmp_path / "a"), "-o", str(rp), "--overwrite"])
     assert res.exit_code == 0, res.output
     assert json.loads(rp.read_text())["metrics"]["fid"] == pytest.approx(via_stats, rel=1e-4)
     res = runner.invoke(app, ["make-fid-stats", str(tmp_path / "a"), "--name", "tiny", "--stats-dir",

@@ -14,6 +14,7 @@ reported by name.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import pickle
 import re
 import zipfile
@@ -25,8 +26,8 @@ import yaml
 from torch import Tensor, nn
 
 from xqtool.config import TokenizerConfig, load_tokenizer_config, save_config_yaml, tokenizer_config_from_args
-from xqtool.errors import CheckpointError, ConfigError
-from xqtool.fsutil import atomic_dir
+from xqtool.errors import CheckpointError, ConfigError, OutputError
+from xqtool.fsutil import atomic_dir, checksums_enabled, recover_dir
 
 PathLike = Union[str, Path]
 
@@ -56,6 +57,10 @@ def safe_torch_load(path: PathLike) -> Any:
         raise CheckpointError(f"{path} is a directory, expected a .pt/.pth file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -71,14 +76,109 @@ def safe_torch_load(path: PathLike) -> Any:
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({msg[:160]})") from None
 
 
-def _load_safetensors(path: Path) -> Dict[str, Tensor]:
-    from safetensors import SafetensorError
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception message (YAML and safetensors errors span several lines)."""
+    text = " ".join(str(exc).split())
+    return (text or type(exc).__name__)[:limit]
+
+
+def check_finite(state: Mapping[str, Tensor], source: str) -> None:
+    """CheckpointError naming the first floating-point tensor of `state` holding NaN or Inf.
+
+    Used by every loader (a NaN weight silently turns encode into one token id per image) and by every
+    writer (no save writes non-finite weights).
+    """
+    for name, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and value.numel():
+            bad = _non_finite(value)
+            if bad:
+                raise CheckpointError(
+                    f"{source}: tensor '{name}' holds {bad} non-finite value(s) (NaN/Inf); the weights are unusable"
+                )
+
+
+def _non_finite(t: Tensor) -> int:
+    """Number of NaN/Inf entries of a floating tensor (numpy on the raw bits: fast on CPU, any float dtype)."""
+    import numpy as np
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        return int((~torch.isfinite(t)).sum())
+    t = t.contiguous().reshape(-1)
+    if t.dtype == torch.bfloat16:  # exponent bits all ones <=> Inf or NaN
+        bits = t.view(torch.int16).numpy()
+        return int(np.count_nonzero((bits & 0x7F80) == 0x7F80))
+    if t.dtype in (torch.float16, torch.float32, torch.float64):
+        return int(np.count_nonzero(~np.isfinite(t.numpy())))
+    return int((~torch.isfinite(t.float())).sum())
+
+
+def weights_fingerprint(tokenizer: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of the quantizer's weights: codebooks and residual convolutions.
+
+    Token ids only mean something together with these weights; a tokenizer with the same config but other
+    weights has another fingerprint. Hashed as float32 bytes by sorted parameter name, so device and load
+    path do not matter (statistics buffers such as codebook-usage EMAs are excluded).
+    """
+    quantizer = getattr(tokenizer, "quantizer", tokenizer)
+    h = hashlib.sha256()
+    for name, p in sorted(quantizer.named_parameters(), key=lambda kv: kv[0]):
+        t = p.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{list(t.shape)}\n".encode())
+        h.update(t.numpy())
+    return h.hexdigest()[:16]
+
+
+DIGEST_KEY = "xqtool_sha256"
+
+
+def tensors_digest(state: Mapping[str, Tensor]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of every tensor, by sorted name.
+
+    Stored in the safetensors metadata (``xqtool_sha256``) by every xqtool writer and checked by the loaders, so
+    a bit flip in the weights is reported instead of silently changing them.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+    return h.hexdigest()
+
+
+def load_safetensors_checked(path: PathLike, device: str = "cpu") -> Dict[str, Tensor]:
+    """Read a safetensors file; CheckpointError (one line naming the file) when it is missing, truncated,
+    corrupt (xqtool's stored digest differs: a flipped bit) or holds a NaN/Inf weight (naming the tensor)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is truncated or not a safetensors file ({str(exc)[:160]})") from None
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({one_line(exc)})") from None
+    stored = meta.get(DIGEST_KEY)
+    if stored and checksums_enabled() and tensors_digest(state) != stored:
+        raise CheckpointError(f"{path} is corrupt: its weights do not match the checksum stored when it was written")
+    check_finite(state, str(path))
+    return state
+
+
+def save_safetensors(state: Mapping[str, Tensor], path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
+    """``safetensors.torch.save_file`` with xqtool's content digest in the metadata (see :func:`tensors_digest`)."""
+    from safetensors.torch import save_file
+
+    state = _contiguous(state)
+    save_file(state, str(path), metadata={**(metadata or {}), DIGEST_KEY: tensors_digest(state)})
+
+
+def _load_safetensors(path: Path) -> Dict[str, Tensor]:
+    return load_safetensors_checked(path)
 
 
 # ------------------------------------------------------------------------------------ key mapping
@@ -168,14 +268,24 @@ def save_model_dir(
     ema_state: Optional[Mapping[str, Tensor]] = None,
     extra_files: Optional[Mapping[str, str]] = None,
 ) -> Path:
-    """Write ``model.safetensors`` (+ ``ema.safetensors``) and ``config.yaml`` atomically into `directory`."""
-    from safetensors.torch import save_file
+    """Write ``model.safetensors`` (+ ``ema.safetensors``) and ``config.yaml`` atomically into `directory`.
 
+    Crash-safe: written as a temporary sibling, then swapped in (:func:`xqtool.fsutil.atomic_dir`), so a
+    complete checkpoint exists at every instant. An existing `directory` is replaced only when it is an
+    xqtool checkpoint (OutputError otherwise). Raises CheckpointError, before writing anything, when a
+    weight (model or EMA) is NaN/Inf; OutputError on a full disk (earlier checkpoints intact).
+    """
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
-        save_file(_contiguous(state), str(tmp / MODEL_FILE), metadata={"format": "pt", "xqtool": "1"})
+    check_finite(state, f"refusing to save {directory}")
+    if ema_state is not None:
+        check_finite(ema_state, f"refusing to save {directory} (EMA)")
+    recover_dir(directory)
+    if directory.exists() and not is_xqtool_dir(directory):
+        raise OutputError(f"{directory} exists and is not an xqtool checkpoint: refusing to replace it")
+    with atomic_dir(directory, replace=True) as tmp:
+        save_safetensors(state, tmp / MODEL_FILE, metadata={"format": "pt", "xqtool": "1"})
         if ema_state is not None:
-            save_file(_contiguous(ema_state), str(tmp / EMA_FILE), metadata={"format": "pt", "xqtool": "1"})
+            save_safetensors(ema_state, tmp / EMA_FILE, metadata={"format": "pt", "xqtool": "1"})
         (tmp / CONFIG_FILE).write_text(config if isinstance(config, str) else save_config_yaml(config))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -225,7 +335,9 @@ def read_official_tokenizer(path: PathLike, prefer_ema: bool = True) -> Tuple[Di
             raise CheckpointError(f"{path} has no 'ema', 'model' or 'state_dict' entry (top-level keys: {keys})")
     if not any(str(k).startswith(("encoder.", "decoder.", "quantize")) for k in state):
         raise CheckpointError(f"{path} does not look like an XQ-GAN tokenizer (no encoder/decoder/quantizer keys)")
-    return map_official_tokenizer_keys(state), _args_dict(blob.get("args"))
+    state = map_official_tokenizer_keys(state)
+    check_finite(state, str(path))
+    return state, _args_dict(blob.get("args"))
 
 
 def _resolve_config(config: Union[None, PathLike, TokenizerConfig, Mapping[str, Any]]) -> Optional[TokenizerConfig]:
@@ -248,6 +360,8 @@ def load_tokenizer(
     from xqtool.hub import resolve_checkpoint
     from xqtool.models.tokenizer import build_tokenizer
 
+    if "://" not in str(path):
+        recover_dir(Path(path))  # a crash mid-replacement left only the aside copy: restore it first
     path = resolve_checkpoint(path, kind="tokenizer")
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -310,9 +424,13 @@ def read_config_yaml(directory: PathLike) -> Dict[str, Any]:
     """The raw ``config.yaml`` mapping of an xqtool checkpoint directory."""
     path = Path(directory) / CONFIG_FILE
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from None
+    if data is None:
+        raise CheckpointError(f"{path} is empty")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a YAML mapping")
     return data

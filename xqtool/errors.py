@@ -30,3 +30,7 @@ class TokenError(XQError):
 
 class WeightsMissingError(XQError):
     """Pretrained weights (DINOv2, CLIP, VGG/LPIPS, Inception) are not available offline."""
+
+
+class OutputError(XQError):
+    """An output may not be written: it exists, lies inside a source, is locked, or the disk is full."""

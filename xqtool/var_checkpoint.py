@@ -21,12 +21,12 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+
 
 from xqtool.config_var import MSVR_PATCH_NUMS, VAR_PATCH_NUMS, VARModelConfig, model_config_from_dict
 from xqtool.config import config_to_dict
-from xqtool.errors import CheckpointError, ConfigError
-from xqtool.fsutil import atomic_dir
+from xqtool.errors import CheckpointError, ConfigError, OutputError
+from xqtool.fsutil import atomic_dir, recover_dir
 from xqtool.models.var import VAR
 
 log = logging.getLogger(__name__)
@@ -162,26 +162,43 @@ def load_var_state_strict(model: VAR, sd: Mapping[str, torch.Tensor], source: st
 
 
 def save_var(directory: Union[str, Path], model: VAR, extra_config: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``directory/{model.safetensors, config.yaml}`` atomically; returns the directory."""
+    """Write ``directory/{model.safetensors, config.yaml}`` atomically; returns the directory.
+
+    Same crash-safe protocol and refusals as :func:`xqtool.checkpoint.save_model_dir`: CheckpointError when a
+    weight is NaN/Inf (nothing written), OutputError when `directory` exists and is not an xqtool VAR
+    checkpoint or the disk is full (the previous checkpoint stays intact).
+    """
+    from xqtool.checkpoint import check_finite, save_safetensors
+
     directory = Path(directory)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    check_finite(sd, f"refusing to save {directory}")
     conf: Dict[str, Any] = {"format": "xqtool-var", "model": config_to_dict(model.config)}
     if extra_config:
         conf.update(dict(extra_config))
-    with atomic_dir(directory) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "xqtool-var"})
+    recover_dir(directory)
+    if directory.exists() and not (directory / "model.safetensors").is_file():
+        raise OutputError(f"{directory} exists and is not an xqtool VAR checkpoint: refusing to replace it")
+    with atomic_dir(directory, replace=True) as tmp:
+        save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "xqtool-var"})
         (tmp / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False), encoding="utf-8")
     return directory
 
 
 def read_var_config(directory: Union[str, Path]) -> Dict[str, Any]:
     """The ``config.yaml`` dict of an xqtool VAR directory."""
+    from xqtool.checkpoint import one_line
+
     path = Path(directory) / "config.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict) or "model" not in data:
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from None
+    if data is None:
+        raise CheckpointError(f"{path} is empty")
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise CheckpointError(f"{path} is not an xqtool VAR config (no 'model' section)")
     if isinstance(data.get("quant"), dict) and "codebook_size" in data["quant"]:
         raise CheckpointError(f"{directory} is a tokenizer checkpoint, not a VAR model (use it as `xqtool sample --tokenizer`)")
@@ -196,8 +213,11 @@ def load_var(path: Union[str, Path], map_location: str = "cpu", patch_nums: Opti
     info: ``format`` ('xqtool' | 'official'), ``config`` (the whole config.yaml for xqtool dirs), ``patch_nums``.
     `path` may also be a registry name (``VAR-d17``) or ``hf://`` reference (:func:`xqtool.hub.resolve_checkpoint`).
     """
+    from xqtool.checkpoint import check_finite, load_safetensors_checked
     from xqtool.hub import resolve_checkpoint
 
+    if "://" not in str(path):
+        recover_dir(Path(path))  # a crash mid-replacement left only the aside copy: restore it first
     path = resolve_checkpoint(path, kind="var")
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
@@ -207,13 +227,11 @@ def load_var(path: Union[str, Path], map_location: str = "cpu", patch_nums: Opti
             cfg = model_config_from_dict(conf["model"])
         except ConfigError as exc:
             raise CheckpointError(f"{path}/config.yaml: {exc}") from None
-        try:
-            sd = load_file(str(path / "model.safetensors"), device=map_location)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"cannot read {path}/model.safetensors: {exc}") from None
+        sd = load_safetensors_checked(path / "model.safetensors", device=map_location)
         info: Dict[str, Any] = {"format": "xqtool", "config": conf}
     elif path.is_file():
         sd, meta = load_official_var_state(path)
+        check_finite(sd, str(path))
         cfg = var_config_from_state_dict(sd, patch_nums or meta.get("patch_nums"), num_branches or meta.get("num_branches"))
         info = {"format": "official", "meta": meta}
     else:

@@ -26,6 +26,8 @@ from xqtool.cli.options import (
     BadFilesPolicy,
     DEFAULT_NUM_WORKERS,
     BatchSize,
+    IgnoreFingerprint,
+    Overwrite,
     Device,
     NumWorkers,
     Precision,
@@ -126,6 +128,7 @@ def encode(
     ten_crop: Annotated[bool, typer.Option("--ten-crop", help="Encode 10 crops per image (rows k@crop0..k@crop9).")] = False,
     bad_files: BadFiles = BadFilesPolicy.skip,
     unit_size: Annotated[int, typer.Option("--unit-size", help="Files per resumable work unit (folder/list sources).")] = 1000,
+    overwrite: Overwrite = False,
 ) -> None:
     """Encode images into token ids, streaming (memory bounded by the batch) and resumable.
 
@@ -145,7 +148,7 @@ def encode(
         result = encode_images(
             source, out_path, ckpt=tokenizer, config=config, batch_size=batch_size, num_workers=num_workers,
             device=device, precision=precision.value, augmentation=augmentation, bad_files=bad_files.value,
-            unit_size=unit_size, progress=advance, on_start=on_start,
+            unit_size=unit_size, progress=advance, on_start=on_start, overwrite=overwrite,
         )
     if not main or result.manifest is None:
         return
@@ -171,6 +174,8 @@ def decode(
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
     progressive: Annotated[bool, typer.Option("--progressive", help="Also write KEY.progressive.png: columns = scales, rows = all branches then each branch alone.")] = False,
+    overwrite: Overwrite = False,
+    ignore_fingerprint: IgnoreFingerprint = False,
 ) -> None:
     """Decode token ids back to PNG images.
 
@@ -188,6 +193,7 @@ def decode(
         result = decode_tokens(
             tokens, output, ckpt=tokenizer, config=config, batch_size=batch_size, device=device,
             precision=precision.value, progressive=progressive, progress=advance, on_start=on_start,
+            overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
         )
     extra = f" (+ {len(result.progressive_files)} progressive strips)" if progressive else ""
     console.print(f"[green]wrote[/] {result.count} PNGs to {result.out_dir}{extra}")
@@ -205,6 +211,7 @@ def make_shards_cmd(
     bad_files: BadFiles = BadFilesPolicy.skip,
     nodes: Annotated[int, typer.Option("--nodes", help="Nodes that will read the shards (for the too-few-shards warning).")] = 1,
     reader_workers: Annotated[int, typer.Option("--reader-workers", help="DataLoader workers per node that will read them (for the same warning).")] = 4,
+    overwrite: Overwrite = False,
 ) -> None:
     """Pack images into WebDataset shards (jpg/png + cls + json with original size and path).
 
@@ -227,7 +234,7 @@ def make_shards_cmd(
     with _progress("packing") as (on_start, advance):
         result = make_shards(
             source, output, maxcount=maxcount, image_format=image_format, quality=quality, prefix=prefix,
-            bad_files=bad_files.value, nodes=nodes, workers=reader_workers, progress=advance,
+            bad_files=bad_files.value, nodes=nodes, workers=reader_workers, progress=advance, overwrite=overwrite,
         )
     console.print(f"[green]wrote[/] {len(result.shards)} shards with {result.count} images to {result.out_dir}")
     if result.shards:

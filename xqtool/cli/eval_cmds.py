@@ -150,7 +150,7 @@ def eval_fid(
                             num_workers=num_workers, device=device, inception_weights=inception_weights,
                             lpips=lpips, lpips_weights=lpips_weights, max_images=max_images, bad_files=bad_files.value,
                             kid=kid, seed=seed, save_recon=save_recon,
-                            report_path=report if report is not None else "rfid_report.json")
+                            report_path=report if report is not None else "rfid_report.json", overwrite=overwrite)
         _print_report(out, f"Reconstruction metrics ({out['image_counts']['originals']} images)")
         return
     if tokenizer is not None:
@@ -159,7 +159,7 @@ def eval_fid(
                        num_workers=num_workers, device=device, inception_weights=inception_weights,
                        max_images=max_images, image_size=image_size, use_npz_stats=use_npz_stats, kid=kid,
                        inception_score=isc, seed=seed,
-                       report_path=report if report is not None else "fid_report.json")
+                       report_path=report if report is not None else "fid_report.json", overwrite=overwrite)
     _print_report(out, "FID")
 
 
@@ -222,6 +222,7 @@ def probe(
     num_workers: NumWorkers = 0,
     seed: Seed = 0,
     bad_files: BadFiles = BadFilesPolicy.skip,
+    overwrite: Overwrite = False,
 ) -> None:
     """Linear probing of frozen tokenizer features (BatchNorm1d + Linear), top-1/top-5 per epoch.
 
@@ -260,7 +261,7 @@ def probe(
     rep = run_probe(tokenizer, train, val, features=features, settings=settings, config=config, prefer_ema=ema,
                     cache_features=cache_features, num_classes=num_classes, num_workers=num_workers, device=device,
                     max_train_images=max_train_images, max_val_images=max_val_images, bad_files=bad_files.value,
-                    out_dir=output, on_epoch=row)
+                    out_dir=output, on_epoch=row, overwrite=overwrite)
     console.print(table)
     console.print(f"best val top-1 [bold]{100 * rep['best_top1']:.2f}%[/] at epoch {rep['best_epoch']} "
                   f"({rep['image_counts']['train']} train / {rep['image_counts']['val']} val images, "

@@ -9,7 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from xqtool.cli._common import add_command, console
-from xqtool.cli.options import Seed, output_option, warn_deprecated
+from xqtool.cli.options import Overwrite, Seed, output_option, warn_deprecated
 from xqtool.errors import ConfigError
 
 DEFAULT_DEMO_DIR = Path("runs/demo_images")
@@ -22,6 +22,7 @@ def demo_images(
     val_per_class: Annotated[int, typer.Option("--val-per-class", help="Validation images per class.")] = 8,
     size: Annotated[int, typer.Option("--size", help="Side of the square PNG crops.")] = 64,
     seed: Seed = 0,
+    overwrite: Overwrite = False,
 ) -> None:
     """Write random crops of scikit-image's bundled photos as a class-tree dataset (no network).
 
@@ -39,7 +40,7 @@ def demo_images(
     with _progress("demo images") as (on_start, advance):
         on_start((per_class + val_per_class) * len(DEMO_CLASSES))
         train, val = write_demo_images(out, per_class=per_class, val_per_class=val_per_class, size=size, seed=seed,
-                                       progress=advance)
+                                       progress=advance, overwrite=overwrite)
     n_train = sum(1 for _ in train.rglob("*.png"))
     n_val = sum(1 for _ in val.rglob("*.png"))
     console.print(f"wrote {n_train} training images to {train} and {n_val} validation images to {val}")

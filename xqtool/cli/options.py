@@ -47,7 +47,10 @@ HELP_NUM_WORKERS = "DataLoader worker processes per process (0 = load in the mai
 HELP_DEVICE = "cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu; Accelerate's under a launcher)."
 HELP_PRECISION = "Autocast precision of the forward passes (fp32 = none)."
 HELP_SEED = "Random seed (runs with the same seed and inputs give the same outputs)."
-HELP_OVERWRITE = "Replace existing outputs (default: refuse to overwrite)."
+HELP_OVERWRITE = ("Replace an existing output that xqtool made (recognised by its manifest or marker); anything "
+                  "else is never replaced (default: refuse existing outputs).")
+HELP_IGNORE_FINGERPRINT = ("Accept a tokenizer whose weights fingerprint differs from the one recorded with the tokens / "
+                           "VAR (same config, other weights: results are likely noise).")
 HELP_SET = "Override a config value, repeatable: --set train.lr=1e-4 --set quant.codebook_size=8192."
 HELP_RESUME = "'auto' = continue from the newest complete checkpoint of the run (if any); or a state folder."
 HELP_MAX_STEPS = "Stop after this many optimizer steps."
@@ -68,6 +71,7 @@ OptPrecision = Annotated[Optional[Precision], typer.Option("--precision", help=H
 Seed = Annotated[int, typer.Option("--seed", help=HELP_SEED)]
 OptSeed = Annotated[Optional[int], typer.Option("--seed", help=HELP_SEED)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help=HELP_OVERWRITE)]
+IgnoreFingerprint = Annotated[bool, typer.Option("--ignore-fingerprint", help=HELP_IGNORE_FINGERPRINT)]
 SetOverrides = Annotated[Optional[List[str]], typer.Option("--set", help=HELP_SET, metavar="KEY=VALUE")]
 Resume = Annotated[Optional[str], typer.Option("--resume", help=HELP_RESUME)]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help=HELP_MAX_STEPS)]

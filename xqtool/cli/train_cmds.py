@@ -17,6 +17,7 @@ from xqtool.cli.options import (
     HELP_NUM_WORKERS,
     MaxSteps,
     NoProgress,
+    Overwrite,
     OptPrecision,
     OptSeed,
     Precision,
@@ -110,6 +111,7 @@ def train_tokenizer_cmd(
     precision: OptPrecision = None,
     seed: OptSeed = None,
     no_progress: NoProgress = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train an XQ-GAN tokenizer.
 
@@ -122,7 +124,7 @@ def train_tokenizer_cmd(
     _logging()
     cfg = _load_cfg(config, config_overrides(set_, num_workers, precision, seed), max_steps)
     result = train_tokenizer(cfg, output_dir=output, resume=resume, max_steps=max_steps,
-                             progress=not no_progress, console=console)
+                             progress=not no_progress, console=console, overwrite=overwrite)
     _summary(result, "train-tokenizer", cfg)
     _exit(result)
 
@@ -143,6 +145,7 @@ def finetune_cmd(
     precision: OptPrecision = None,
     seed: OptSeed = None,
     no_progress: NoProgress = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Fine-tune a released or trained tokenizer on your images, then export merged weights.
 
@@ -159,7 +162,7 @@ def finetune_cmd(
     cfg = _load_cfg(config, config_overrides(set_, num_workers, precision, seed), max_steps)
     result = finetune_tokenizer(cfg, tokenizer, enc=enc, dec=dec, freeze_codebook_ids=freeze_codebook,
                                 lora_rank=lora_rank, lora_targets=lora_targets, output_dir=output, resume=resume,
-                                max_steps=max_steps, progress=not no_progress, console=console)
+                                max_steps=max_steps, progress=not no_progress, console=console, overwrite=overwrite)
     _summary(result, "finetune", cfg)
     _exit(result)
 

@@ -14,11 +14,13 @@ from xqtool.cli.options import (
     HELP_NUM_WORKERS,
     BatchSize,
     Device,
+    IgnoreFingerprint,
     MaxSteps,
     NoProgress,
     OptPrecision,
     OptSeed,
     OptTokenizer,
+    Overwrite,
     Precision,
     PrecisionOpt,
     Resume,
@@ -58,6 +60,8 @@ def train_var_cmd(
     seed: OptSeed = None,
     device: Device = None,
     no_progress: NoProgress = False,
+    overwrite: Overwrite = False,
+    ignore_fingerprint: IgnoreFingerprint = False,
 ) -> None:
     """Train a class-conditional VAR on tokenizer tokens.
 
@@ -80,7 +84,8 @@ def train_var_cmd(
         raise ConfigError("train-var needs the frozen tokenizer the tokens come from: pass --tokenizer/-t CKPT")
     if not cfg.data.tokens and not cfg.data.images:
         raise ConfigError("train-var needs training data: pass --tokens TOKENS (from `xqtool encode`) or --images SRC")
-    result = train_var(cfg, resume=resume, console=None if no_progress else console, cpu=cpu)
+    result = train_var(cfg, resume=resume, console=None if no_progress else console, cpu=cpu, overwrite=overwrite,
+                       ignore_fingerprint=ignore_fingerprint)
     if int(os.environ.get("RANK", "0")) != 0:  # several processes: the main one reports
         return
     last = result.history[-1] if result.history else {}
@@ -123,6 +128,8 @@ def sample_cmd(
     upstream_rng: Annotated[bool, typer.Option("--upstream-rng", help="One generator per batch (upstream order).")] = False,
     no_pack: Annotated[bool, typer.Option("--no-pack",
                                           help="CPU: skip oneDNN weight packing (slower; saves one copy of the weights).")] = False,
+    overwrite: Overwrite = False,
+    ignore_fingerprint: IgnoreFingerprint = False,
 ) -> None:
     """Sample class-conditional images with a VAR and its tokenizer.
 
@@ -148,7 +155,7 @@ def sample_cmd(
     res = sample_images(var, tok, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
                         batch_size=batch_size, out_dir=output, npz=npz, grid=grid, use_cache=not no_cache,
                         precision=precision.value, upstream_rng=upstream_rng, cpu=cpu, pack=not no_pack,
-                        console=console)
+                        console=console, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint, var_info=info)
     if not res.is_main:  # several processes: the main one reports
         return
     console.print(f"[green]done[/] {res.count} images in {res.seconds:.1f}s ({res.images_per_s:.2f} img/s)")

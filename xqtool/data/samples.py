@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 from xqtool.errors import DataError
-from xqtool.fsutil import atomic_dir
+from xqtool.fsutil import OUTPUT_MARKER, atomic_dir, check_output, has_marker, output_lock, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +55,27 @@ def demo_crops(name: str, count: int, size: int, rng: np.random.Generator) -> li
     return out
 
 
+def _is_demo(root: Path) -> bool:
+    """An earlier demo-images folder: the marker, or (older xqtool) exactly train/ and val/ of demo classes."""
+    if has_marker(root, "demo-images"):
+        return True
+    names = {p.name for p in root.iterdir()} - {OUTPUT_MARKER}
+    return names == {"train", "val"} and all((root / s).is_dir() for s in ("train", "val")) and all(
+        {c.name for c in (root / s).iterdir()} <= set(DEMO_CLASSES) for s in ("train", "val"))
+
+
 def write_demo_images(root: Path, per_class: int = 48, val_per_class: int = 8, size: int = 64, seed: int = 0,
-                      progress: Optional[Callable[[int], None]] = None) -> Tuple[Path, Path]:
+                      progress: Optional[Callable[[int], None]] = None, overwrite: bool = False) -> Tuple[Path, Path]:
     """Write ``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` (atomically); return both dirs.
 
     ``progress(n)`` is called after every written image (total: ``(per_class + val_per_class) * len(DEMO_CLASSES)``).
+    OutputError when `root` exists and is not empty, unless ``overwrite`` and it is an earlier demo-images folder.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
-    with atomic_dir(root) as tmp:
+    replace = check_output(root, kind="demo-images", is_dir=True, overwrite=overwrite, ours=_is_demo)
+    with output_lock(root), atomic_dir(root, replace=replace) as tmp:
+        write_marker(tmp, "demo-images")
         for split, n in (("train", per_class), ("val", val_per_class)):
             for cls, names in DEMO_CLASSES.items():
                 folder = tmp / split / cls

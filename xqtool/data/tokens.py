@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, IterableDataset
 from xqtool import __version__
 from xqtool.data.transforms import EVAL_PREPROCESSING
 from xqtool.errors import TokenError
-from xqtool.fsutil import atomic_path, atomic_write_text
+from xqtool.fsutil import atomic_path, atomic_write_text, checksums_enabled, file_sha256
 
 FORMAT_VERSION = 1
 TOKEN_LAYOUT = "[N, P, L]: branches in checkpoint order (semantic last); scales coarse->fine; each scale row-major"
@@ -76,6 +76,8 @@ class TokenManifest:
     labels: List[int] = field(default_factory=list)
     shards: List[Dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
+    weights_fingerprint: str = ""
+    sha256: str = ""
     tokenizer_config: Dict[str, Any] = field(default_factory=dict)
     layout: str = TOKEN_LAYOUT
     format_version: int = FORMAT_VERSION
@@ -84,8 +86,10 @@ class TokenManifest:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, checkpoint: str = "", **kw: Any) -> "TokenManifest":
         """Manifest describing `tokenizer` (an XQTokenizer); extra fields via keyword."""
+        from xqtool.checkpoint import weights_fingerprint
         from xqtool.config import config_hash, config_to_dict
 
+        kw.setdefault("weights_fingerprint", weights_fingerprint(tokenizer))
         return cls(
             config_hash=config_hash(tokenizer.config),
             scales=[int(s) for s in tokenizer.scales],
@@ -115,12 +119,32 @@ class TokenManifest:
         missing = [k for k in required if k not in d]
         if missing:
             raise TokenError(f"{where} lacks {', '.join(missing)}: it was not written by xqtool encode")
+        ints = ("num_branches", "codebook_size", "tokens_per_branch", "image_size", "count", "views", "skipped")
+        bad = [k for k in ints if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0)]
+        lists = ("scales", "keys", "paths", "labels", "shards")
+        bad += [k for k in lists if k in d and not isinstance(d[k], list)]
+        bad += [k for k in ("config_hash", "weights_fingerprint", "dtype", "checkpoint") if k in d
+                and not isinstance(d[k], str)]
+        if not bad and not all(isinstance(x, int) and x > 0 for x in d["scales"]):
+            bad.append("scales")
+        if not bad and not all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in d.get("shards", [])):
+            bad.append("shards")
+        if not bad and d.get("labels") and not all(isinstance(x, int) for x in d["labels"]):
+            bad.append("labels")
+        if bad:
+            raise TokenError(f"{where} is corrupt: field {bad[0]!r} has an invalid value")
+        n_keys = len(d.get("keys") or [])
+        for k in ("paths", "labels"):
+            if d.get(k) and n_keys and len(d[k]) != n_keys:
+                raise TokenError(f"{where} is corrupt: {len(d[k])} {k} for {n_keys} keys")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: PathLike) -> None:
-        """Write the manifest JSON atomically."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n")
+        """Write the manifest JSON atomically, with its own checksum (``manifest_sha256``)."""
+        d = self.to_dict()
+        d["manifest_sha256"] = _manifest_digest(d)
+        atomic_write_text(path, json.dumps(d, indent=1, sort_keys=False) + "\n")
 
     @classmethod
     def load(cls, path: PathLike) -> "TokenManifest":
@@ -130,8 +154,18 @@ class TokenManifest:
         except FileNotFoundError:
             raise TokenError(f"token manifest {p} not found: tokens need the manifest written by xqtool encode") from None
         except (OSError, ValueError) as exc:
-            raise TokenError(f"cannot read token manifest {p}: {exc}") from None
+            raise TokenError(f"cannot read token manifest {p}: {' '.join(str(exc).split())[:160]}") from None
+        if isinstance(d, dict) and d.get("manifest_sha256") and d["manifest_sha256"] != _manifest_digest(d):
+            raise TokenError(f"token manifest {p} is corrupt: its content does not match its checksum")
         return cls.from_dict(d, where=str(p))
+
+
+def _manifest_digest(d: Dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON without its own checksum field."""
+    import hashlib
+
+    body = {k: v for k, v in d.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def write_tokens(path: PathLike, tokens: np.ndarray, manifest: TokenManifest) -> TokenManifest:
@@ -151,6 +185,7 @@ def write_tokens(path: PathLike, tokens: np.ndarray, manifest: TokenManifest) ->
     with atomic_path(p) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, arr.astype(dt, copy=False), allow_pickle=False)
+        manifest.sha256 = file_sha256(tmp)
     manifest.save(manifest_path(p))
     return manifest
 
@@ -163,6 +198,10 @@ def _token_shards(directory: Path, manifest: TokenManifest) -> List[str]:
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
         raise TokenError(f"token shard {directory / missing[0]} is missing (re-run xqtool encode to finish it)")
+    for entry in manifest.shards:
+        if entry.get("sha256") and checksums_enabled() and file_sha256(directory / entry["name"]) != entry["sha256"]:
+            raise TokenError(f"token shard {directory / entry['name']} is corrupt: its bytes do not match the checksum "
+                             "in the manifest")
     return [str(directory / n) for n in names]
 
 
@@ -199,8 +238,13 @@ def load_tokens(path: PathLike) -> tuple:
     else:
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise TokenError(f"cannot read token array {p}: {exc}") from None
+            if manifest.sha256 and checksums_enabled() and file_sha256(p) != manifest.sha256:
+                raise TokenError(f"{p} is corrupt: its bytes do not match the checksum in its manifest "
+                                 "(truncated, modified, or from another encode)")
+        except (OSError, ValueError, EOFError) as exc:
+            raise TokenError(f"{p} is truncated or not a token array ({' '.join(str(exc).split())[:160]})") from None
+        if manifest.dtype and arr.dtype.name != manifest.dtype:
+            raise TokenError(f"{p} holds {arr.dtype.name} but its manifest says {manifest.dtype}: the files do not belong together")
     expect = (manifest.num_branches, manifest.tokens_per_branch)
     if arr.ndim != 3 or tuple(arr.shape[1:]) != expect:
         raise TokenError(
@@ -218,7 +262,7 @@ def _iter_token_samples(url: str) -> Iterator[Dict[str, Any]]:
     try:
         yield from iter_token_shard(url)
     except (ValueError, KeyError, OSError, EOFError) as exc:
-        raise TokenError(f"corrupt token shard {url}: {exc}") from None
+        raise TokenError(f"corrupt token shard {url}: {' '.join(str(exc).split())[:160]}") from None
 
 
 class TokenArrayDataset(Dataset):
@@ -302,8 +346,35 @@ def token_dataset(path_or_dir: PathLike, *, train: bool = False, seed: int = 0, 
     return TokenArrayDataset(p)
 
 
-def check_manifest(manifest: TokenManifest, tokenizer: Any) -> None:
-    """Raise TokenError naming the first field where `manifest` and `tokenizer` differ."""
+def check_fingerprint(recorded: str, tokenizer: Any, what: str, ignore: bool = False) -> None:
+    """TokenError when `recorded` (a weights fingerprint stored with tokens or a VAR) differs from `tokenizer`'s.
+
+    Empty `recorded` (artefacts older than fingerprints) is accepted with a one-line warning; ``ignore``
+    (``--ignore-fingerprint``) turns a mismatch into a warning.
+    """
+    import logging
+
+    from xqtool.checkpoint import weights_fingerprint
+
+    log = logging.getLogger("xqtool")
+    ours = weights_fingerprint(tokenizer)
+    if not recorded:
+        log.warning("%s carries no tokenizer weights fingerprint (written by an older xqtool): cannot check that "
+                    "the tokenizer's weights are the ones it was made with", what)
+        return
+    if recorded == ours:
+        return
+    msg = (f"{what} was made with tokenizer weights {recorded} but this tokenizer's weights are {ours} (same "
+           f"config, other weights): use the tokenizer it was made with, or pass --ignore-fingerprint")
+    if ignore:
+        log.warning("%s (ignored: --ignore-fingerprint)", msg.split(": use the")[0])
+        return
+    raise TokenError(msg)
+
+
+def check_manifest(manifest: TokenManifest, tokenizer: Any, ignore_fingerprint: bool = False,
+                   what: str = "the tokens") -> None:
+    """Raise TokenError naming the first field where `manifest` and `tokenizer` differ (weights fingerprint last)."""
     pairs = [
         ("codebook_size", manifest.codebook_size, int(tokenizer.codebook_size)),
         ("num_branches", manifest.num_branches, int(tokenizer.num_branches)),
@@ -326,6 +397,7 @@ def check_manifest(manifest: TokenManifest, tokenizer: Any) -> None:
     ours = config_hash(tokenizer.config)
     if manifest.config_hash != ours:
         raise differ("config_hash", manifest.config_hash, ours)
+    check_fingerprint(manifest.weights_fingerprint, tokenizer, what, ignore_fingerprint)
 
 
 def check_token_rows(

@@ -31,7 +31,7 @@ from xqtool.data.tokens import (
 )
 from xqtool.data.transforms import to_uint8
 from xqtool.errors import ConfigError, TokenError
-from xqtool.fsutil import atomic_write_bytes
+from xqtool.fsutil import atomic_write_bytes, check_output, fresh_output_dir, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,22 @@ def decode_tokens(
     progressive: bool = False,
     progress: Optional[Callable[[int], None]] = None,
     on_start: Optional[Callable[[Optional[int]], None]] = None,
+    overwrite: bool = False,
+    ignore_fingerprint: bool = False,
 ) -> DecodeResult:
-    """Decode every row of `tokens` to ``out_dir/<key>.png`` (see module docstring)."""
+    """Decode every row of `tokens` to ``out_dir/<key>.png`` (see module docstring).
+
+    Raises TokenError when the tokens' manifest does not match the tokenizer (config or weights fingerprint;
+    ``ignore_fingerprint`` accepts other weights with a warning), OutputError when `out_dir` exists and is not
+    empty (``overwrite`` replaces only an earlier decode output), lies inside / contains the tokens, or is
+    being written by another process.
+    """
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
     path = Path(tokens)
     if path.is_dir():
         manifest = TokenManifest.load(path / DIR_MANIFEST)
+        _token_shards(path, manifest)  # every shard present and intact before anything is written
     else:
         _, manifest = load_tokens(path)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,9 +135,16 @@ def decode_tokens(
 
         tokenizer = load_tokenizer(ckpt, config=config, map_location=dev)
     tok = tokenizer.to(dev).eval()
-    check_manifest(manifest, tok)
+    check_manifest(manifest, tok, ignore_fingerprint=ignore_fingerprint, what=f"the tokens {path}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    replace = check_output(out, kind="decode", is_dir=True, overwrite=overwrite, sources=[path])
+    with output_lock(out), fresh_output_dir(out, "decode", replace=replace):
+        return _decode_into(out, path, manifest, tok, dev, batch_size, precision, progressive, progress, on_start)
+
+
+def _decode_into(out: Path, path: Path, manifest: TokenManifest, tok: Any, dev: torch.device, batch_size: int,
+                 precision: str, progressive: bool, progress: Optional[Callable[[int], None]],
+                 on_start: Optional[Callable[[Optional[int]], None]]) -> DecodeResult:
     if on_start is not None:
         on_start(manifest.count or None)
     amp_dtype = PRECISIONS[precision]

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -35,8 +35,8 @@ from xqtool.data.shards import iter_shard_records, write_token_shard
 from xqtool.data.sources import SourceLike, SourceSpec, file_records, resolve_source
 from xqtool.data.tokens import TokenManifest, manifest_path, token_dtype
 from xqtool.data.transforms import eval_preprocessing, view_names, view_transform
-from xqtool.errors import ConfigError, DataError
-from xqtool.fsutil import atomic_path, atomic_write_text
+from xqtool.errors import ConfigError, DataError, OutputError
+from xqtool.fsutil import aside_path, atomic_path, atomic_write_text, check_output, file_sha256, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def _units(spec: SourceSpec, unit_size: int) -> List[Any]:
     return [spec.items[i : i + unit_size] for i in range(0, len(spec.items), unit_size)]
 
 
-def _plan(spec: SourceSpec, unit_size: int, manifest: TokenManifest, output: Path) -> Dict[str, Any]:
+def _plan(spec: SourceSpec, unit_size: int, manifest: TokenManifest, output: Path, precision: str) -> Dict[str, Any]:
+    """What the finished units depend on: a resume with any of it changed would mix two encodings."""
     h = hashlib.sha256()
     if spec.kind == "files":
         for it in spec.items:
@@ -109,10 +110,30 @@ def _plan(spec: SourceSpec, unit_size: int, manifest: TokenManifest, output: Pat
         "listing_sha256": h.hexdigest(),
         "unit_size": unit_size if spec.kind == "files" else None,
         "config_hash": manifest.config_hash,
+        "weights_fingerprint": manifest.weights_fingerprint,
+        "precision": precision,
+        "preprocessing": manifest.preprocessing,
         "augmentation": manifest.augmentation,
         "image_size": manifest.image_size,
         "output_kind": "npy" if output.suffix == ".npy" else "shards",
     }
+
+
+_PLAN_NAMES = {
+    "source": "the source", "listing_sha256": "the source listing (files added, removed or renamed)",
+    "unit_size": "--unit-size", "config_hash": "the tokenizer config", "weights_fingerprint": "the tokenizer weights",
+    "precision": "--precision", "preprocessing": "the preprocessing", "augmentation": "the augmentation",
+    "image_size": "the image size", "output_kind": "the output kind",
+}
+
+
+def _is_token_output(path: Path) -> bool:
+    """An earlier `xqtool encode` output: a .npy with its manifest, or a folder with manifest.json."""
+    try:
+        TokenManifest.load(manifest_path(path))
+    except Exception:  # noqa: BLE001 - anything unreadable is not recognisably ours
+        return False
+    return True
 
 
 class _UnitStream(IterableDataset):
@@ -197,16 +218,32 @@ def _done_units(work: Path) -> Dict[int, Path]:
     return out
 
 
-def _prepare_work_dir(work: Path, plan: Dict[str, Any], is_main: bool) -> None:
+def _prepare_work_dir(work: Path, plan: Dict[str, Any], is_main: bool, overwrite: bool = False) -> None:
+    """Create ``OUT.partial`` with the plan, or check that the unfinished work there has the same plan.
+
+    A different plan (tokenizer weights, precision, preprocessing, source listing, ...) is refused in one line
+    naming the first difference; ``overwrite`` discards the unfinished work instead.
+    """
     plan_file = work / PLAN_FILE
     if is_main:
+        if work.exists() and not plan_file.is_file() and any(work.iterdir()):
+            raise OutputError(f"{work} exists but is not unfinished xqtool encode work (no {PLAN_FILE}): move it away")
         if plan_file.exists():
             try:
                 old = json.loads(plan_file.read_text())
-            except ValueError:
-                old = None
+            except (OSError, ValueError):
+                old = {"plan": "unreadable"}
             if old != plan:
-                log.warning("discarding unfinished work in %s: it was for a different source or tokenizer", work)
+                if not overwrite:
+                    if not isinstance(old, dict) or "plan" in old:
+                        raise OutputError(f"{plan_file} is corrupt: pass --overwrite to discard the unfinished work")
+                    key = next((k for k in plan if old.get(k) != plan[k]), next(iter(set(old) - set(plan)), "?"))
+                    raise OutputError(
+                        f"cannot resume {work}: {_PLAN_NAMES.get(key, key)} changed ({key} was {old.get(key)!r}, now "
+                        f"{plan.get(key)!r}); resuming would mix two encodings: re-run with the same settings, or "
+                        "pass --overwrite to discard the unfinished work"
+                    )
+                log.warning("discarding unfinished work in %s (--overwrite)", work)
                 shutil.rmtree(work)
         (work / UNITS_DIR).mkdir(parents=True, exist_ok=True)
         if not plan_file.exists():
@@ -216,7 +253,8 @@ def _prepare_work_dir(work: Path, plan: Dict[str, Any], is_main: bool) -> None:
 # ------------------------------------------------------------------------------------------ merge
 
 
-def _merge(work: Path, output: Path, n_units: int, manifest: TokenManifest, dtype: np.dtype) -> Tuple[TokenManifest, Dict[str, str]]:
+def _merge(work: Path, output: Path, n_units: int, manifest: TokenManifest, dtype: np.dtype,
+           replace: bool = False) -> Tuple[TokenManifest, Dict[str, str]]:
     done = _done_units(work)
     missing = [u for u in range(n_units) if u not in done]
     if missing:
@@ -236,6 +274,8 @@ def _merge(work: Path, output: Path, n_units: int, manifest: TokenManifest, dtyp
     manifest.skipped = len(skipped)
     P, L = manifest.num_branches, manifest.tokens_per_branch
     if output.suffix == ".npy":
+        if (output.exists() or manifest_path(output).exists()) and not replace:
+            raise OutputError(f"{output} appeared while encoding: refusing to replace it (the units are in {work})")
         keys: List[str] = []
         paths: List[str] = []
         labels: List[int] = []
@@ -252,23 +292,32 @@ def _merge(work: Path, output: Path, n_units: int, manifest: TokenManifest, dtyp
                     row += m["count"]
             arr.flush()
             del arr
+            manifest.sha256 = file_sha256(tmp)
         manifest.keys, manifest.paths, manifest.labels = keys, paths, labels
         manifest.save(manifest_path(output))
         sp = skipped_path(output)
         if skipped:
             atomic_write_text(sp, "".join(f"{n}\t{r}\n" for n, r in sorted(skipped.items())))
-        elif sp.exists():
+        elif sp.exists() and replace:
             sp.unlink()
         shutil.rmtree(work)
     else:
-        manifest.shards = [{"name": m["shard"], "count": m["count"]} for m in metas if m.get("shard")]
+        manifest.shards = [{"name": m["shard"], "count": m["count"], "sha256": file_sha256(work / m["shard"])}
+                           for m in metas if m.get("shard")]
         shutil.rmtree(work / UNITS_DIR)
         (work / PLAN_FILE).unlink()
         manifest.save(work / "manifest.json")
         if skipped:
             (work / "skipped.txt").write_text("".join(f"{n}\t{r}\n" for n, r in sorted(skipped.items())))
+        from xqtool.fsutil import apply_umask
+
+        apply_umask(work, recursive=True)
+        if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+            output.rmdir()  # an empty folder given as the output holds nothing to lose
         if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            if not replace or not _is_token_output(output):
+                raise OutputError(f"{output} appeared while encoding: refusing to replace it (the tokens are in {work})")
+            old = aside_path(output)
             os.replace(output, old)
             os.replace(work, output)
             shutil.rmtree(old, ignore_errors=True)
@@ -317,6 +366,7 @@ def encode_images(
     unit_size: int = 1000,
     progress: Optional[Callable[[int], None]] = None,
     on_start: Optional[Callable[[Optional[int]], None]] = None,
+    overwrite: bool = False,
 ) -> EncodeResult:
     """Encode every image of `source` into token ids; see the module docstring for outputs.
 
@@ -330,6 +380,12 @@ def encode_images(
         unit_size: files per resumable work unit (folder / list sources).
         progress: called with the number of images (views) just encoded.
         on_start: called once with the number of images to encode now (None when unknown: shards).
+        overwrite: replace an existing earlier `xqtool encode` output (anything else is never replaced), and
+            discard unfinished work made with other settings instead of refusing to resume it.
+
+    Raises OutputError (nothing touched) when `output` exists (without `overwrite`), is not an xqtool token
+    output, lies inside / contains the source, is locked by another process, or when unfinished work in
+    ``OUT.partial`` was made with another tokenizer (weights), precision, preprocessing or source listing.
     """
     from xqtool.distributed import describe, process_state
 
@@ -345,6 +401,39 @@ def encode_images(
     if state.is_main_process:
         log.info("encode: %s", describe(state, precision))
     dev = torch.device(device) if device else state.device
+    sources = [source] if isinstance(source, (str, os.PathLike)) else []
+    is_dir_out = output.suffix != ".npy"
+    work = partial_dir(output)
+    if state.is_main_process:
+        check_output(output, kind="encode", is_dir=is_dir_out, overwrite=overwrite, ours=_is_token_output,
+                     sources=sources)
+        check_output(work, kind="encode", is_dir=True, overwrite=True, ours=lambda p: (p / PLAN_FILE).is_file(),
+                     sources=sources)
+        if not is_dir_out:
+            check_output(manifest_path(output), kind="encode", is_dir=False, overwrite=overwrite,
+                         ours=lambda p: _is_token_output(output), sources=sources)
+    with output_lock(output, enabled=state.is_main_process), _drop_empty_work(work, state.is_main_process):
+        return _encode_locked(source, output, work, state, dev, ckpt=ckpt, config=config, tokenizer=tokenizer,
+                              batch_size=batch_size, num_workers=num_workers, precision=precision,
+                              augmentation=augmentation, bad_files=bad_files, unit_size=unit_size,
+                              progress=progress, on_start=on_start, overwrite=overwrite)
+
+
+@contextmanager
+def _drop_empty_work(work: Path, is_main: bool) -> Iterator[None]:
+    """On failure, remove ``OUT.partial`` when it holds no finished unit (nothing to resume, nothing left behind)."""
+    try:
+        yield
+    except BaseException:
+        if is_main and work.is_dir() and not _done_units(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _encode_locked(source: SourceLike, output: Path, work: Path, state: Any, dev: torch.device, *, ckpt: Any,
+                   config: Any, tokenizer: Any, batch_size: int, num_workers: int, precision: str, augmentation: str,
+                   bad_files: str, unit_size: int, progress: Optional[Callable[[int], None]],
+                   on_start: Optional[Callable[[Optional[int]], None]], overwrite: bool) -> EncodeResult:
     spec = resolve_source(source)
 
     tok = tokenizer if tokenizer is not None else _load_tok(_require(ckpt), config, dev)
@@ -361,8 +450,7 @@ def encode_images(
     )
     dtype = token_dtype(tok.codebook_size)
     units = _units(spec, unit_size)
-    work = partial_dir(output)
-    _prepare_work_dir(work, _plan(spec, unit_size, manifest, output), state.is_main_process)
+    _prepare_work_dir(work, _plan(spec, unit_size, manifest, output, precision), state.is_main_process, overwrite)
     state.wait_for_everyone()
 
     done_before = _done_units(work)
@@ -382,7 +470,7 @@ def encode_images(
                           units_total=len(units), units_resumed=len(done_before))
     if not state.is_main_process:
         return result
-    manifest, skipped = _merge(work, output, len(units), manifest, dtype)
+    manifest, skipped = _merge(work, output, len(units), manifest, dtype, replace=overwrite)
     result.output = output
     result.count = manifest.count
     result.manifest = manifest

@@ -16,6 +16,7 @@ Every evaluation writes a JSON report (atomic) and returns it as a dict.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xqtool import __version__
 from xqtool.errors import ConfigError, DataError, WeightsMissingError
-from xqtool.fsutil import atomic_path, atomic_write_text
+from xqtool.fsutil import atomic_path, atomic_write_text, check_output, fresh_output_dir, output_lock
 from xqtool.metrics import (
     FID_MODES,
     extractor_name,
@@ -366,6 +367,8 @@ def make_fid_stats(
     fid_path, kid_path = custom_stats_paths(name, mode, stats_dir)
     if fid_path.exists() and not force:
         raise DataError(f"statistics '{name}' already exist at {fid_path}: pass --overwrite to replace them")
+    for p in (fid_path, kid_path):
+        check_output(p, kind="make-fid-stats", is_dir=False, overwrite=True, ours=_is_xqtool_stats)
     extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
     fs = load_feature_set(
         source, extractor, batch_size=batch_size, num_workers=num_workers, max_images=max_images,
@@ -438,6 +441,36 @@ def _backend(extractor: Any, mode: Optional[str], injected: bool) -> Dict[str, A
     }
 
 
+def _is_xqtool_stats(path: Path) -> bool:
+    """Statistics written by xqtool: ``mu``/``sigma`` with ``xqtool_meta``, or KID ``feats`` beside such a file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "xqtool_meta" in z.files:
+                return True
+            if z.files != ["feats"]:
+                return False
+    except Exception:  # noqa: BLE001 - unreadable: not recognisably ours
+        return False
+    sibling = path.with_name(path.name.replace("_kid.npz", ".npz"))
+    return sibling != path and _is_xqtool_stats(sibling)
+
+
+def _is_report(path: Path) -> bool:
+    """An earlier xqtool evaluation report (JSON object with ``metrics``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "metrics" in data
+
+
+def check_report_path(report_path: Optional[PathLike], overwrite: bool, sources: Sequence[Any] = ()) -> None:
+    """OutputError before any work when the report exists (``overwrite`` replaces only an earlier report)."""
+    if report_path is not None:
+        check_output(Path(report_path).expanduser(), kind="eval report", is_dir=False, overwrite=overwrite,
+                     ours=_is_report, sources=sources)
+
+
 def _write_report(report: Dict[str, Any], report_path: Optional[PathLike]) -> Dict[str, Any]:
     if report_path is not None:
         rp = Path(report_path).expanduser()
@@ -483,6 +516,7 @@ def evaluate_fid(
     seed: int = 0,
     report_path: Optional[PathLike] = "fid_report.json",
     feature_extractor: Any = None,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """FID (+ KID, Inception Score of GEN) between GEN and REF (or custom stats ``ref_stats``).
 
@@ -492,12 +526,27 @@ def evaluate_fid(
         mode: clean-fid mode ``clean | legacy_tensorflow | legacy_pytorch`` (Inception preprocessing).
         image_size: ADM center crop of every image to S×S before feature extraction (None = native size).
         feature_extractor: inject any :class:`~xqtool.metrics.FeatureExtractor` (tests); default Inception.
-        report_path: JSON report destination (None = do not write).
+        report_path: JSON report destination (None = do not write); OutputError before any work when it exists
+            (``overwrite`` replaces only an earlier xqtool report) or is locked by another process.
     Returns:
         The report dict (``metrics``: fid, kid, inception_score, inception_score_std; ``backend``; ``gen``/``ref``
         descriptions with counts, sizes, preprocessing and paths; ``xqtool_version``; ...).
     """
     _check_mode(mode)
+    check_report_path(report_path, overwrite, [gen] + ([ref] if ref is not None else []))
+    with output_lock(Path(str(report_path or "report")).expanduser(), enabled=report_path is not None):
+        return _evaluate_fid(gen, ref, ref_stats=ref_stats, stats_dir=stats_dir, mode=mode, batch_size=batch_size,
+                             num_workers=num_workers, device=device, inception_weights=inception_weights,
+                             max_images=max_images, image_size=image_size, use_npz_stats=use_npz_stats, kid=kid,
+                             inception_score=inception_score, kid_subsets=kid_subsets, is_splits=is_splits,
+                             seed=seed, report_path=report_path, feature_extractor=feature_extractor)
+
+
+def _evaluate_fid(gen: PathLike, ref: Optional[PathLike], *, ref_stats: Optional[str], stats_dir: Optional[PathLike],
+                  mode: str, batch_size: int, num_workers: int, device: str, inception_weights: Optional[PathLike],
+                  max_images: Optional[int], image_size: Optional[int], use_npz_stats: bool, kid: bool,
+                  inception_score: bool, kid_subsets: int, is_splits: int, seed: int,
+                  report_path: Optional[PathLike], feature_extractor: Any) -> Dict[str, Any]:
     if (ref is None) == (ref_stats is None):
         raise ConfigError("give exactly one reference: REF (folder / .npz) or --ref-stats NAME")
     extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
@@ -570,7 +619,27 @@ def _resolve_lpips(lpips: str, lpips_weights: Optional[PathLike], lpips_model: A
     return net.to(device), f"LPIPS-VGG16 ({net.source})"
 
 
-def evaluate_rfid(
+def evaluate_rfid(ckpt: PathLike, data: PathLike, *, overwrite: bool = False, **kwargs: Any) -> Dict[str, Any]:
+    """Reconstruction metrics of a tokenizer on `data`; keyword arguments as :func:`_evaluate_rfid`.
+
+    Outputs are checked before any work: OutputError when the report file or the ``save_recon`` folder exists
+    (``overwrite`` replaces only earlier xqtool outputs), lies inside the data, or is locked by another process.
+    """
+    report_path = kwargs.get("report_path", "rfid_report.json")
+    check_report_path(report_path, overwrite, [data])
+    save_recon = kwargs.get("save_recon")
+    with contextlib.ExitStack() as guard:
+        if report_path is not None:
+            guard.enter_context(output_lock(Path(report_path).expanduser()))
+        if save_recon:
+            replace = check_output(Path(save_recon), kind="rfid-recon", is_dir=True, overwrite=overwrite,
+                                   sources=[data])
+            guard.enter_context(output_lock(Path(save_recon)))
+            guard.enter_context(fresh_output_dir(Path(save_recon), "rfid-recon", replace=replace))
+        return _evaluate_rfid(ckpt, data, **kwargs)
+
+
+def _evaluate_rfid(
     ckpt: PathLike,
     data: PathLike,
     *,
@@ -617,6 +686,7 @@ def evaluate_rfid(
     _check_mode(mode)
     if lpips not in ("auto", "on", "off"):
         raise ConfigError(f"--lpips must be auto, on or off, not '{lpips}'")
+    recon_dir = Path(save_recon) if save_recon else None
     tok = tokenizer if tokenizer is not None else load_tokenizer(ckpt, config=config, map_location=device,
                                                                   prefer_ema=prefer_ema)
     tok = tok.to(device).eval()
@@ -626,9 +696,6 @@ def evaluate_rfid(
     S = int(tok.image_size)
     loader = make_loader(str(data), image_size=S, batch_size=batch_size, num_workers=num_workers,
                          bad_files=bad_files, seed=seed)
-    recon_dir = Path(save_recon) if save_recon else None
-    if recon_dir is not None:
-        recon_dir.mkdir(parents=True, exist_ok=True)
     f_real, f_fake, p_fake = [], [], []
     psnrs, ssims, lps, tokens_all = [], [], [], []
     n = 0

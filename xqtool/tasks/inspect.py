@@ -13,10 +13,12 @@ from xqtool.checkpoint import (
     EMA_FILE,
     TEACHER_PREFIXES,
     is_xqtool_dir,
+    read_config_yaml,
     safe_torch_load,
 )
+from xqtool.fsutil import recover_dir
 from xqtool.config import TokenizerConfig, config_hash, load_tokenizer_config, tokenizer_config_from_args
-from xqtool.errors import CheckpointError
+from xqtool.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -52,6 +54,31 @@ def _official_info(path: Path) -> tuple:
     return args, warnings
 
 
+def _check_yaml_file(path: Path) -> None:
+    """CheckpointError in one line for an empty, unreadable or non-mapping YAML file (never a default config)."""
+    import yaml
+
+    from xqtool.checkpoint import one_line
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from None
+    if data is None:
+        raise CheckpointError(f"{path} is empty: nothing to inspect")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a YAML mapping of config keys")
+
+
+def _load_cfg(path: Path, overrides: Optional[Iterable[str]]) -> TokenizerConfig:
+    from xqtool.checkpoint import one_line
+
+    try:
+        return load_tokenizer_config(path, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {one_line(exc, 300)}") from None
+
+
 def inspect_target(target: str, overrides: Optional[Iterable[str]] = None) -> InspectReport:
     """Resolve the config of a YAML file, xqtool checkpoint dir or official `.pt` and describe it."""
     from xqtool.models.tokenizer import build_tokenizer, count_parameters
@@ -61,14 +88,18 @@ def inspect_target(target: str, overrides: Optional[Iterable[str]] = None) -> In
     if not path.exists():
         raise CheckpointError(f"not found: {path}")
     if path.is_dir():
+        recover_dir(path)
         if not is_xqtool_dir(path):
-            raise CheckpointError(f"{path} is not an xqtool checkpoint directory")
-        cfg = load_tokenizer_config(path / CONFIG_FILE, overrides)
+            raise CheckpointError(f"{path} is not an xqtool checkpoint directory (needs model.safetensors and config.yaml)")
+        if read_config_yaml(path).get("format") == "xqtool-var":
+            raise CheckpointError(f"{path} is a VAR generator checkpoint, not a tokenizer")
+        cfg = _load_cfg(path / CONFIG_FILE, overrides)
         kind = "xqtool checkpoint"
         if not (path / EMA_FILE).is_file():
             warnings.append("no ema.safetensors: the raw weights will be used")
     elif path.suffix in (".yaml", ".yml"):
-        cfg = load_tokenizer_config(path, overrides)
+        _check_yaml_file(path)
+        cfg = _load_cfg(path, overrides)
         kind = "config"
     else:
         args, warnings = _official_info(path)

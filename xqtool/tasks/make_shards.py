@@ -26,7 +26,7 @@ from xqtool.data.sources import SourceLike, file_records, resolve_source
 from xqtool.data.shards import iter_shard_records
 from xqtool.data.transforms import to_rgb
 from xqtool.errors import DataError
-from xqtool.fsutil import atomic_dir
+from xqtool.fsutil import atomic_dir, check_output, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +69,33 @@ def make_shards(
     nodes: int = 1,
     workers: int = 1,
     progress: Optional[Callable[[int], None]] = None,
+    overwrite: bool = False,
 ) -> MakeShardsResult:
     """Pack `source` into ``out_dir/{prefix}-000000.tar`` ... with at most `maxcount` samples each.
 
     Returns the shard names and counts; warns (``result.warning``) when there are fewer shards than
-    ``nodes * workers`` readers. Raises DataError for an empty source or (policy ``fail``) a bad input.
+    ``nodes * workers`` readers. Raises DataError for an empty source or (policy ``fail``) a bad input, and
+    OutputError when `out_dir` exists (``overwrite`` replaces only an earlier make-shards folder, recognised by
+    its ``shards.json``), lies inside / contains the source, or is being written by another process.
     """
     if image_format not in FORMATS:
         raise DataError(f"--format must be jpg or png, not {image_format!r}")
     if maxcount < 1:
         raise DataError("--maxcount must be at least 1")
     check_policy(bad_files)
-    spec = resolve_source(source)
     out_dir = Path(out_dir)
+    sources = [source] if isinstance(source, (str, Path)) else []
+    replace = check_output(out_dir, kind="make-shards", is_dir=True, overwrite=overwrite,
+                           ours=lambda p: (p / "shards.json").is_file(), sources=sources)
+    with output_lock(out_dir):
+        return _make_shards(source, out_dir, replace, maxcount=maxcount, image_format=image_format, quality=quality,
+                            prefix=prefix, bad_files=bad_files, nodes=nodes, workers=workers, progress=progress)
+
+
+def _make_shards(source: SourceLike, out_dir: Path, replace: bool, *, maxcount: int, image_format: str, quality: int,
+                 prefix: str, bad_files: str, nodes: int, workers: int,
+                 progress: Optional[Callable[[int], None]]) -> MakeShardsResult:
+    spec = resolve_source(source)
     skipped: Dict[str, str] = {}
     counts: List[Tuple[str, int]] = []
     total = 0
@@ -91,7 +105,7 @@ def make_shards(
     else:
         records = (r for url in spec.urls for r in iter_shard_records(url))
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         writer: Optional[wds.ShardWriter] = None
 
         def post(fname: str) -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from xqtool import __version__
 from xqtool.errors import ConfigError, DataError
-from xqtool.fsutil import atomic_path, atomic_write_text
+from xqtool.fsutil import atomic_path, atomic_write_text, check_output, fresh_output_dir, has_marker, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,10 @@ def _topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> int:
 def _save_classifier(path: Path, model: LinearProbe, meta: Dict[str, str]) -> None:
     from safetensors.torch import save_file
 
+    from xqtool.checkpoint import check_finite
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    check_finite(state, f"refusing to save {path}")
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
 
@@ -173,8 +176,12 @@ def run_probe(
     shuffle_labels: bool = False,
     tokenizer: Any = None,
     on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Train a linear probe on frozen tokenizer features; returns (and writes) the report.
+
+    `out_dir` is checked before any work: OutputError when it exists and is not empty (``overwrite`` replaces
+    only an earlier probe output), lies inside / contains the train or val data, or is locked by another process.
 
     Args:
         ckpt: tokenizer checkpoint (xqtool dir or official ``.pt``); ignored when `tokenizer` is given.
@@ -188,6 +195,28 @@ def run_probe(
         Report dict: ``history`` (epoch, lr, train_loss, train_top1, val_top1, val_top5), ``best_top1``,
         ``best_epoch``, ``best_path``, ``feature_dim``, ``num_classes``, counts, settings, checkpoint, config_hash.
     """
+    if out_dir is None:
+        return _run_probe(ckpt, train, val, features=features, settings=settings, config=config,
+                          prefer_ema=prefer_ema, cache_features=cache_features, num_classes=num_classes,
+                          num_workers=num_workers, device=device, max_train_images=max_train_images,
+                          max_val_images=max_val_images, bad_files=bad_files, out_dir=None,
+                          shuffle_labels=shuffle_labels, tokenizer=tokenizer, on_epoch=on_epoch)
+    out = Path(out_dir)
+    replace = check_output(out, kind="probe", is_dir=True, overwrite=overwrite, sources=[train, val],
+                           ours=lambda p: has_marker(p, "probe") or (p / "probe_report.json").is_file())
+    with output_lock(out), fresh_output_dir(out, "probe", replace=replace):
+        return _run_probe(ckpt, train, val, features=features, settings=settings, config=config,
+                          prefer_ema=prefer_ema, cache_features=cache_features, num_classes=num_classes,
+                          num_workers=num_workers, device=device, max_train_images=max_train_images,
+                          max_val_images=max_val_images, bad_files=bad_files, out_dir=out,
+                          shuffle_labels=shuffle_labels, tokenizer=tokenizer, on_epoch=on_epoch)
+
+
+def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, features: str,
+               settings: Optional[ProbeSettings], config: Optional[PathLike], prefer_ema: bool, cache_features: bool,
+               num_classes: Optional[int], num_workers: int, device: str, max_train_images: Optional[int],
+               max_val_images: Optional[int], bad_files: str, out_dir: Optional[PathLike], shuffle_labels: bool,
+               tokenizer: Any, on_epoch: Optional[Callable[[Dict[str, Any]], None]]) -> Dict[str, Any]:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from xqtool.errors import ConfigError
-from xqtool.fsutil import atomic_path
+from xqtool.fsutil import atomic_path, check_output, fresh_output_dir, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,46 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "xqtool")
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG", pnginfo=info)
+
+
+def _is_xqtool_png(path: Path) -> bool:
     from PIL import Image
 
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+    try:
+        with Image.open(path) as im:
+            return str(getattr(im, "text", {}).get("Software", "")).startswith("xqtool")
+    except Exception:  # noqa: BLE001 - unreadable: not ours
+        return False
+
+
+def _is_sample_npz(path: Path) -> bool:
+    """An images .npz as `xqtool sample` writes it: a zip holding exactly ``arr_0.npy``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist() == ["arr_0.npy"]
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_var_tokenizer(info: Any, tokenizer: Any, what: str, ignore_fingerprint: bool = False) -> None:
+    """TokenError when the VAR checkpoint (``load_var`` info) records other tokenizer weights than `tokenizer`'s."""
+    from xqtool.data.tokens import check_fingerprint
+
+    recorded = ""
+    if isinstance(info, dict) and info.get("format") == "xqtool":
+        tok = (info.get("config") or {}).get("tokenizer") or {}
+        recorded = str(tok.get("weights_fingerprint", "") or "") if isinstance(tok, dict) else ""
+    elif isinstance(info, dict) and info.get("format") == "official":
+        return  # released checkpoints carry no fingerprint; their tokenizer is checked by geometry only
+    check_fingerprint(recorded, tokenizer, what, ignore_fingerprint)
 
 
 def sample_images(
@@ -155,6 +191,9 @@ def sample_images(
     decode_batch: int = 1,
     pack: bool = True,
     console: Any = None,
+    overwrite: bool = False,
+    ignore_fingerprint: bool = False,
+    var_info: Any = None,
 ) -> SampleResult:
     """Sample ``len(labels)`` images. `var` / `tokenizer` are models or checkpoint paths (loaded frozen, eval).
 
@@ -163,10 +202,13 @@ def sample_images(
     tokens and decoded ``decode_batch`` (default 1) at a time: with 1 the PNG/npz bytes are identical whatever
     ``batch_size`` or the number of processes, and equal to ``xqtool decode`` of the same tokens. ``pack`` (CPU only) runs the
     transformer's linears on oneDNN pre-packed weights (``VAR.packed_linears``): faster, one extra weight copy.
+
+    Outputs are checked before sampling: OutputError when one exists (``overwrite`` replaces only earlier
+    xqtool sample outputs), is locked by another process, or is a file where a folder is expected. A VAR
+    checkpoint recording other tokenizer weights (fingerprint) is refused with TokenError unless
+    ``ignore_fingerprint``; `var_info` is the info dict of ``load_var`` when `var` is a loaded model.
     """
     from accelerate import Accelerator
-
-    from xqtool.models.var_sampling import sample_tokens
 
     if out_dir is None and npz is None and grid is None:
         raise ConfigError("nothing to write: give -o/--output DIR, --npz FILE and/or --grid FILE")
@@ -178,15 +220,52 @@ def sample_images(
     check_launch(accelerator.num_processes)
     if accelerator.is_main_process:
         log.info("sample: %s", describe(accelerator, precision))
-    device = accelerator.device
     if isinstance(var, (str, Path)):
         from xqtool.var_checkpoint import load_var
 
-        var, _ = load_var(var)
+        what = f"the VAR {var}"
+        var, var_info = load_var(var)
+    else:
+        what = "the VAR"
     if isinstance(tokenizer, (str, Path)):
         from xqtool.checkpoint import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
+    if var_info is not None:
+        check_var_tokenizer(var_info, tokenizer, what, ignore_fingerprint)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    npz_path = Path(npz) if npz is not None else None
+    grid_path = Path(grid) if grid is not None else None
+    replace_dir = False
+    if accelerator.is_main_process:
+        if out_dir is not None:
+            replace_dir = check_output(out_dir, kind="sample", is_dir=True, overwrite=overwrite)
+        if npz_path is not None:
+            check_output(npz_path, kind="sample", is_dir=False, overwrite=overwrite, ours=_is_sample_npz)
+        if grid_path is not None:
+            check_output(grid_path, kind="sample", is_dir=False, overwrite=overwrite, ours=_is_xqtool_png)
+    main = accelerator.is_main_process
+    with contextlib.ExitStack() as guard:
+        for p in (out_dir, npz_path, grid_path):
+            if p is not None:
+                guard.enter_context(output_lock(p, enabled=main))
+        if out_dir is not None:
+            guard.enter_context(fresh_output_dir(out_dir, "sample", replace=replace_dir, enabled=main))
+        accelerator.wait_for_everyone()
+        return _sample_into(accelerator, var, tokenizer, labels, out_dir, npz_path, grid_path, cfg=cfg, top_k=top_k,
+                            top_p=top_p, temperature=temperature, seed=seed, batch_size=batch_size,
+                            use_cache=use_cache, precision=precision, upstream_rng=upstream_rng,
+                            decode_batch=decode_batch, pack=pack, console=console)
+
+
+def _sample_into(accelerator: Any, var: Any, tokenizer: Any, labels: Sequence[int], out_dir: Optional[Path],
+                 npz_path: Optional[Path], grid_path: Optional[Path], *, cfg: float, top_k: int, top_p: float,
+                 temperature: float, seed: int, batch_size: int, use_cache: bool, precision: str,
+                 upstream_rng: bool, decode_batch: int, pack: bool, console: Any) -> SampleResult:
+    from xqtool.distributed import describe
+    from xqtool.models.var_sampling import sample_tokens
+
+    device = accelerator.device
     var = var.to(device).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
     from xqtool.tasks.train_var import check_tokenizer_fit
@@ -196,11 +275,8 @@ def sample_images(
 
     n = len(labels)
     mine = np.array_split(np.arange(n), accelerator.num_processes)[accelerator.process_index]
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
     names = png_names(labels)
-    keep = npz is not None or grid is not None
+    keep = npz_path is not None or grid_path is not None
     chunks: List[np.ndarray] = []
     progress = None
     if console is not None and accelerator.is_main_process:
@@ -251,8 +327,6 @@ def sample_images(
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0.0
 
-    npz_path = Path(npz) if npz is not None else None
-    grid_path = Path(grid) if grid is not None else None
     if keep:
         local = np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 3), np.uint8)
         if accelerator.num_processes > 1:

@@ -41,7 +41,7 @@ from xqtool import distributed
 from xqtool.config import TokenizerConfig, config_to_dict, save_config_yaml
 from xqtool.ema import EMAModel, EMAState
 from xqtool.errors import ConfigError, DataError, WeightsMissingError, XQError
-from xqtool.fsutil import atomic_path, atomic_write_text
+from xqtool.fsutil import acquire_output_lock, atomic_path, atomic_write_text, check_run_dir, write_marker
 from xqtool.stopping import StopFlag
 from xqtool.training_state import (NonFiniteError, SampleBatches, apply_state, check_geometry, first_nonfinite,
                                    has_states, list_states, resolve_resume, save_state_atomic)
@@ -266,6 +266,7 @@ class TokenizerTrainer:
         callbacks: Sequence[Callable[["TokenizerTrainer"], None]] = (),
         on_finish: Optional[Callable[["TokenizerTrainer", TrainResult], None]] = None,
         prepare_model: Optional[Callable[[nn.Module], None]] = None,
+        overwrite: bool = False,
     ) -> None:
         self.cfg = cfg
         self.out = Path(output_dir or cfg.train.results_dir)
@@ -283,12 +284,26 @@ class TokenizerTrainer:
         self.history: List[Dict[str, float]] = []
         self.last_val: Dict[str, float] = {}
         self.pos = _Position()
-        if not resume and has_states(self.out):
-            raise ConfigError(
-                f"{self.out} already holds training checkpoints: pass --resume auto to continue, or choose another -o/--output"
-            )
-        self._check_weights_first()
-        self._setup(tokenizer, prepare_model)
+        from accelerate import PartialState
+
+        # one writer per run folder (OS lock, released on exit or death); never write into foreign folders
+        self._lock = acquire_output_lock(self.out) if PartialState().is_main_process else None
+        try:
+            if PartialState().is_main_process:
+                check_run_dir(self.out, resume=bool(resume), overwrite=overwrite, has_states=has_states(self.out))
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_marker(self.out, "run")
+            self._check_weights_first()
+            self._setup(tokenizer, prepare_model)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def release_lock(self) -> None:
+        """Release the run folder's lock (at the end of :meth:`run`; also on a failed setup)."""
+        if self._lock is not None:
+            self._lock.release()  # type: ignore[attr-defined]
+            self._lock = None
 
     # ------------------------------------------------------------------ setup
     def _load_pretrained_backbones(self, tok: nn.Module) -> None:
@@ -828,6 +843,13 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
+        """Train to the end (or a stop); the run folder stays locked until this returns."""
+        try:
+            return self._run()
+        finally:
+            self.release_lock()
+
+    def _run(self) -> TrainResult:
         acc, tc = self.acc, self.cfg.train
         metric_key = f"val/{tc.best_metric}"
         if tc.best_metric == "rfid" and self.feature_extractor is None:
@@ -995,6 +1017,7 @@ def train_tokenizer(
     console: Any = None,
     callbacks: Sequence[Callable[[TokenizerTrainer], None]] = (),
     tokenizer: Optional[nn.Module] = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train an XQ-GAN tokenizer from `cfg` (see the module docstring for what is written where).
 
@@ -1010,6 +1033,8 @@ def train_tokenizer(
         progress / console: rich progress bar on the main process.
         callbacks: called after every optimizer step with the trainer.
         tokenizer: start from this (already loaded / tuned) tokenizer instead of a random one.
+        overwrite: delete an earlier xqtool run in `output_dir` first (a foreign non-empty folder is always
+            refused, see :func:`xqtool.fsutil.check_run_dir`).
     """
     if feature_extractor is None:
         feature_extractor = _default_extractor(cfg)
@@ -1017,6 +1042,7 @@ def train_tokenizer(
         cfg, output_dir=output_dir, resume=resume, max_steps=max_steps, tokenizer=tokenizer,
         feature_extractor=feature_extractor, disc_overrides=disc_overrides, teacher_overrides=teacher_overrides,
         allow_random_weights=allow_random_weights, progress=progress, console=console, callbacks=callbacks,
+        overwrite=overwrite,
     )
     return trainer.run()
 

@@ -236,7 +236,7 @@ class _StreamBatches:
 
 
 def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: int, rank: int, world: int,
-                device: torch.device) -> Tuple[Any, int]:
+                device: torch.device, ignore_fingerprint: bool = False) -> Tuple[Any, int]:
     """→ (batch source with ``.next_batch()`` / ``state_dict()``, optimizer steps per epoch)."""
     d = cfg.data
     if d.tokens:
@@ -245,7 +245,7 @@ def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: 
         # token shards: every process reads the whole (small) token stream and keeps its slice of each
         # global micro-batch, so batches do not depend on the number of processes or of shards
         ds = token_dataset(d.tokens, train=True, seed=cfg.train.seed, split_nodes=False)
-        check_manifest(ds.manifest, tokenizer)
+        check_manifest(ds.manifest, tokenizer, ignore_fingerprint=ignore_fingerprint, what=f"the tokens {d.tokens}")
         if isinstance(ds, torch.utils.data.IterableDataset):
             per_epoch = max(int(ds.manifest.count) // global_batch, 1)
             lo = rank * local_batch
@@ -333,7 +333,8 @@ def _refuse_rerun(run_dir: Path, resume: Optional[str]) -> None:
 
 def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, resume: Optional[str] = None,
               console: Any = None, cpu: bool = False,
-              callbacks: Sequence[Callable[[Dict[str, Any]], None]] = ()) -> TrainVARResult:
+              callbacks: Sequence[Callable[[Dict[str, Any]], None]] = (), overwrite: bool = False,
+              ignore_fingerprint: bool = False) -> TrainVARResult:
     """Train VAR per `cfg`. `tokenizer` may be injected (tests); else loaded from ``cfg.data.tokenizer``.
 
     Non-finite steps are skipped; after ``train.nan_patience`` in a row the run stops with status
@@ -341,7 +342,28 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     ``interrupted`` (``result.exit_code`` 130/143). `callbacks` get each history row after its step.
     Returns a :class:`TrainVARResult` (history rows hold step, loss, lr, grad_norm and per-scale metrics).
     Raises ConfigError when `results_dir` holds a run and `resume` is not set, or on a refused batch change.
+
+    The run folder is locked for the run (OutputError for a second writer) and checked first
+    (:func:`xqtool.fsutil.check_run_dir`; ``overwrite`` deletes an earlier xqtool run there). Tokens, or a resumed
+    run, made with other tokenizer weights raise TokenError unless ``ignore_fingerprint``.
     """
+    from accelerate import PartialState
+
+    from xqtool.fsutil import output_lock
+
+    run_dir = Path(cfg.train.results_dir)
+    with output_lock(run_dir, enabled=PartialState().is_main_process):
+        return _train_var(cfg, tokenizer=tokenizer, resume=resume, console=console, cpu=cpu, callbacks=callbacks,
+                          overwrite=overwrite, ignore_fingerprint=ignore_fingerprint)
+
+
+def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: Optional[str], console: Any,
+               cpu: bool, callbacks: Sequence[Callable[[Dict[str, Any]], None]], overwrite: bool,
+               ignore_fingerprint: bool) -> TrainVARResult:
+    from accelerate import PartialState
+
+    from xqtool.checkpoint import weights_fingerprint
+    from xqtool.fsutil import check_run_dir, write_marker
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -351,7 +373,12 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
 
     t = cfg.train
     run_dir = Path(t.results_dir)
+    if PartialState().is_main_process:
+        check_run_dir(run_dir, resume=bool(resume), overwrite=overwrite, has_states=has_states(run_dir))
     _refuse_rerun(run_dir, resume)
+    if PartialState().is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(run_dir, "run")
     trackers = None if t.tracker == "none" else t.tracker
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with=trackers, cpu=cpu,
@@ -383,7 +410,7 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     local_batch = max(round(t.global_batch_size / t.grad_accum / world), 1)
     global_batch = local_batch * world * t.grad_accum
     data, iters_per_epoch = _build_data(cfg, tokenizer, global_batch, local_batch, accelerator.process_index,
-                                        world, device)
+                                        world, device, ignore_fingerprint)
     max_steps = t.max_steps or t.epochs * iters_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else round(
         (t.warmup_epochs if t.warmup_epochs is not None else t.epochs / 50) * iters_per_epoch)
@@ -400,6 +427,13 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
 
     resumed_from = None
     loaded = resolve_resume(resume, run_dir, accelerator.process_index)
+    fingerprint = weights_fingerprint(tokenizer)
+    if loaded is not None and (run_dir / "var-last" / "config.yaml").is_file():
+        from xqtool.data.tokens import check_fingerprint
+        from xqtool.var_checkpoint import read_var_config
+
+        recorded = (read_var_config(run_dir / "var-last").get("tokenizer") or {}).get("weights_fingerprint", "")
+        check_fingerprint(str(recorded or ""), tokenizer, f"the run {run_dir}", ignore_fingerprint)
     if loaded is not None:
         note = check_geometry(loaded, global_batch=global_batch, world=world, allow=t.allow_batch_change,
                               world_exact=isinstance(data, _TokenArrayBatches))
@@ -424,7 +458,8 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
         progress.start()
         task = progress.add_task("train", total=max_steps, completed=pos.step, info="")
     tok_info = {"tokenizer": {"path": str(cfg.data.tokenizer or ""),
-                              "config_hash": getattr(tokenizer, "config_hash", lambda: "")()}}
+                              "config_hash": getattr(tokenizer, "config_hash", lambda: "")(),
+                              "weights_fingerprint": fingerprint}}
     status, message, stop = "finished", "", StopFlag()
     last_saved: Optional[Path] = None
 
