@@ -73,7 +73,9 @@ def test_two_processes_train_like_one_process_with_the_global_batch(photos, two_
         # gradient is ~0 (conv biases before GroupNorm)
         assert float(diffs.max()) <= 2 * LR * STEPS and float((diffs > 1e-5).double().mean()) < 0.02, name
     assert res2["val"]["val/images"] == 8 and math.isfinite(res2["val"]["val/rfid"])
-    for k in ("val/psnr", "val/ssim", "val/codebook_usage", "val/rfid"):
+    usage = sorted(k for k in res1.last_val if k.startswith("val/codebook_usage"))
+    assert usage
+    for k in ("val/psnr", "val/ssim", "val/rfid", *usage):
         assert _close(res1.last_val[k], res2["val"][k], rel=1e-4 if k == "val/rfid" else 1e-5), k
 
     # re-validate the EMA that the 2-process run saved, in this (1) process: PSNR of the first 8 val images
@@ -236,7 +238,7 @@ def test_encode_sample_train_var_eval_probe_match_one_process(task_inputs, tmp_p
         assert m2.labels == m1.labels and np.array_equal(t1, t2), name
     assert np.array_equal(np.load(one / "s.npz")["arr_0"], np.load(two / "s.npz")["arr_0"])
     pngs = sorted(p.name for p in (two / "png").iterdir())
-    assert pngs == sorted(p.name for p in (one / "png").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    assert pngs == sorted(p.name for p in (one / "png").iterdir()) and len(pngs) == 5
     assert all((one / "png" / n).read_bytes() == (two / "png" / n).read_bytes() for n in pngs)
     for name in ("var-npy", "var-shards"):
         info = json.loads((two / f"{name}.json").read_text())
