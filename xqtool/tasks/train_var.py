@@ -137,7 +137,7 @@ def teacher_forcing_loss(model: torch.nn.Module, quantizer: Any, tokens: Tensor,
     logits = model(labels, x, drop_cond=True)
     logits4 = logits.view(logits.shape[0], raw.L, raw.num_branches, raw.codebook_size)
     with torch.autocast(tokens.device.type, enabled=False):  # fp32 logits, fp32 loss
-        loss = F.cross_entropy(logits4.float().flatten(0, 2), targets.flatten(), label_smoothing=label_smoothing)
+        loss = var_loss(logits, tokens, raw.num_branches, label_smoothing)
     return loss, logits4, targets
 
 
@@ -294,6 +294,17 @@ class _Position:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.data.load_state_dict(state["data"])
+
+
+def var_loss(logits: Tensor, tokens: Tensor, num_branches: int, label_smoothing: float = 0.0) -> Tensor:
+    """Training objective (var.md §3): mean over images, positions and branches of each branch's K-way CE.
+
+    logits [B, L, P·K] (columns p·K … (p+1)·K − 1 belong to branch p), tokens [B, P, L] → fp32 scalar.
+    """
+    B, L, V = logits.shape
+    K = V // num_branches
+    return F.cross_entropy(logits.float().reshape(B, L, num_branches, K).flatten(0, 2),
+                           tokens.transpose(1, 2).flatten(), label_smoothing=label_smoothing)
 
 
 def per_scale_metrics(logits: Tensor, targets: Tensor, begin_ends: List[Tuple[int, int]]) -> Dict[str, float]:
