@@ -183,6 +183,12 @@ class TrainConfig:
     lr: float = 1e-4
     lr_scale_rule: str = field(default="batch/128", metadata=_choices("batch/128", "none"))
     lr_scheduler: str = field(default="cosine", metadata=_choices("cosine", "constant", "none"))
+    # "epoch": the reference's timm schedule stepped once per epoch (spec §5.6, xqtool/lr_schedule.py);
+    # "step": xqtool's per-step schedule (linear warm-up over warmup_steps from ~0, then per-step cosine).
+    lr_schedule: str = field(default="epoch", metadata=_choices("epoch", "step"))
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    disc_warmup_epochs: int = -1  # -1: floor(0.02 * epochs), as the reference
     warmup_steps: int = -1
     min_lr: float = 5e-5
     weight_decay: float = 0.0

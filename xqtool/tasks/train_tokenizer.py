@@ -475,8 +475,10 @@ class TokenizerTrainer:
         opt_g = torch.optim.AdamW(gen_params, lr=self.g_lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
                                   **fast)
         total, warm = self.total_steps, self.warmup
+        per_epoch = self._per_epoch_lr()
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(
-            opt_g, lambda s: lr_factor(s, total=total, warmup=warm, kind=tc.lr_scheduler, base=self.g_lr, min_lr=tc.min_lr)
+            opt_g, per_epoch[0] if per_epoch else
+            (lambda s: lr_factor(s, total=total, warmup=warm, kind=tc.lr_scheduler, base=self.g_lr, min_lr=tc.min_lr))
         )
         self.opt_d = self.sched_d = None
         if disc is not None:
@@ -486,8 +488,9 @@ class TokenizerTrainer:
             dstart = self.disc_start
             # the disc scheduler counts discriminator steps, which begin at disc_start
             self.sched_d = torch.optim.lr_scheduler.LambdaLR(
-                opt_d, lambda s: lr_factor(s, total=max(1, total - dstart), warmup=d_warm, kind=tc.lr_scheduler,
-                                           base=self.d_lr, min_lr=tc.min_lr)
+                opt_d, per_epoch[1] if per_epoch else
+                (lambda s: lr_factor(s, total=max(1, total - dstart), warmup=d_warm, kind=tc.lr_scheduler,
+                                     base=self.d_lr, min_lr=tc.min_lr))
             )
             self.opt_d = opt_d
 
@@ -544,6 +547,36 @@ class TokenizerTrainer:
                 raise ConfigError(f"train.tracker={tc.tracker!r} needs a package that is not installed: {exc}") from None
 
     # ------------------------------------------------------------------ helpers
+    def _per_epoch_lr(self) -> Optional[Tuple[Any, Any]]:
+        """(generator, discriminator) LambdaLR factors of the reference's per-epoch schedule (spec §5.6), or None
+        for ``train.lr_schedule: step`` (or when the epoch length is unknown). Argument: optimizer steps taken
+        (generator) / discriminator steps taken (they begin at disc_start)."""
+        from xqtool.lr_schedule import disc_warmup_epochs, epoch_lr
+
+        tc = self.cfg.train
+        if tc.lr_schedule != "epoch":
+            return None
+        spe = self.steps_per_epoch
+        if not spe:
+            log.warning("train.lr_schedule=epoch needs a known epoch length (shards without a count): "
+                        "using the per-step schedule")
+            return None
+        d_start_ep = self.disc_start // spe
+        d_warm = tc.disc_warmup_epochs if tc.disc_warmup_epochs >= 0 else disc_warmup_epochs(tc.epochs)
+        g_lr, d_lr = self.g_lr, self.d_lr
+
+        def gen(s: int) -> float:
+            lr = epoch_lr(s // spe, base=g_lr, epochs=tc.epochs, warmup_epochs=tc.warmup_epochs,
+                          warmup_lr=tc.warmup_lr, min_lr=tc.min_lr, kind=tc.lr_scheduler)
+            return lr / g_lr if g_lr > 0 else 0.0
+
+        def disc(s: int) -> float:
+            lr = epoch_lr(s // spe, base=d_lr, epochs=max(1, tc.epochs - d_start_ep), warmup_epochs=d_warm,
+                          warmup_lr=tc.warmup_lr, min_lr=tc.min_lr, kind=tc.lr_scheduler)
+            return lr / d_lr if d_lr > 0 else 0.0
+
+        return gen, disc
+
     @property
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.tok)
