@@ -184,3 +184,44 @@ def test_trainer_follows_the_per_epoch_schedule(tmp_path) -> None:
     for h in res.history:
         assert h["lr"] == pytest.approx(want[h["step"] // spe], rel=1e-6), h["step"]
     assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(1e-5 + (2e-3 - 1e-5) / 2)
+
+
+# ---------------------------------------------------------------- official keys xqtool does not act on
+
+
+def test_ignored_official_keys_warn_once_each_when_not_default(tmp_path, caplog) -> None:
+    from pathlib import Path
+
+    from xqtool.config import ignored_settings, load_tokenizer_config
+    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+
+    root = Path(__file__).resolve().parents[1]
+    assert ignored_settings(load_tokenizer_config(root / "configs/tokenizer/MSBR10P2-4096.yaml")) == []
+    cfg = load_tokenizer_config(root / "configs/tokenizer/tiny-cnn.yaml", overrides=[
+        "loss.norm_type=gn", "quant.codebook_weight=2.0", "loss.disc_reinit=1", "loss.dependency_loss_weight=0.1",
+        "train.tracker=none"])
+    lines = ignored_settings(cfg)
+    assert len(lines) == 4 and all("\n" not in ln for ln in lines)
+    assert any(ln.startswith("loss.norm_type='gn' has no effect") for ln in lines)
+    # the trainer reports them (one warning line each) before it builds anything
+    cfg.loss.detail_guide = "sam"  # and refuses detail guidance on the class token (next test) right after
+    with caplog.at_level("WARNING"), pytest.raises(Exception):
+        TokenizerTrainer(cfg, output_dir=tmp_path / "run", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "has no effect in xqtool" in r.getMessage()]
+    assert sorted(warned) == sorted(lines)
+
+
+def test_detail_guidance_on_the_class_token_is_refused(tmp_path) -> None:
+    from pathlib import Path
+
+    from xqtool.config import load_tokenizer_config
+    from xqtool.errors import ConfigError
+    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_tokenizer_config(root / "configs/tokenizer/tiny-cnn.yaml",
+                                overrides=["loss.detail_guide=sam", "loss.guide_type_2=class", "train.tracker=none"])
+    with pytest.raises(ConfigError, match=r"guide_type_2=patch"):
+        TokenizerTrainer(cfg, output_dir=tmp_path / "run", progress=False)
+    msbr = load_tokenizer_config(root / "configs/tokenizer/MSBR10P2-4096.yaml")
+    assert msbr.loss.detail_guide == "sam" and msbr.loss.guide_type_2 == "patch"

@@ -244,6 +244,31 @@ IGNORED_OFFICIAL_KEYS = frozenset(
 )
 
 
+# Official keys xqtool accepts but does not act on: (section, key, default, why). A value other than the
+# default is reported by :func:`ignored_settings` (one line each) when training starts.
+_NO_EFFECT = (
+    ("quant", "codebook_weight", 1.0, "declared but unused by the reference's loss as well (spec §1.3)"),
+    ("quant", "codebook_show_usage", True, "codebook usage is always logged"),
+    ("loss", "norm_type", "bn", "the DINO discriminator heads always use BatchNormLocal (norm_type bn, spec §5.4)"),
+    ("loss", "disc_reinit", 0, "the discriminator is never re-initialised"),
+    ("loss", "dependency_loss_weight", 0.0, "the branch dependency loss is not implemented (disabled in every "
+                                            "released config)"),
+    ("train", "vis_every", 5000, "reconstruction grids are written at every evaluation (train.eval_every)"),
+    ("train", "vq_ckpt", None, "start from a checkpoint with `xqtool finetune --from CKPT` or resume with --resume"),
+    ("train", "no_local_save", False, "checkpoints are always written under the output directory"),
+)
+
+
+def ignored_settings(cfg: "TokenizerConfig") -> List[str]:
+    """One line per official key set to a value xqtool does not act on (empty when every such key is default)."""
+    out = []
+    for section, key, default, why in _NO_EFFECT:
+        value = getattr(getattr(cfg, section), key)
+        if value != default:
+            out.append(f"{section}.{key}={value!r} has no effect in xqtool ({why}); ignored")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Generic dataclass <-> dict machinery (used by the tokenizer and the VAR configs)
 # --------------------------------------------------------------------------------------------------

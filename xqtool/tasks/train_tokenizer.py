@@ -287,6 +287,10 @@ class TokenizerTrainer:
             raise ConfigError(
                 f"{self.out} already holds training checkpoints: pass --resume auto to continue, or choose another -o/--output"
             )
+        from xqtool.config import ignored_settings
+
+        for line in ignored_settings(cfg):
+            log.warning(line)
         self._check_weights_first()
         self._setup(tokenizer, prepare_model)
 
@@ -307,6 +311,11 @@ class TokenizerTrainer:
     def _check_weights_first(self) -> None:
         """Fail before anything heavy when a needed pretrained network is not available offline."""
         lc = self.cfg.loss
+        if lc.detail_guide != "none" and lc.guide_type_2 != "patch":
+            raise ConfigError(
+                f"loss.detail_guide={lc.detail_guide} needs loss.guide_type_2=patch: the reference runs detail guidance "
+                f"only on the CLIP patch tokens (spec §5.3); pass --set loss.guide_type_2=patch"
+            )
         from xqtool.models.teachers import teacher_spec, teacher_weights_available
 
         for kind, weights, key in (
