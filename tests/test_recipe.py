@@ -225,3 +225,54 @@ def test_detail_guidance_on_the_class_token_is_refused(tmp_path) -> None:
         TokenizerTrainer(cfg, output_dir=tmp_path / "run", progress=False)
     msbr = load_tokenizer_config(root / "configs/tokenizer/MSBR10P2-4096.yaml")
     assert msbr.loss.detail_guide == "sam" and msbr.loss.guide_type_2 == "patch"
+
+
+# ---------------------------------------------------------------- official .pt whose args cannot express its ViT size
+
+
+def _official_tiny_vit(path, width: int, heads: int, depth: int):
+    """A tiny-ViT tokenizer saved as an official XQ-GAN .pt whose args (like the reference's) name the model only."""
+    import argparse
+    from pathlib import Path
+
+    from xqtool.config import config_to_dict, load_tokenizer_config
+    from xqtool.models.tokenizer import build_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_tokenizer_config(root / "configs/tokenizer/tiny-vit.yaml", overrides=[
+        f"model.vit_embed_dim={width}", f"model.vit_num_heads={heads}", f"model.vit_depth={depth}"])
+    tok = build_tokenizer(cfg).eval()
+    sd = {("quantizes." + k[len("quantizer.quantizes."):] if k.startswith("quantizer.quantizes.") else k): v
+          for k, v in tok.state_dict().items()}
+    flat = {k: v for sec in config_to_dict(cfg).values() for k, v in sec.items() if not k.startswith("vit_")}
+    torch.save({"model": sd, "ema": sd, "steps": 1, "args": argparse.Namespace(**flat)}, path)
+    return tok
+
+
+def test_official_file_with_a_smaller_vit_loads_and_inspects_at_its_real_size(tmp_path) -> None:
+    from xqtool.checkpoint import load_tokenizer
+    from xqtool.models.tokenizer import count_parameters
+    from xqtool.tasks.inspect import inspect_target
+
+    path = tmp_path / "tiny.pt"
+    ref = _official_tiny_vit(path, width=128, heads=2, depth=3)
+    report = inspect_target(str(path))
+    assert report.parameters["total"] == count_parameters(ref)  # not the ViT-B its args name
+    assert (report.config.model.vit_embed_dim, report.config.model.vit_depth) == (128, 3)
+    tok = load_tokenizer(path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(tok.encode(x), ref.encode(x))
+    torch.testing.assert_close(tok.reconstruct(x), ref.reconstruct(x), rtol=0, atol=1e-6)
+
+
+def test_official_file_with_unknown_head_count_is_refused_in_one_line(tmp_path) -> None:
+    from xqtool.checkpoint import load_tokenizer
+    from xqtool.errors import CheckpointError
+    from xqtool.tasks.inspect import inspect_target
+
+    path = tmp_path / "tiny.pt"
+    _official_tiny_vit(path, width=32, heads=2, depth=2)
+    for call in (lambda: load_tokenizer(path), lambda: inspect_target(str(path))):
+        with pytest.raises(CheckpointError, match="attention heads") as err:
+            call()
+        assert "\n" not in str(err.value)
