@@ -276,3 +276,36 @@ def test_official_file_with_unknown_head_count_is_refused_in_one_line(tmp_path) 
         with pytest.raises(CheckpointError, match="attention heads") as err:
             call()
         assert "\n" not in str(err.value)
+
+
+def test_lfq_entropy_uses_only_the_kept_samples() -> None:
+    """Spec §3.3: the entropy term of scale si is computed on the samples with m_b = 1 only, divided by the kept
+    fraction, and the total divided by S (hand-written loop; boolean mask, not the reference's integer one)."""
+    from xqtool.quantize.lfq import MultiScaleLFQ
+
+    torch.manual_seed(5)
+    B, D, S = 6, 4, len(S4)
+    q = MultiScaleLFQ(16, D, S4, 4, entropy_weight=0.1).train()
+    z = torch.randn(B, D, 4, 4)
+    keep_scales = torch.tensor([1, 2, 4, 4, 4, 4])
+    got = q(z, keep_scales).loss["entropy"].item()
+
+    def h(p):
+        return -(p * torch.log(p + 1e-8) + (1 - p) * torch.log(1 - p + 1e-8))
+
+    f = F.normalize(z, dim=1)
+    f_rest, f_hat, ent = f.clone(), torch.zeros_like(f), 0.0
+    for si, pn in enumerate(S4):
+        s = q.scaler[si]
+        keep = si < keep_scales
+        x = (f - f_hat)[keep].permute(0, 2, 3, 1).reshape(-1, D)
+        p = torch.sigmoid(-4 * x * s)
+        ent += ((h(p).sum(1).mean() - h(p.mean(0)).sum()) * 0.1 / keep.float().mean()).item()
+        r = F.interpolate(f_rest, size=(pn, pn), mode="area") if pn != 4 else f_rest
+        code = torch.where(r > 0, s, -s)
+        if si != S - 1:
+            code = F.interpolate(code, size=(4, 4), mode="bicubic", align_corners=False)
+        code = q.quant_resi[si](code)
+        f_hat = f_hat + keep.float().view(B, 1, 1, 1) * code
+        f_rest = f_rest - code
+    assert got == pytest.approx(ent / S, rel=1e-5)
