@@ -16,6 +16,7 @@ from ``disc_epoch_start`` on, with the argument ``epoch + 1 − disc_epoch_start
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Tuple
 
 
 def epoch_lr(t: int, *, base: float, epochs: int, warmup_epochs: int, warmup_lr: float = 1e-5,
@@ -39,4 +40,30 @@ def disc_warmup_epochs(epochs: int) -> int:
     return int(math.floor(0.02 * epochs))
 
 
-__all__ = ["epoch_lr", "disc_warmup_epochs"]
+def per_epoch_factors(train: Any, steps_per_epoch: int, g_lr: float, d_lr: float,
+                      disc_start_step: int) -> Tuple[Callable[[int], float], Callable[[int], float]]:
+    """``LambdaLR`` factors (generator, discriminator) of the per-epoch schedules for a ``TrainConfig``.
+
+    The generator's argument is the number of optimizer steps taken (epoch = steps // steps_per_epoch); the
+    discriminator's the number of discriminator steps taken (they begin at `disc_start_step`), so its epoch
+    counts from disc_epoch_start as in the reference. Uses ``train.epochs``, ``warmup_epochs``, ``warmup_lr``,
+    ``min_lr``, ``lr_scheduler`` and ``disc_warmup_epochs`` (-1: ⌊0.02·epochs⌋).
+    """
+    spe = max(1, int(steps_per_epoch))
+    d_epochs = max(1, int(train.epochs) - disc_start_step // spe)
+    d_warm = train.disc_warmup_epochs if train.disc_warmup_epochs >= 0 else disc_warmup_epochs(train.epochs)
+
+    def gen(s: int) -> float:
+        lr = epoch_lr(s // spe, base=g_lr, epochs=train.epochs, warmup_epochs=train.warmup_epochs,
+                      warmup_lr=train.warmup_lr, min_lr=train.min_lr, kind=train.lr_scheduler)
+        return lr / g_lr if g_lr > 0 else 0.0
+
+    def disc(s: int) -> float:
+        lr = epoch_lr(s // spe, base=d_lr, epochs=d_epochs, warmup_epochs=d_warm, warmup_lr=train.warmup_lr,
+                      min_lr=train.min_lr, kind=train.lr_scheduler)
+        return lr / d_lr if d_lr > 0 else 0.0
+
+    return gen, disc
+
+
+__all__ = ["epoch_lr", "disc_warmup_epochs", "per_epoch_factors"]

@@ -557,34 +557,17 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ helpers
     def _per_epoch_lr(self) -> Optional[Tuple[Any, Any]]:
-        """(generator, discriminator) LambdaLR factors of the reference's per-epoch schedule (spec §5.6), or None
-        for ``train.lr_schedule: step`` (or when the epoch length is unknown). Argument: optimizer steps taken
-        (generator) / discriminator steps taken (they begin at disc_start)."""
-        from xqtool.lr_schedule import disc_warmup_epochs, epoch_lr
+        """LambdaLR factors of the reference's per-epoch schedules (spec §5.6), None for the per-step ones."""
+        from xqtool.lr_schedule import per_epoch_factors
 
         tc = self.cfg.train
         if tc.lr_schedule != "epoch":
             return None
-        spe = self.steps_per_epoch
-        if not spe:
+        if not self.steps_per_epoch:
             log.warning("train.lr_schedule=epoch needs a known epoch length (shards without a count): "
                         "using the per-step schedule")
             return None
-        d_start_ep = self.disc_start // spe
-        d_warm = tc.disc_warmup_epochs if tc.disc_warmup_epochs >= 0 else disc_warmup_epochs(tc.epochs)
-        g_lr, d_lr = self.g_lr, self.d_lr
-
-        def gen(s: int) -> float:
-            lr = epoch_lr(s // spe, base=g_lr, epochs=tc.epochs, warmup_epochs=tc.warmup_epochs,
-                          warmup_lr=tc.warmup_lr, min_lr=tc.min_lr, kind=tc.lr_scheduler)
-            return lr / g_lr if g_lr > 0 else 0.0
-
-        def disc(s: int) -> float:
-            lr = epoch_lr(s // spe, base=d_lr, epochs=max(1, tc.epochs - d_start_ep), warmup_epochs=d_warm,
-                          warmup_lr=tc.warmup_lr, min_lr=tc.min_lr, kind=tc.lr_scheduler)
-            return lr / d_lr if d_lr > 0 else 0.0
-
-        return gen, disc
+        return per_epoch_factors(tc, self.steps_per_epoch, self.g_lr, self.d_lr, self.disc_start)
 
     @property
     def unwrapped(self) -> nn.Module:
