@@ -211,9 +211,13 @@ def test_p_drop_replaces_non_start_tokens_by_empty_emb_at_the_annealed_rate() ->
     labels, x = torch.tensor([0, 1, 2, 3] * 4), torch.randn(16, var.L - 1, 8)
     word = var.word_embed(x).detach()
 
+    sos = (var.class_emb(labels) + var.pos_start[0]).detach()  # the start token is never replaced
+
     def replaced() -> torch.Tensor:
         var(labels, x)
-        tok = (seen["x"] - var.lvl_pos().detach())[:, 1:]  # drop the start token
+        emb = seen["x"] - var.lvl_pos().detach()
+        torch.testing.assert_close(emb[:, 0], sos, rtol=1e-5, atol=1e-5)
+        tok = emb[:, 1:]
         hit = (tok - var.empty_emb.weight.detach().view(1, 1, -1)).abs().amax(-1) < 1e-5
         kept = (tok - word).abs().amax(-1) < 1e-5
         assert bool((hit ^ kept).all())  # every non-start token is either kept or exactly empty_emb
@@ -290,3 +294,32 @@ def test_lora_nested_official_checkpoint_merges_to_the_lora_models_output(tmp_pa
     # xqtool's own merged export gives the same output too
     save_tokenizer(tmp_path / "merged", merge_lora(tok))
     torch.testing.assert_close(load_tokenizer(tmp_path / "merged").reconstruct(x), want, rtol=0, atol=1e-5)
+
+
+def test_attention_by_hand_with_the_scale_clamp() -> None:
+    """var.md §2.2: qkv bias [q_bias, 0, v_bias]; per head q̂ = q/‖q‖, k̂ = k/‖k‖; q̂ · exp(min(scale_mul, ln 100));
+    softmax(q̂ k̂ᵀ) with scale 1; heads back in head-major channel order; proj. Head 0's scale_mul (6) is clamped."""
+    import math
+
+    from xqtool.models.var import SelfAttention
+
+    torch.manual_seed(0)
+    C, H, T = 16, 2, 5
+    attn = SelfAttention(C, H, attn_l2_norm=True)
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+        attn.scale_mul_1H11.copy_(torch.tensor([6.0, 0.5]).view(1, H, 1, 1))
+    x = torch.randn(2, T, C)
+    qkv = x @ attn.mat_qkv.weight.t() + torch.cat([attn.q_bias, torch.zeros(C), attn.v_bias])
+    q, k, v = qkv.split(C, dim=-1)
+    hd = C // H
+    out = torch.zeros(2, T, C)
+    for h in range(H):
+        sl = slice(h * hd, (h + 1) * hd)
+        qh = F.normalize(q[..., sl], dim=-1) * math.exp(min([6.0, 0.5][h], math.log(100.0)))
+        kh = F.normalize(k[..., sl], dim=-1)
+        out[..., sl] = (qh @ kh.transpose(1, 2)).softmax(-1) @ v[..., sl]
+    want = out @ attn.proj.weight.t() + attn.proj.bias
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)

@@ -81,7 +81,8 @@ def test_validation_pass_reports_held_out_loss_and_accuracy(tiny) -> None:
     root, tok = tiny
     cfg = load_var_config(ROOT / "configs/var/tiny.yaml", [
         f"data.tokens={root / 'train.npy'}", f"data.val_tokens={root / 'val.npy'}", f"train.results_dir={root / 'r'}",
-        "train.max_steps=5", "train.val_every_epochs=1", "train.val_batch_size=4", "train.ckpt_every=0"])
+        "train.max_steps=5", "train.val_every_epochs=1", "train.val_batch_size=4", "train.ckpt_every=0",
+        "model.cond_drop_rate=0.9"])  # training drops most labels; validation must drop none
     res = train_var(cfg, tokenizer=tok, cpu=True)
     with_val = [h["step"] for h in res.history if "val/loss" in h]
     assert with_val == [2, 4, 5]
