@@ -291,8 +291,8 @@ def test_cli_encode_and_upstream_rng_sample_match_reference(tmp_path: Path) -> N
     src.mkdir()
     for i, arr in enumerate(images):
         Image.fromarray(arr).save(src / f"{i}.png")
-    r = _cli("encode", str(src), "-o", str(tmp_path / "tokens.npy"), "--ckpt", str(case / "weights.safetensors"),
-             "--config", str(case / "xqtool.yaml"), "-j", "0")
+    r = _cli("encode", str(src), "-o", str(tmp_path / "tokens.npy"), "-t", str(case / "weights.safetensors"),
+             "--config", str(case / "xqtool.yaml"), "-j", "0", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
     ids = torch.from_numpy(np.load(tmp_path / "tokens.npy")).long()
     ref = load_file(str(case / "outputs.safetensors"))
@@ -302,11 +302,11 @@ def test_cli_encode_and_upstream_rng_sample_match_reference(tmp_path: Path) -> N
     save_tokenizer(tmp_path / "tok", load_tokenizer(case / "weights.safetensors", config=case / "xqtool.yaml"))
     save_var(tmp_path / "var", load_golden_var())
     exp = _json(GOLDEN / "var-sample" / "expected.json")["a"]
-    r = _cli("sample", "--ckpt", str(tmp_path / "var"), "--tokenizer", str(tmp_path / "tok"), "--cfg", str(exp["cfg"]),
+    r = _cli("sample", "--var", str(tmp_path / "var"), "-t", str(tmp_path / "tok"), "--cfg", str(exp["cfg"]),
              "--top-k", str(exp["top_k"]), "--top-p", str(exp["top_p"]), "--classes", "3,7", "--per-class", "1",
-             "--seed", str(exp["g_seed"]), "-b", "2", "--upstream-rng", "--cpu", "-o", str(tmp_path / "png"))
+             "--seed", str(exp["g_seed"]), "-b", "2", "--upstream-rng", "--device", "cpu", "-o", str(tmp_path / "png"))
     assert r.returncode == 0, r.stderr[-2000:]
-    got = np.stack([np.asarray(Image.open(tmp_path / "png" / f"{i:06d}.png")) for i in range(2)])  # [2, H, W, 3]
+    got = np.stack([np.asarray(Image.open(tmp_path / "png" / f"class{c:04d}_000000.png")) for c in (3, 7)])
     ref_img = load_file(str(GOLDEN / "var-sample" / "outputs.safetensors"))["a.images_sub4"]  # [2, 3, 64, 64]
     # the original's conversion: clamp(255·x, 0, 255) cast to uint8 (truncation), x = (decoded + 1)/2
     want = (ref_img * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
