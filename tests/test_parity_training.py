@@ -229,8 +229,8 @@ def test_p_drop_replaces_non_start_tokens_by_empty_emb_at_the_annealed_rate() ->
     var.p_drop_scale = 0.0  # last epoch: rate U(0, 0)
     assert replaced().item() == 0.0
     var.p_drop_scale = 0.5  # rate ~ U(0, 0.6·0.5): mean 0.15
-    rates = torch.stack([replaced() for _ in range(200)])
-    assert rates.max().item() <= 0.3 + 0.1 and rates.mean().item() == pytest.approx(0.15, abs=0.03)
+    rates = torch.stack([replaced() for _ in range(100)])
+    assert rates.max().item() <= 0.3 + 0.1 and rates.mean().item() == pytest.approx(0.15, abs=0.035)
 
 
 def test_shared_adaln_equals_per_block_linear_with_the_shared_weights() -> None:
