@@ -50,7 +50,7 @@ def test_on_the_fly_images_are_lanczos_288_then_random_crop_256(tmp_path: Path, 
     data, _ = _build_data(cfg, captured, 1, 1, 0, 1, torch.device("cpu"))
     flips = []
     for micro in range(12):
-        x, _ = data.batch(micro)
+        x, _ = data.next_batch()
         arr = ((x[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         plain = _find_crop(big, arr)
         flipped = _find_crop(big, np.ascontiguousarray(arr[:, ::-1]))
