@@ -10,6 +10,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "tokenizer"
+# Fixtures copied from the spec into the repository (the only place tests read them from; a missing file fails
+# the test with FileNotFoundError, it is never skipped): official state-dict layouts and the golden numbers of
+# the reference implementation (tests/data/golden/README.md).
+DATA = ROOT / "tests" / "data"
+LAYOUTS = DATA / "layouts"
+GOLDEN = DATA / "golden"
 
 
 def photo_crops(n: int, size: int = 32, seed: int = 0) -> np.ndarray:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import LAYOUTS
 from xqtool.errors import CheckpointError, ConfigError, WeightsMissingError
 from xqtool.models.cnn import CNNDecoder, CNNEncoder, cnn_ch_mult
 from xqtool.models.pos_embed import resample_pos_grid
@@ -18,7 +19,6 @@ from xqtool.models.pretrained import load_backbone_weights, load_vit_tokenizer_w
 from xqtool.models.teachers import SemanticTeacher, teacher_weights_available
 from xqtool.models.vit import ViTDecoder, ViTEncoder, build_vit_backbone, unpatchify
 
-LAYOUTS = Path("/work/shared/spec/layouts")
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
 DINO = "vit_base_patch14_dinov2.lvd142m"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, LAYOUTS
 from xqtool.checkpoint import (
     _check_fit,
     load_tokenizer,
@@ -23,9 +23,6 @@ from xqtool.config import config_to_dict, load_tokenizer_config
 from xqtool.errors import CheckpointError
 from xqtool.models.tokenizer import build_tokenizer
 
-LAYOUTS = Path("/work/shared/spec/layouts")
-if not LAYOUTS.is_dir():  # CI lays shared/ beside the checkout
-    LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "layouts"
 TOKENIZER_LAYOUTS = ["VQ-4096", "VQ-8192", "VP2-4096", "VP2-16384", "MSVR10P2-4096", "MSVR10P2-8192",
                      "MSVR10P2-16384", "MSBR10P2-4096", "MSBR10P2-16384"]
 
@@ -35,7 +32,6 @@ def _official_blob(state: dict, cfg) -> dict:
     return {"model": state, "ema": state, "steps": 7, "args": argparse.Namespace(**flat)}
 
 
-@pytest.mark.skipif(not LAYOUTS.is_dir(), reason="spec layouts not available")
 @pytest.mark.parametrize("name", TOKENIZER_LAYOUTS)
 def test_official_layout_maps_with_no_missing_or_unexpected_key(name: str) -> None:
     layout = json.loads((LAYOUTS / f"{name}.json").read_text())
@@ -50,7 +46,6 @@ def test_official_layout_maps_with_no_missing_or_unexpected_key(name: str) -> No
     _check_fit(own, mapped, name)  # raises on any mismatch
 
 
-@pytest.mark.skipif(not LAYOUTS.is_dir(), reason="spec layouts not available")
 def test_full_size_official_file_loads_and_encodes(tmp_path) -> None:
     """A real MSVR10P2-4096-shaped .pt of random tensors (teacher included) loads with its stored args."""
     layout = json.loads((LAYOUTS / "MSVR10P2-4096.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import LAYOUTS
 from xqtool.errors import ConfigError, TokenError
 from xqtool.quantize import (
     MultiScaleLFQ,
@@ -21,7 +22,6 @@ from xqtool.quantize import (
     phi_index_table,
 )
 
-LAYOUTS = Path("/work/shared/spec/layouts")
 S10 = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
 SMALL = (1, 2, 3, 5)
 
@@ -372,10 +372,7 @@ def test_token_errors():
 
 
 def _layout(name: str, prefix: str) -> dict:
-    path = LAYOUTS / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    data = json.loads(path.read_text())
+    data = json.loads((LAYOUTS / f"{name}.json").read_text())
     return {k: list(v) for k, v in data.items() if k.startswith(prefix)}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import LAYOUTS
 from xqtool.config_var import VARModelConfig, var_preset
 from xqtool.errors import CheckpointError
 from xqtool.models.var import VAR, build_var, count_parameters, level_index
@@ -17,7 +18,7 @@ from xqtool.quantize.factory import build_branch_quantizer
 from xqtool.quantize.product import ProductQuantizer
 from xqtool.var_checkpoint import load_var, save_var
 
-LAYOUT = Path("/work/shared/spec/layouts/VAR-d17-MSVR10P2-4096.json")
+LAYOUT = LAYOUTS / "VAR-d17-MSVR10P2-4096.json"
 DERIVED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
 SCALES = (1, 1, 2, 3)  # repeated first scale, like MSVR's 1,1 and 3,3
 

@@ -340,6 +340,53 @@ def read_official_tokenizer(path: PathLike, prefer_ema: bool = True) -> Tuple[Di
     return state, _args_dict(blob.get("args"))
 
 
+def fit_vit_config(cfg: TokenizerConfig, state: Mapping[str, Tensor], source: str = "checkpoint") -> TokenizerConfig:
+    """The config of an official file whose ``args`` cannot express its ViT size, fitted to the tensor shapes.
+
+    Official ``args`` name a timm model (e.g. ViT-B) but the tensors decide: width E from
+    ``encoder.model.pos_embed`` ``[1, T, E]``, depth from the ``encoder.model.blocks.{i}`` count, patch size from
+    ``encoder.model.patch_embed.proj.weight`` ``[E, 3, p, p]``; the decoder must agree. Attention heads cannot be
+    read from shapes: when the width differs from the named model, heads = E / 64 (the head width of every
+    DINOv2/ViT size) if that divides, else CheckpointError (one line) asking for a config. CNN configs and
+    states that already fit are returned unchanged.
+    """
+    if cfg.model.enc_type != "dinov2" or "encoder.model.pos_embed" not in state:
+        return cfg
+    import dataclasses
+
+    from xqtool.models.tokenizer import build_tokenizer
+
+    def depth(prefix: str) -> int:
+        return 1 + max((int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.model\.blocks\.(\d+)\.", k))),
+                       default=-1)
+
+    width = int(state["encoder.model.pos_embed"].shape[-1])
+    enc_depth, dec_depth = depth("encoder"), depth("decoder")
+    dec_width = int(state["decoder.model.pos_embed"].shape[-1]) if "decoder.model.pos_embed" in state else width
+    if (dec_width, dec_depth) != (width, enc_depth):
+        raise CheckpointError(f"{source}: encoder ViT ({width} wide, {enc_depth} blocks) and decoder ViT ({dec_width} "
+                              f"wide, {dec_depth} blocks) differ; xqtool needs one ViT size for both")
+    patch = state.get("encoder.model.patch_embed.proj.weight")
+    with torch.device("meta"):
+        probe = build_tokenizer(cfg)
+    own = probe.state_dict()
+    same = (tuple(own["encoder.model.pos_embed"].shape[-1:]) == (width,)
+            and sum(1 for k in own if re.match(r"encoder\.model\.blocks\.\d+\.norm1\.weight$", k)) == enc_depth
+            and (patch is None or tuple(own["encoder.model.patch_embed.proj.weight"].shape) == tuple(patch.shape)))
+    if same:
+        return cfg
+    heads = cfg.model.vit_num_heads
+    if width != int(own["encoder.model.pos_embed"].shape[-1]):
+        if width % 64:
+            raise CheckpointError(f"{source}: its ViT is {width} wide ({enc_depth} blocks), not the "
+                                  f"{cfg.model.encoder_model} its args name, and the number of attention heads "
+                                  f"cannot be read from the tensors: pass --config with model.vit_num_heads")
+        heads = width // 64
+    model = dataclasses.replace(cfg.model, vit_embed_dim=width, vit_depth=enc_depth, vit_num_heads=heads,
+                                vit_patch_size=int(patch.shape[-1]) if patch is not None else cfg.model.vit_patch_size)
+    return dataclasses.replace(cfg, model=model)
+
+
 def _resolve_config(config: Union[None, PathLike, TokenizerConfig, Mapping[str, Any]]) -> Optional[TokenizerConfig]:
     if config is None or isinstance(config, TokenizerConfig):
         return config
@@ -391,6 +438,7 @@ def load_tokenizer(
                 cfg = tokenizer_config_from_args(args)
             except ConfigError as exc:
                 raise CheckpointError(f"the config stored in {path} is invalid: {exc}") from None
+            cfg = fit_vit_config(cfg, state, str(path))
         source = str(path)
     with torch.device("meta"):
         probe = build_tokenizer(cfg)

@@ -183,6 +183,12 @@ class TrainConfig:
     lr: float = 1e-4
     lr_scale_rule: str = field(default="batch/128", metadata=_choices("batch/128", "none"))
     lr_scheduler: str = field(default="cosine", metadata=_choices("cosine", "constant", "none"))
+    # "epoch": the reference's timm schedule stepped once per epoch (spec §5.6, xqtool/lr_schedule.py);
+    # "step": xqtool's per-step schedule (linear warm-up over warmup_steps from ~0, then per-step cosine).
+    lr_schedule: str = field(default="epoch", metadata=_choices("epoch", "step"))
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    disc_warmup_epochs: int = -1  # -1: floor(0.02 * epochs), as the reference
     warmup_steps: int = -1
     min_lr: float = 5e-5
     weight_decay: float = 0.0
@@ -236,6 +242,31 @@ class TokenizerConfig:
 IGNORED_OFFICIAL_KEYS = frozenset(
     {"gpu", "no_wandb", "test_model", "compile", "vis_img", "wandb_project", "exp_index", "dataset_path"}
 )
+
+
+# Official keys xqtool accepts but does not act on: (section, key, default, why). A value other than the
+# default is reported by :func:`ignored_settings` (one line each) when training starts.
+_NO_EFFECT = (
+    ("quant", "codebook_weight", 1.0, "declared but unused by the reference's loss as well (spec §1.3)"),
+    ("quant", "codebook_show_usage", True, "codebook usage is always logged"),
+    ("loss", "norm_type", "bn", "the DINO discriminator heads always use BatchNormLocal (norm_type bn, spec §5.4)"),
+    ("loss", "disc_reinit", 0, "the discriminator is never re-initialised"),
+    ("loss", "dependency_loss_weight", 0.0, "the branch dependency loss is not implemented (disabled in every "
+                                            "released config)"),
+    ("train", "vis_every", 5000, "reconstruction grids are written at every evaluation (train.eval_every)"),
+    ("train", "vq_ckpt", None, "start from a checkpoint with `xqtool finetune --from CKPT` or resume with --resume"),
+    ("train", "no_local_save", False, "checkpoints are always written under the output directory"),
+)
+
+
+def ignored_settings(cfg: "TokenizerConfig") -> List[str]:
+    """One line per official key set to a value xqtool does not act on (empty when every such key is default)."""
+    out = []
+    for section, key, default, why in _NO_EFFECT:
+        value = getattr(getattr(cfg, section), key)
+        if value != default:
+            out.append(f"{section}.{key}={value!r} has no effect in xqtool ({why}); ignored")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

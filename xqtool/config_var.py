@@ -90,7 +90,8 @@ class VARDataConfig:
     images: Optional[str] = None          # image source (class tree, flat dir, list, shards) if no tokens
     tokenizer: Optional[str] = None       # tokenizer checkpoint (xqtool dir or official .pt)
     image_size: Optional[int] = None      # None → the tokenizer's image size
-    hflip: bool = False
+    hflip: bool = False                   # random horizontal flip of on-the-fly images (`hflip`, off upstream)
+    val_tokens: Optional[str] = None      # held-out tokens (from `xqtool encode`) for the validation pass
     num_workers: int = 0
     bad_files: str = field(default="skip", metadata={"choices": ("skip", "fail")})
 
@@ -116,7 +117,8 @@ class VARTrainConfig:
     schedule: str = field(default="lin0", metadata={"choices": ("lin0", "lin", "lin00", "cos", "constant")})
     mixed_precision: str = field(default="bf16", metadata={"choices": ("no", "fp16", "bf16")})
     grad_accum: int = 1                   # `ac`
-    upstream_cond_drop: bool = False      # True: condition dropout in every forward from the global RNG (§2.1)
+    val_every_epochs: int = 10            # validation on data.val_tokens every N epochs and at the end (§3)
+    val_batch_size: int = 0               # 0 → round(1.5 · per-process batch), as upstream
     ckpt_every: int = 1000
     keep_last: int = 2
     nan_patience: int = 5                 # consecutive non-finite steps (skipped) before the run stops

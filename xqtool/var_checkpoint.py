@@ -76,8 +76,19 @@ def _patch_nums_from_meta(ckpt: Mapping[str, Any]) -> Optional[Tuple[int, ...]]:
 
 
 def load_official_var_state(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Read an official VAR file → (VAR state_dict without derived buffers, meta {patch_nums, args, epoch})."""
-    ckpt = safe_load_pth(path)
+    """Read an official VAR file → (VAR state_dict without derived buffers, meta {patch_nums, args, epoch}).
+
+    ``.safetensors`` files hold a bare VAR state_dict under the official names (no metadata).
+    """
+    if Path(path).suffix == ".safetensors":
+        if not Path(path).is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        try:
+            ckpt: Any = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a bad file, reported in one line
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({str(exc)[:160]})") from None
+    else:
+        ckpt = safe_load_pth(path)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint dict")
     meta: Dict[str, Any] = {"patch_nums": _patch_nums_from_meta(ckpt), "epoch": ckpt.get("epoch")}

@@ -125,7 +125,8 @@ def sample_cmd(
     precision: PrecisionOpt = Precision.fp32,
     device: Device = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the prefix at every scale (slow; for checks).")] = False,
-    upstream_rng: Annotated[bool, typer.Option("--upstream-rng", help="One generator per batch (upstream order).")] = False,
+    upstream_rng: Annotated[bool, typer.Option("--upstream-rng", help="The original's pixels: one generator per batch "
+                                               "(upstream order) and uint8 by truncation.")] = False,
     no_pack: Annotated[bool, typer.Option("--no-pack",
                                           help="CPU: skip oneDNN weight packing (slower; saves one copy of the weights).")] = False,
     overwrite: Overwrite = False,

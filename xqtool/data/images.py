@@ -131,6 +131,7 @@ class ImageStream(IterableDataset):
         self.spec = spec
         self.image_size = int(image_size)
         self.train = bool(train)
+        self.train_tf: Optional[Callable[[Image.Image, random.Random], torch.Tensor]] = None  # None: ADM crop + flip
         self.bad_files_policy = check_policy(bad_files)
         self.seed = int(seed)
         self.resample = bool(resample)
@@ -202,7 +203,7 @@ class ImageStream(IterableDataset):
         if self.train:
             # each sample's crop/flip draws from its own seed (run seed, epoch, sample name), so the
             # augmentation of an image does not depend on the number of processes or workers
-            tf = train_transform(self.image_size)
+            tf = self.train_tf or train_transform(self.image_size)
             aug_rng = random.Random()
             views: Callable[[Image.Image], torch.Tensor] = lambda img: tf(img, aug_rng)  # noqa: E731
 
@@ -232,6 +233,7 @@ def open_image_source(
     seed: int = 0,
     resample: bool = False,
     read_options: Optional[ReadOptions] = None,
+    train_tf: Optional[Callable[[Image.Image, random.Random], torch.Tensor]] = None,
 ) -> ImageStream:
     """Open any image source as an IterableDataset of preprocessed samples.
 
@@ -244,15 +246,19 @@ def open_image_source(
         seed: shuffling / augmentation seed.
         resample: endless stream (files: epoch after epoch; shards: ``wds.ResampledShards``).
         read_options: EXIF orientation and aspect-ratio limit (default :meth:`ReadOptions.from_env`).
+        train_tf: training transform ``(image, rng) -> [3, S, S]`` replacing the ADM one (e.g. VAR's
+            :func:`~xqtool.data.transforms.var_train_transform`).
 
     Yields dicts ``{"image": FloatTensor [3, S, S] in [-1, 1], "label": int, "key": str, "path": str,
     "bad": list[(name, reason)]}``. Raises DataError for a missing or empty source.
     """
     spec = resolve_source(source)
-    return ImageStream(
+    stream = ImageStream(
         spec, image_size=image_size, train=train, bad_files=bad_files, seed=seed, resample=resample,
         read_options=read_options,
     )
+    stream.train_tf = train_tf
+    return stream
 
 
 def collate_samples(samples: Sequence[Dict[str, Any]], image_size: int) -> Dict[str, Any]:
@@ -341,6 +347,7 @@ def make_loader(
     resample: bool = False,
     drop_last: bool = False,
     read_options: Optional[ReadOptions] = None,
+    train_tf: Optional[Callable[[Image.Image, random.Random], torch.Tensor]] = None,
 ) -> ImageLoader:
     """DataLoader over :func:`open_image_source` -> batches
     ``{"image": FloatTensor [B, 3, S, S] in [-1, 1], "label": LongTensor [B], "key": list[str],
@@ -350,5 +357,6 @@ def make_loader(
     ds = open_image_source(
         source, image_size=image_size, train=train, bad_files=bad_files, seed=seed, resample=resample,
         read_options=read_options,
+        train_tf=train_tf,
     )
     return ImageLoader(ds, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last)

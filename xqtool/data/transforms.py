@@ -196,6 +196,32 @@ def train_transform(image_size: int) -> Callable[[Image.Image, random.Random], t
     return apply
 
 
+def var_train_transform(image_size: int, hflip: bool = False,
+                        mid_reso: float = 1.125) -> Callable[[Image.Image, random.Random], torch.Tensor]:
+    """VAR training preprocessing (var.md §1.5): (PIL image, rng) -> FloatTensor [3, S, S] in [-1, 1].
+
+    Resize the shorter side to round(mid_reso·S) (288 for 256) with LANCZOS (torchvision's ``Resize``), a random
+    S×S crop (torchvision ``RandomCrop`` positions, drawn from `rng`), a horizontal flip with probability ½ only
+    when `hflip` (off by default, as upstream), then x/127.5 − 1.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    mid = round(mid_reso * image_size)
+
+    def apply(img: Image.Image, rng: random.Random) -> torch.Tensor:
+        img = TF.resize(to_rgb(img), mid, interpolation=InterpolationMode.LANCZOS)
+        arr = np.asarray(img)
+        top = rng.randint(0, arr.shape[0] - image_size)
+        left = rng.randint(0, arr.shape[1] - image_size)
+        arr = arr[top : top + image_size, left : left + image_size]
+        if hflip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return to_tensor(np.ascontiguousarray(arr))
+
+    return apply
+
+
 def view_transform(image_size: int, augmentation: Optional[str]) -> Callable[[Image.Image], List[torch.Tensor]]:
     """Deterministic views for encoding: 'none' -> [center], 'flip' -> [center, flipped center],
     'ten-crop' -> the ten crops of :func:`ten_crop_arrs`. Each view is FloatTensor [3, S, S]."""

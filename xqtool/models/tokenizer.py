@@ -39,7 +39,8 @@ class TokenizerOutput:
         semantic: ``[B, D, H, W]`` straight-through output of the last (semantic) branch.
         detail: ``[B, D, H, W]`` straight-through output of branch 0.
         indices: ``[B, P, L]`` token ids.
-        n_drop: the first ``n_drop`` samples used quantizer dropout (semantic losses skip them).
+        n_drop: the first ``n_drop`` = ⌊B·codebook_drop⌋ samples (training mode) are quantizer-dropout samples
+            (scales dropped only when S > 1 and P > 1); the semantic losses skip them in every case (spec §5.2).
     """
 
     recon: Tensor

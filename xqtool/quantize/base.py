@@ -28,7 +28,8 @@ class QuantOut:
         indices: one ``[B, pn*pn]`` long tensor per scale, coarse to fine.
         loss: scalar loss terms: ``vq`` (codebook), ``commit`` (commitment, already times beta),
             ``entropy`` (LFQ/BSQ, already times its weight; 0 otherwise).
-        stats: detached diagnostics: ``usage`` ``[S]`` fraction of codes hit in this batch per scale,
+        stats: detached diagnostics: ``usage`` ``[S]`` per scale: in training the fraction of codes whose EMA
+            hit count reaches the spec's margin (:func:`ema_usage`), in eval the fraction hit in this batch;
             ``perplexity`` ``[S]`` exp(entropy of the code histogram) per scale.
     """
 
@@ -48,7 +49,8 @@ class ProductQuantOut:
         indices: ``[B, P, L]`` long, per branch the per-scale index maps concatenated coarse to fine.
         loss: ``vq`` / ``commit`` / ``entropy`` scalars averaged over branches.
         stats: ``usage`` ``[P, S]`` and ``perplexity`` ``[P, S]`` (detached).
-        n_drop: the first ``n_drop`` samples of the batch were quantizer-dropout samples.
+        n_drop: the first ``n_drop`` = ⌊B·codebook_drop⌋ samples (training) are the quantizer-dropout samples;
+            the semantic/detail losses skip them (even where no scale is dropped: S = 1 or P = 1).
     """
 
     quantized: Tensor
@@ -108,6 +110,15 @@ def ema_hit_update(buf: Tensor, hist: Tensor, record_hit: int) -> None:
         buf.mul_(0.9).add_(hist, alpha=0.1)
     else:
         buf.mul_(0.99).add_(hist, alpha=0.01)
+
+
+def ema_usage(ema_hits: Tensor, vectors_per_rank: int) -> Tensor:
+    """Training codebook usage (spec tokenizer.md §3.1, §3.5): the fraction of the K codes whose EMA hit count
+    ``ema_hits [K]`` is ≥ margin = 0.08 · world_size · vectors_per_rank / K (vectors_per_rank = B·H·W, the
+    full-resolution positions of the local batch, for every scale). Scalar tensor in [0, 1]."""
+    world = dist.get_world_size() if distributed_ready() else 1
+    margin = 0.08 * world * float(vectors_per_rank) / ema_hits.numel()
+    return (ema_hits >= margin).float().mean()
 
 
 def straight_through(value: Tensor, source: Tensor) -> Tensor:

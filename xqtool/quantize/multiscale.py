@@ -29,6 +29,7 @@ from xqtool.quantize.base import (
     check_scales,
     code_histogram,
     ema_hit_update,
+    ema_usage,
     histogram_stats,
     straight_through,
 )
@@ -117,7 +118,8 @@ class MultiScaleBase(nn.Module):
         """Quantize ``z: [B, D, H, W]``; ``n_scales: [B]`` = scales kept per sample (quantizer dropout).
 
         Returns :class:`QuantOut` with the straight-through ``[B, D, H, W]`` output, per-scale indices,
-        losses (``vq``, ``commit``, ``entropy``) and per-scale ``usage`` / ``perplexity`` stats.
+        losses (``vq``, ``commit``, ``entropy``) and per-scale ``usage`` / ``perplexity`` stats (training
+        ``usage``: from the EMA hit counts ``ema_vocab_hit_SV``, :func:`~xqtool.quantize.base.ema_usage`).
         """
         self._check_input(z)
         S, B = len(self.scales), z.shape[0]
@@ -148,11 +150,12 @@ class MultiScaleBase(nn.Module):
                 commit = commit + (m * (f_hat.detach() - f).square()).mean() * (self.beta / ratio)
                 indices.append(idx)
                 hist = code_histogram(idx, self.codebook_size, reduce=self.training)
+                u, p = histogram_stats(hist)
                 if self.training:
                     with torch.no_grad():
                         ema_hit_update(self.ema_vocab_hit_SV[si], hist, self.record_hit)
+                        u = ema_usage(self.ema_vocab_hit_SV[si], B * self.side * self.side)
                     self.record_hit += 1
-                u, p = histogram_stats(hist)
                 usage.append(u)
                 perplexity.append(p)
             vq = vq / S

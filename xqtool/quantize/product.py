@@ -24,8 +24,12 @@ class ProductQuantizer(nn.Module):
 
     Args:
         branches: branch quantizers (same ``scales``, ``side``, ``dim``, ``codebook_size``).
-        codebook_drop: fraction of each training batch (the first ⌊B·codebook_drop⌋ samples) that keeps
-            only its first d_b ~ UniformInt[start_drop, S] scales (one draw per sample, shared by branches).
+        codebook_drop: fraction of each training batch (the first ⌊B·codebook_drop⌋ samples, ``n_drop``) that
+            keeps only its first d_b ~ UniformInt[start_drop, S] scales (one draw per sample, shared by branches;
+            spec §3.4). As in the reference, the scales are dropped only with several scales AND several branches
+            (with P = 1 the reference does not pass codebook_drop to its multi-scale quantizer, §3 table note),
+            but the semantic/detail losses skip the first ``n_drop`` samples whenever codebook_drop > 0, single-scale
+            configs included (§5.2, e.g. VP2-4096 with 0.1).
         start_drop: smallest number of kept scales for a dropout sample.
     """
 
@@ -107,10 +111,9 @@ class ProductQuantizer(nn.Module):
         self._check_z(z_list)
         B, S = z_list[0].shape[0], len(self.scales)
         n_scales: Optional[Tensor] = None
-        n_drop = 0
-        if self.training and S > 1 and self.codebook_drop > 0:
+        n_drop = int(math.floor(B * self.codebook_drop)) if self.training else 0
+        if n_drop and S > 1 and self.num_branches > 1:
             d = torch.randint(self.start_drop, S + 1, (B,))
-            n_drop = int(math.floor(B * self.codebook_drop))
             n_scales = torch.full((B,), S, dtype=torch.long)
             n_scales[:n_drop] = d[:n_drop]
             n_scales = n_scales.to(z_list[0].device)

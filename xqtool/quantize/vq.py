@@ -22,6 +22,7 @@ from xqtool.quantize.base import (
     check_scales,
     code_histogram,
     ema_hit_update,
+    ema_usage,
     histogram_stats,
     straight_through,
 )
@@ -111,11 +112,12 @@ class VectorQuantizer(nn.Module):
             vq = (zq - x.detach()).square().mean()
             out = straight_through(zq, x).view(B, self.side, self.side, self.dim).permute(0, 3, 1, 2)
             hist = code_histogram(idx, self.codebook_size, reduce=self.training)
+            usage, perplexity = histogram_stats(hist)
             if self.training:
                 with torch.no_grad():
                     ema_hit_update(self.ema_vocab_hit_SV, hist, self.record_hit)
+                    usage = ema_usage(self.ema_vocab_hit_SV, B * self.side * self.side)
                 self.record_hit += 1
-            usage, perplexity = histogram_stats(hist)
         loss = {"vq": vq, "commit": commit, "entropy": vq.new_zeros(())}
         stats = {"usage": usage.view(1).detach(), "perplexity": perplexity.view(1).detach()}
         return QuantOut(quantized=out, indices=[idx.view(B, -1)], loss=loss, stats=stats)

@@ -51,7 +51,7 @@ def _official_info(path: Path) -> tuple:
         warnings.append("no EMA weights in the checkpoint; the raw 'model' weights will be used")
     if "steps" in blob:
         warnings.append(f"trained for {int(blob['steps']):,} steps")
-    return args, warnings
+    return args, warnings, state
 
 
 def _check_yaml_file(path: Path) -> None:
@@ -102,10 +102,12 @@ def inspect_target(target: str, overrides: Optional[Iterable[str]] = None) -> In
         cfg = _load_cfg(path, overrides)
         kind = "config"
     else:
-        args, warnings = _official_info(path)
+        args, warnings, state = _official_info(path)
         if not args:
             raise CheckpointError(f"{path} carries no config ('args'); inspect its YAML config instead")
-        cfg = tokenizer_config_from_args(args)
+        from xqtool.checkpoint import fit_vit_config, map_official_tokenizer_keys
+
+        cfg = fit_vit_config(tokenizer_config_from_args(args), map_official_tokenizer_keys(state), str(path))
         if overrides:
             from xqtool.config import config_to_dict
 

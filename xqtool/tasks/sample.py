@@ -4,7 +4,8 @@ Labels: ``classes`` (list) each repeated ``per_class`` times, or ``per_class`` o
 image i has class i // per_class), or ``num_samples`` cycling over the given / all classes.
 Image i (global index) is drawn with its own generator seeded ``seed + i``, so the output does not depend on
 the batch size or the number of processes (``upstream_rng=True`` instead seeds one generator per batch with
-``seed + batch start``, upstream's scheme, which does depend on the batch size).
+``seed + batch start``, upstream's scheme, which does depend on the batch size, and converts to uint8 by
+truncation as the original does; the default rounds).
 Outputs: PNGs ``DIR/classCCCC_IIIIII.png`` (class id, index of the image within its class), and/or an ``.npz``
 with ``arr_0`` uint8 [N, H, W, 3] (FID tools, global index order), and/or a preview grid with one row per class. Multi-GPU: each Accelerate process takes a contiguous slice; the main process merges the npz.
 """
@@ -121,9 +122,17 @@ def plan_labels(num_classes: int, classes: Optional[Sequence[int]] = None, per_c
     return [pool[i % len(pool)] for i in range(num_samples)]
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3] (rounded)."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def to_uint8(images: torch.Tensor, truncate: bool = False) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3].
+
+    Default: rounded, round((x + 1)·127.5). ``truncate``: the reference's conversion (var.md §4, §7.12), in
+    float32 and in its order: image = (x + 1)/2 in [0, 1], then clamp(255·image, 0, 255) cast to uint8
+    (truncation toward zero), so ``--upstream-rng`` reproduces the original's pixel values.
+    """
+    if truncate:
+        x = ((images.float().clamp(-1, 1) + 1) / 2).mul(255).clamp(0, 255).to(torch.uint8)
+    else:
+        x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -309,7 +318,7 @@ def _sample_into(accelerator: Any, var: Any, tokenizer: Any, labels: Sequence[in
                                     use_cache=use_cache, amp_dtype=amp)
             with torch.no_grad():  # f_hat again from the tokens, one image at a time: batch-size invariant
                 step = max(int(decode_batch), 1)
-                images = np.concatenate([to_uint8(tokenizer.decode(out.tokens[j:j + step]))
+                images = np.concatenate([to_uint8(tokenizer.decode(out.tokens[j:j + step]), truncate=upstream_rng)
                                          for j in range(0, len(idx), step)])
             if out_dir is not None:
                 for i, arr in zip(idx, images):

@@ -293,6 +293,10 @@ class TokenizerTrainer:
                 check_run_dir(self.out, resume=bool(resume), overwrite=overwrite, has_states=has_states(self.out))
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_marker(self.out, "run")
+                from xqtool.config import ignored_settings
+
+                for line in ignored_settings(cfg):
+                    log.warning(line)
             self._check_weights_first()
             self._setup(tokenizer, prepare_model)
         except BaseException:
@@ -322,6 +326,11 @@ class TokenizerTrainer:
     def _check_weights_first(self) -> None:
         """Fail before anything heavy when a needed pretrained network is not available offline."""
         lc = self.cfg.loss
+        if lc.detail_guide != "none" and lc.guide_type_2 != "patch":
+            raise ConfigError(
+                f"loss.detail_guide={lc.detail_guide} needs loss.guide_type_2=patch: the reference runs detail guidance "
+                f"only on the CLIP patch tokens (spec §5.3); pass --set loss.guide_type_2=patch"
+            )
         from xqtool.models.teachers import teacher_spec, teacher_weights_available
 
         for kind, weights, key in (
@@ -490,8 +499,10 @@ class TokenizerTrainer:
         opt_g = torch.optim.AdamW(gen_params, lr=self.g_lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
                                   **fast)
         total, warm = self.total_steps, self.warmup
+        per_epoch = self._per_epoch_lr()
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(
-            opt_g, lambda s: lr_factor(s, total=total, warmup=warm, kind=tc.lr_scheduler, base=self.g_lr, min_lr=tc.min_lr)
+            opt_g, per_epoch[0] if per_epoch else
+            (lambda s: lr_factor(s, total=total, warmup=warm, kind=tc.lr_scheduler, base=self.g_lr, min_lr=tc.min_lr))
         )
         self.opt_d = self.sched_d = None
         if disc is not None:
@@ -501,8 +512,9 @@ class TokenizerTrainer:
             dstart = self.disc_start
             # the disc scheduler counts discriminator steps, which begin at disc_start
             self.sched_d = torch.optim.lr_scheduler.LambdaLR(
-                opt_d, lambda s: lr_factor(s, total=max(1, total - dstart), warmup=d_warm, kind=tc.lr_scheduler,
-                                           base=self.d_lr, min_lr=tc.min_lr)
+                opt_d, per_epoch[1] if per_epoch else
+                (lambda s: lr_factor(s, total=max(1, total - dstart), warmup=d_warm, kind=tc.lr_scheduler,
+                                     base=self.d_lr, min_lr=tc.min_lr))
             )
             self.opt_d = opt_d
 
@@ -559,6 +571,19 @@ class TokenizerTrainer:
                 raise ConfigError(f"train.tracker={tc.tracker!r} needs a package that is not installed: {exc}") from None
 
     # ------------------------------------------------------------------ helpers
+    def _per_epoch_lr(self) -> Optional[Tuple[Any, Any]]:
+        """LambdaLR factors of the reference's per-epoch schedules (spec §5.6), None for the per-step ones."""
+        from xqtool.lr_schedule import per_epoch_factors
+
+        tc = self.cfg.train
+        if tc.lr_schedule != "epoch":
+            return None
+        if not self.steps_per_epoch:
+            log.warning("train.lr_schedule=epoch needs a known epoch length (shards without a count): "
+                        "using the per-step schedule")
+            return None
+        return per_epoch_factors(tc, self.steps_per_epoch, self.g_lr, self.d_lr, self.disc_start)
+
     @property
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.tok)

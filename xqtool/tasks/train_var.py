@@ -137,7 +137,7 @@ def teacher_forcing_loss(model: torch.nn.Module, quantizer: Any, tokens: Tensor,
     logits = model(labels, x, drop_cond=True)
     logits4 = logits.view(logits.shape[0], raw.L, raw.num_branches, raw.codebook_size)
     with torch.autocast(tokens.device.type, enabled=False):  # fp32 logits, fp32 loss
-        loss = F.cross_entropy(logits4.float().flatten(0, 2), targets.flatten(), label_smoothing=label_smoothing)
+        loss = var_loss(logits, tokens, raw.num_branches, label_smoothing)
     return loss, logits4, targets
 
 
@@ -262,10 +262,12 @@ def _build_data(cfg: VARConfig, tokenizer: Any, global_batch: int, local_batch: 
         return src, max(len(ds) // global_batch, 1)
     if d.images:
         from xqtool.data.images import make_loader
+        from xqtool.data.transforms import var_train_transform
 
         size = d.image_size or int(tokenizer.image_size)
         loader = make_loader(d.images, image_size=size, batch_size=local_batch, train=True,
-                             num_workers=d.num_workers, bad_files=d.bad_files, seed=cfg.train.seed, drop_last=False)
+                             num_workers=d.num_workers, bad_files=d.bad_files, seed=cfg.train.seed, drop_last=False,
+                             train_tf=var_train_transform(size, hflip=d.hflip))
         loader.generator = torch.Generator().manual_seed(cfg.train.seed)  # keep the global RNG untouched
         n = getattr(loader.dataset, "num_items", None)
         per_epoch = max(int(n) // global_batch, 1) if n else 1000
@@ -294,6 +296,52 @@ class _Position:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.data.load_state_dict(state["data"])
+
+
+def var_loss(logits: Tensor, tokens: Tensor, num_branches: int, label_smoothing: float = 0.0) -> Tensor:
+    """Training objective (var.md §3): mean over images, positions and branches of each branch's K-way CE.
+
+    logits [B, L, P·K] (columns p·K … (p+1)·K − 1 belong to branch p), tokens [B, P, L] → fp32 scalar.
+    """
+    B, L, V = logits.shape
+    K = V // num_branches
+    return F.cross_entropy(logits.float().reshape(B, L, num_branches, K).flatten(0, 2),
+                           tokens.transpose(1, 2).flatten(), label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def evaluate_var(model: torch.nn.Module, quantizer: Any, dataset: Any, batch_size: int, device: torch.device,
+                 num_branches: int, rank: int = 0, world: int = 1, reduce: Any = None) -> Dict[str, float]:
+    """Validation pass (var.md §3): teacher-forcing CE and argmax accuracy on held-out token rows, eval mode,
+    no condition dropout. Rank r takes rows r, r + world, …; ``reduce(tensor)`` sums over ranks when given.
+
+    Returns ``val/loss`` (mean CE over rows, positions and branches, as :func:`var_loss`), ``val/acc``, and
+    ``val/loss_tail`` / ``val/acc_tail`` over the last scale's positions only.
+    """
+    was_training = model.training
+    model.eval()
+    L = model.L
+    b_tail = model.begin_ends[-1][0]
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # ce, hits, n, ce_tail, hits_tail
+    rows = list(range(rank, len(dataset), max(world, 1)))
+    for start in range(0, len(rows), max(batch_size, 1)):
+        items = [dataset[i] for i in rows[start:start + batch_size]]
+        tokens = torch.stack([it["tokens"] for it in items]).to(device).long()
+        labels = _labels(torch.tensor([int(it["label"]) for it in items], device=device), model.num_classes)
+        logits = model(labels, quantizer.var_input(tokens).float(), drop_cond=False).float()
+        B = logits.shape[0]
+        lp = logits.view(B, L, num_branches, -1).log_softmax(-1)
+        target = tokens.transpose(1, 2)  # [B, L, P]
+        ce = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        hit = (lp.argmax(-1) == target).double()
+        sums += torch.stack([ce.double().sum(), hit.sum(), torch.tensor(float(ce.numel()), device=device),
+                             ce[:, b_tail:].double().sum(), hit[:, b_tail:].sum()])
+    if reduce is not None:
+        sums = reduce(sums)
+    model.train(was_training)
+    n, n_tail = max(float(sums[2]), 1.0), max(float(sums[2]) * (L - b_tail) / L, 1.0)
+    return {"val/loss": float(sums[0]) / n, "val/acc": float(sums[1]) / n,
+            "val/loss_tail": float(sums[3]) / n_tail, "val/acc_tail": float(sums[4]) / n_tail}
 
 
 def per_scale_metrics(logits: Tensor, targets: Tensor, begin_ends: List[Tuple[int, int]]) -> Dict[str, float]:
@@ -445,6 +493,17 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
         accelerator.init_trackers("var", config={k: str(v) for k, v in config_to_dict(cfg.train).items()})
 
     quantizer = tokenizer.quantizer
+    K, P = raw.codebook_size, raw.num_branches
+    val_ds, val_every = None, 0
+    if cfg.data.val_tokens:
+        from xqtool.data.tokens import check_manifest, token_dataset
+
+        val_ds = token_dataset(cfg.data.val_tokens, train=False)
+        check_manifest(val_ds.manifest, tokenizer)
+        if isinstance(val_ds, torch.utils.data.IterableDataset):
+            raise ConfigError("data.val_tokens must be a token .npy file (held-out rows), not token shards")
+        val_every = max(int(t.val_every_epochs), 0) * iters_per_epoch
+    val_batch = t.val_batch_size or max(round(1.5 * local_batch), 1)
     history: List[Dict[str, float]] = []
     classes_seen = set(int(c) for c in loaded.info.get("classes_seen", [])) if loaded is not None else set()
     progress = None
@@ -541,6 +600,11 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
                 pos.step = done = step + 1
                 row = {"step": done, "loss": loss_sum, "lr": max(g["lr"] for g in optimizer.param_groups),
                        "grad_norm": grad_norm, **metrics}
+                if val_ds is not None and ((val_every and done % val_every == 0) or done == max_steps):
+                    row.update(evaluate_var(raw, quantizer, val_ds, val_batch, device, raw.num_branches,
+                                            accelerator.process_index, world,
+                                            (lambda v: accelerator.reduce(v, reduction="sum")) if world > 1 else None))
+                    metrics = metrics or row
                 history.append(row)
                 if metrics and trackers:
                     accelerator.log(row, step=done)
