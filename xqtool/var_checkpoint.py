@@ -21,6 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 
 from xqtool.config_var import MSVR_PATCH_NUMS, VAR_PATCH_NUMS, VARModelConfig, model_config_from_dict

@@ -493,7 +493,6 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
         accelerator.init_trackers("var", config={k: str(v) for k, v in config_to_dict(cfg.train).items()})
 
     quantizer = tokenizer.quantizer
-    K, P = raw.codebook_size, raw.num_branches
     val_ds, val_every = None, 0
     if cfg.data.val_tokens:
         from xqtool.data.tokens import check_manifest, token_dataset
