@@ -404,3 +404,43 @@ def test_tokenizer_with_gan_and_ema_killed_with_sigkill_resumes_bit_identical(ph
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(tmp_path / "a" / "last" / name), load_file(tmp_path / "b" / "last" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_training_state_disk_full_is_one_line_and_keeps_the_earlier_state(tmp_path, monkeypatch):
+    """Disk full while writing a training state: one OutputError line naming the state and 'no space left',
+    the previous state intact and loadable, no temporary left; written states honour the umask."""
+    import errno
+    import os
+    import stat
+
+    from accelerate import Accelerator
+
+    from xqtool import training_state as ts
+    from xqtool.errors import OutputError
+
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    old_mask = os.umask(0o022)
+    try:
+        first = ts.save_state_atomic(acc, tmp_path, 1, {"model": model}, {"trainer": "var"}, keep=0)
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(first.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in first.iterdir())
+
+    real_write = ts._write_component
+
+    def full_disk(path, state):
+        if "model" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, state)
+
+    monkeypatch.setattr(ts, "_write_component", full_disk)
+    with pytest.raises(OutputError) as err:
+        ts.save_state_atomic(acc, tmp_path, 2, {"model": model}, {"trainer": "var"}, keep=0)
+    msg = str(err.value)
+    assert "no space left" in msg and "step-0000002" in msg and "\n" not in msg
+    assert [p.name for p in ts.list_states(tmp_path)] == [first.name]
+    assert not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.setattr(ts, "_write_component", real_write)
+    assert ts.resolve_resume("auto", tmp_path, 0).path == first

@@ -14,6 +14,7 @@ Errors: :class:`~xqtool.errors.CheckpointError` (one line, naming the state and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -183,6 +184,16 @@ def _component_state(accelerator: Any, obj: Any) -> Any:
     return obj.state_dict()
 
 
+@contextlib.contextmanager
+def _removing_on_error(tmp: Path) -> Iterator[None]:
+    """Remove the half-written temporary state folder `tmp` when the body raises."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_state_atomic(accelerator: Any, run_dir: Path, step: int, components: Mapping[str, Any],
                       info: Dict[str, Any], keep: int) -> Path:
     """Write a training state for `step`: every component of `components` (objects with ``state_dict``;
@@ -197,28 +208,32 @@ def save_state_atomic(accelerator: Any, run_dir: Path, step: int, components: Ma
     bad = first_nonfinite(states.items())
     if bad is not None:
         raise NonFiniteError(f"refusing to save the training state of step {step}: {bad} holds NaN/Inf values")
-    if accelerator.is_main_process:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".{STATE_PREFIX}*.tmp"):  # left by a killed save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    _write_component(tmp / f"rng-{accelerator.process_index}.safetensors", rng_state())
-    if accelerator.is_main_process:
-        for name, state in states.items():
-            _write_component(tmp / f"{name}.safetensors", state)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        doc = {"format": STATE_FORMAT, "step": int(step), "world_size": accelerator.num_processes,
-               "components": sorted(states), **info, "files": files}
-        (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep > 0:
-            for old in list_states(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    from xqtool.fsutil import _translate_os_errors, apply_umask
+
+    with _translate_os_errors(final), _removing_on_error(tmp):  # disk full: one line, earlier states intact
+        if accelerator.is_main_process:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            for stale in final.parent.glob(f".{STATE_PREFIX}*.tmp"):  # left by a killed save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        accelerator.wait_for_everyone()
+        _write_component(tmp / f"rng-{accelerator.process_index}.safetensors", rng_state())
+        if accelerator.is_main_process:
+            for name, state in states.items():
+                _write_component(tmp / f"{name}.safetensors", state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            doc = {"format": STATE_FORMAT, "step": int(step), "world_size": accelerator.num_processes,
+                   "components": sorted(states), **info, "files": files}
+            (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
+            apply_umask(tmp, recursive=True)  # final files 0644 / folders 0755 under umask 022
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if keep > 0:
+                for old in list_states(run_dir)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
