@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ from xqtool.tasks.train_tokenizer import train_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config(photos: Path, batch: int):  # noqa: ANN201
+def config(photos: Path, batch: int, overrides: Sequence[str] = ()):  # noqa: ANN201
     """The tiny, world-size independent tokenizer config of these tests."""
     return load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=[
         "model.ch=8", "model.z_channels=8", "quant.codebook_size=16", "quant.codebook_drop=0",
@@ -36,13 +36,15 @@ def config(photos: Path, batch: int):  # noqa: ANN201
         "loss.disc_type=stylegan", "loss.disc_start=1", "loss.lecam_loss_weight=0.1",
         "loss.semantic_guide=dinov2", "loss.sem_loss_weight=0.1",
         f"data.data_path={photos / 'train'}", f"data.val_data_path={photos / 'val'}", "data.max_val_images=8",
+        *overrides,
     ])
 
 
-def run(photos: Path, out: Path, batch: int, steps: int, resume: Optional[str] = None, hold_at: Optional[int] = None):  # noqa: ANN201
+def run(photos: Path, out: Path, batch: int, steps: int, resume: Optional[str] = None, hold_at: Optional[int] = None,
+        overrides: Sequence[str] = ()):  # noqa: ANN201
     """Train (any world size) -> TrainResult."""
     rank = int(os.environ.get("RANK", "0"))
-    cfg = config(photos, batch)
+    cfg = config(photos, batch, overrides)
 
     def hook(tr) -> None:  # noqa: ANN001
         if hold_at is not None and tr.pos.step == hold_at:
