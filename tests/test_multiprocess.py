@@ -34,8 +34,8 @@ def two_proc_run(photos, tmp_path_factory) -> Path:
     """An uninterrupted 2-process run of STEPS steps at global batch BATCH (4 per process)."""
     out = tmp_path_factory.mktemp("mp-ref") / "run"
     out.mkdir()
-    proc = torchrun([DRIVER, photos, out, BATCH, STEPS], log=out / "log.txt")
-    assert finish(proc) == 0, (out / "log.txt").read_text()[-3000:]
+    proc = torchrun([DRIVER, photos, out, BATCH, STEPS], log=out.parent / "log.txt")
+    assert finish(proc) == 0, (out.parent / "log.txt").read_text()[-3000:]
     return out
 
 
@@ -106,7 +106,7 @@ def _launch_held(photos: Path, out: Path, hold: int, log: str, resume: bool = Tr
     for p in list(out.glob("held-*")) + [out / "release"]:
         p.unlink(missing_ok=True)
     args = [DRIVER, photos, out, BATCH, STEPS, "--hold-at", hold] + (["--resume"] if resume else [])
-    proc = torchrun(args, log=out / log)
+    proc = torchrun(args, log=out.parent / log)
     wait_for([out / "held-0", out / "held-1"], proc)
     return proc
 
@@ -129,7 +129,7 @@ def test_sigterm_kill_and_resume_end_bit_identical(photos, two_proc_run, tmp_pat
     os.kill(proc.pid, signal.SIGTERM)
     (out / "release").touch()
     finish(proc)
-    assert _newest_state(out) == "step-0000002", (out / "log1.txt").read_text()[-3000:]
+    assert _newest_state(out) == "step-0000002", (out.parent / "log1.txt").read_text()[-3000:]
     assert {"rng-0.safetensors", "rng-1.safetensors"} <= {p.name for p in (out / "checkpoints/step-0000002").iterdir()}
     assert _result(out)["status"] == "interrupted"
 
@@ -138,7 +138,7 @@ def test_sigterm_kill_and_resume_end_bit_identical(photos, two_proc_run, tmp_pat
     os.kill(int((out / "held-1").read_text()), signal.SIGTERM)
     (out / "release").touch()
     finish(proc)
-    assert _newest_state(out) == "step-0000004", (out / "log2.txt").read_text()[-3000:]
+    assert _newest_state(out) == "step-0000004", (out.parent / "log2.txt").read_text()[-3000:]
     assert _result(out)["status"] == "interrupted" and _result(out)["step"] == 4
 
     # 3. rank 1 killed at step 5: rank 0 stops with one line (no hang); nothing newer than step 4 is kept
@@ -146,13 +146,13 @@ def test_sigterm_kill_and_resume_end_bit_identical(photos, two_proc_run, tmp_pat
     os.kill(int((out / "held-1").read_text()), signal.SIGKILL)
     (out / "release").touch()
     assert finish(proc) != 0
-    log3 = (out / "log3.txt").read_text()
+    log3 = (out.parent / "log3.txt").read_text()
     assert "PeerLostError: another process of train-tokenizer stopped" in log3, log3[-3000:]
     assert _newest_state(out) == "step-0000004"
 
     # 4. resume to the end: bit-identical to the uninterrupted 2-process run
-    proc = torchrun([DRIVER, photos, out, BATCH, STEPS, "--resume"], log=out / "log4.txt")
-    assert finish(proc) == 0, (out / "log4.txt").read_text()[-3000:]
+    proc = torchrun([DRIVER, photos, out, BATCH, STEPS, "--resume"], log=out.parent / "log4.txt")
+    assert finish(proc) == 0, (out.parent / "log4.txt").read_text()[-3000:]
     for rel in ("last/model.safetensors", "last/ema.safetensors"):
         a, b = load_file(two_proc_run / rel), load_file(out / rel)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
@@ -260,8 +260,8 @@ def test_encode_sample_train_var_eval_probe_match_one_process(task_inputs, tmp_p
         assert m2.keys == m1.keys and len(set(m2.keys)) == len(m2.keys) == 10, name  # no duplicates or gaps
         assert m2.labels == m1.labels and np.array_equal(t1, t2), name
     assert np.array_equal(np.load(one / "s.npz")["arr_0"], np.load(two / "s.npz")["arr_0"])
-    pngs = sorted(p.name for p in (two / "png").iterdir())
-    assert pngs == sorted(p.name for p in (one / "png").iterdir()) and len(pngs) == 5
+    pngs = sorted(p.name for p in (two / "png").glob("*.png"))
+    assert pngs == sorted(p.name for p in (one / "png").glob("*.png")) and len(pngs) == 5
     assert all((one / "png" / n).read_bytes() == (two / "png" / n).read_bytes() for n in pngs)
     for name in ("var-npy", "var-shards"):
         info = json.loads((two / f"{name}.json").read_text())

@@ -86,6 +86,12 @@ def check_launch(num_processes: int) -> None:
         )
 
 
+def is_launch_main_process() -> bool:
+    """True on the process of global rank 0, read from the launcher's environment (``RANK``), without
+    initialising Accelerate's state (so the Accelerator built later still picks CPU/GPU and backend itself)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def process_state(cpu: Optional[bool] = None) -> Any:
     """Accelerate ``PartialState`` for tasks without an Accelerator (encode), checked by :func:`check_launch`.
 

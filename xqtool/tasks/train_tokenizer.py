@@ -284,12 +284,11 @@ class TokenizerTrainer:
         self.history: List[Dict[str, float]] = []
         self.last_val: Dict[str, float] = {}
         self.pos = _Position()
-        from accelerate import PartialState
 
         # one writer per run folder (OS lock, released on exit or death); never write into foreign folders
-        self._lock = acquire_output_lock(self.out) if PartialState().is_main_process else None
+        self._lock = acquire_output_lock(self.out) if distributed.is_launch_main_process() else None
         try:
-            if PartialState().is_main_process:
+            if distributed.is_launch_main_process():
                 check_run_dir(self.out, resume=bool(resume), overwrite=overwrite, has_states=has_states(self.out))
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_marker(self.out, "run")

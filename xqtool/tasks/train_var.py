@@ -395,12 +395,12 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
     (:func:`xqtool.fsutil.check_run_dir`; ``overwrite`` deletes an earlier xqtool run there). Tokens, or a resumed
     run, made with other tokenizer weights raise TokenError unless ``ignore_fingerprint``.
     """
-    from accelerate import PartialState
+    from xqtool.distributed import is_launch_main_process
 
     from xqtool.fsutil import output_lock
 
     run_dir = Path(cfg.train.results_dir)
-    with output_lock(run_dir, enabled=PartialState().is_main_process):
+    with output_lock(run_dir, enabled=is_launch_main_process()):
         return _train_var(cfg, tokenizer=tokenizer, resume=resume, console=console, cpu=cpu, callbacks=callbacks,
                           overwrite=overwrite, ignore_fingerprint=ignore_fingerprint)
 
@@ -408,7 +408,7 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
 def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: Optional[str], console: Any,
                cpu: bool, callbacks: Sequence[Callable[[Dict[str, Any]], None]], overwrite: bool,
                ignore_fingerprint: bool) -> TrainVARResult:
-    from accelerate import PartialState
+    from xqtool.distributed import is_launch_main_process
 
     from xqtool.checkpoint import weights_fingerprint
     from xqtool.fsutil import check_run_dir, write_marker
@@ -421,10 +421,10 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
 
     t = cfg.train
     run_dir = Path(t.results_dir)
-    if PartialState().is_main_process:
+    if is_launch_main_process():
         check_run_dir(run_dir, resume=bool(resume), overwrite=overwrite, has_states=has_states(run_dir))
     _refuse_rerun(run_dir, resume)
-    if PartialState().is_main_process:
+    if is_launch_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_marker(run_dir, "run")
     trackers = None if t.tracker == "none" else t.tracker
