@@ -29,13 +29,13 @@ def uploads(tmp_path, monkeypatch):
 
     def create_repo(self, repo_id, **kw):
         record["repos"].append((repo_id, kw))
-        return f"https://huggingface.co/{repo_id}"
+        return f"fake-hub:{repo_id}"  # stand-in for the repo address (nothing is contacted)
 
     def upload_folder(self, *, repo_id, folder_path, **kw):
         dest = tmp_path / "uploaded" / str(len(record["folders"]))
         shutil.copytree(folder_path, dest)
         record["folders"].append((repo_id, dest, kw))
-        return f"https://huggingface.co/{repo_id}/commit/{'c' * 40}"
+        return f"fake-hub:{repo_id}@{'c' * 40}"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
