@@ -88,6 +88,21 @@ def lr_factor(it: int, warmup_it: int, max_it: int, schedule: str = "lin0", wp0:
     raise ConfigError(f"unknown schedule '{schedule}'")
 
 
+# fp16 loss scaling (var.md §1.4): GradScaler from 2^11, growth every 1000 steps, never above 32768
+INIT_LOSS_SCALE = 2.0**11
+LOSS_SCALE_GROWTH_INTERVAL = 1000
+MAX_LOSS_SCALE = 32768.0
+
+
+def cap_loss_scale(scaler: Optional[Any]) -> None:
+    """Force an fp16 loss scale above :data:`MAX_LOSS_SCALE` back to it (var.md §1.4).
+
+    Call after each optimizer step (the scaler's update). No-op without a scaler (fp32, bf16) or when disabled.
+    """
+    if scaler is not None and scaler.is_enabled() and scaler.get_scale() > MAX_LOSS_SCALE:
+        scaler.update(MAX_LOSS_SCALE)
+
+
 def wd_value(it: int, max_it: int, wd: float, wd_end: float) -> float:
     """Weight decay at step `it`: cosine from `wd` to `wd_end` (wd_end 0 → constant `wd`)."""
     if wd_end <= 0:
@@ -413,7 +428,7 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
     from xqtool.checkpoint import weights_fingerprint
     from xqtool.fsutil import check_run_dir, write_marker
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import GradScalerKwargs, ProjectConfiguration, set_seed
 
     from xqtool.runtime import configure_cpu_math
 
@@ -431,6 +446,7 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with=trackers, cpu=cpu,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[GradScalerKwargs(init_scale=INIT_LOSS_SCALE, growth_interval=LOSS_SCALE_GROWTH_INTERVAL)],
     )
     from xqtool.distributed import check_launch, describe
 
@@ -570,6 +586,7 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
                                 finite = math.isfinite(grad_norm) or accelerator.scaler is not None
                             if finite:
                                 optimizer.step()
+                                cap_loss_scale(accelerator.scaler)
                             optimizer.zero_grad(set_to_none=True)
                     loss_sum += float(loss.detach()) / t.grad_accum
                     if finite and a == t.grad_accum - 1 and (step % t.log_every == 0 or step == max_steps - 1):
