@@ -18,6 +18,7 @@ from xqtool.quantize import (
     Phi,
     ProductQuantizer,
     VectorQuantizer,
+    as_multiscale,
     build_branch_quantizer,
     phi_index_table,
 )
@@ -84,7 +85,7 @@ def test_indices_in_range_and_decode_reproduces_forward(kind):
     q = _make(kind).eval()
     z = torch.randn(3, q.dim, q.side, q.side)
     out = q(z)
-    ids = q.quantize(z)
+    ids = q.quantize_indices(z)
     assert len(ids) == len(q.scales)
     for idx, pn in zip(ids, q.scales):
         assert idx.shape == (3, pn * pn) and idx.dtype == torch.long
@@ -175,13 +176,13 @@ def test_multiscale_error_falls_as_scales_are_added():
             conv.bias.zero_()
             conv.weight[range(D), range(D), 1, 1] = 1.0
     q.eval()
-    steps = q.indices_to_fhat(q.quantize(f), cumulative=True)
+    steps = q.indices_to_fhat(q.quantize_indices(f), cumulative=True)
     err = [float((f - s).norm() / f.norm()) for s in steps]
     assert all(b <= a + 0.01 for a, b in zip(err, err[1:])), err
     assert err[-1] < 0.25 and err[-1] < err[0] / 3, err
     # default cosine-search quantizer with a random codebook also refines coarse-to-fine
     q2 = build_branch_quantizer(codebook_size=256, dim=D, scales=S10, side=11).eval()
-    steps = q2.indices_to_fhat(q2.quantize(f), cumulative=True)
+    steps = q2.indices_to_fhat(q2.quantize_indices(f), cumulative=True)
     err2 = [float((f - s).norm() / f.norm()) for s in steps]
     assert err2[-1] < err2[0], err2
 
@@ -211,7 +212,7 @@ def test_bsq_lies_on_sphere():
     assert "scaler" in q.state_dict() and "mask" not in q.state_dict() and "codebook" not in q.state_dict()
     torch.testing.assert_close(q.scaler, torch.full((10,), 12 ** -0.5))
     z = torch.randn(2, 12, 11, 11) * 5
-    ids = q.quantize(z)
+    ids = q.quantize_indices(z)
     for si, idx in enumerate(ids):
         norms = q.codes(idx, si).norm(dim=1)
         torch.testing.assert_close(norms, torch.ones_like(norms))
@@ -224,23 +225,23 @@ def test_single_scale_vq_outputs_unit_vectors():
     out = q(z)
     torch.testing.assert_close(out.quantized.norm(dim=1), torch.ones(2, 6, 6))
     with pytest.raises(ConfigError):
-        q.var_input(out.indices)
+        as_multiscale(q).indices_to_var_input(out.indices)
 
 
 def test_eval_cache_follows_weight_changes():
     q = _make("msvq").eval()
     z = torch.randn(2, 8, 5, 5)
-    before = q.quantize(z)
+    before = q.quantize_indices(z)
     other = _make("msvq").eval()  # different random codebook
     q.load_state_dict(other.state_dict())
-    after = q.quantize(z)
-    assert all(torch.equal(a, b) for a, b in zip(after, other.quantize(z)))
+    after = q.quantize_indices(z)
+    assert all(torch.equal(a, b) for a, b in zip(after, other.quantize_indices(z)))
     assert not all(torch.equal(a, b) for a, b in zip(before, after))
     # `.data` edits (e.g. an EMA helper) do not bump the version counter; the value probe catches them
     third = _make("msvq").eval()
     q.embedding.weight.data.copy_(third.embedding.weight)
     q.quant_resi.load_state_dict(third.quant_resi.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(q.quantize(z), third.quantize(z)))
+    assert all(torch.equal(a, b) for a, b in zip(q.quantize_indices(z), third.quantize_indices(z)))
 
 
 # ---- VAR interface ---------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_eval_cache_follows_weight_changes():
 def test_var_input_matches_hand_loop_and_var_next():
     q = _make("msvq").eval()
     B, D, H = 2, 8, 5
-    ids = q.quantize(torch.randn(B, D, H, H))
+    ids = q.quantize_indices(torch.randn(B, D, H, H))
     f_hat = torch.zeros(B, D, H, H)
     ref = []
     for si in range(len(SMALL) - 1):
@@ -261,13 +262,13 @@ def test_var_input_matches_hand_loop_and_var_next():
         nxt = F.adaptive_avg_pool2d(f_hat, SMALL[si + 1])
         ref.append(nxt.flatten(2).transpose(1, 2))
     ref = torch.cat(ref, dim=1)
-    got = q.var_input(ids)
+    got = q.indices_to_var_input(ids)
     assert got.shape == (B, q.num_tokens - SMALL[0] ** 2, D)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     # stepping with var_next reproduces var_input and the decoded f_hat
     f_hat, chunks = torch.zeros(B, D, H, H), []
     for si in range(len(SMALL)):
-        f_hat, nxt = q.var_next(si, f_hat, q.codes(ids[si], si))
+        f_hat, nxt = q.var_step(si, f_hat, q.codes(ids[si], si))
         if si < len(SMALL) - 1:
             chunks.append(nxt.flatten(2).transpose(1, 2))
         else:
@@ -294,7 +295,7 @@ def test_product_var_interface(lfq):
     torch.testing.assert_close(torch.cat(chunks, dim=1), vin, rtol=0, atol=1e-6)
     torch.testing.assert_close(f_hat, pq.tokens_to_fhat(tokens), rtol=0, atol=1e-6)
     # branch 0 channels first
-    torch.testing.assert_close(vin[..., :dim], pq.quantizes[0].var_input(pq.split_tokens(tokens)[0]))
+    torch.testing.assert_close(vin[..., :dim], pq.quantizes[0].indices_to_var_input(pq.split_tokens(tokens)[0]))
     cum = pq.tokens_to_fhat(tokens, cumulative=True)
     assert len(cum) == len(SMALL) and torch.equal(cum[-1], pq.tokens_to_fhat(tokens))
 
@@ -311,7 +312,7 @@ def test_product_forward_layout():
     assert out.n_drop == 0
     assert torch.equal(out.quantized[:, :8], out.branch_outputs[0])
     assert torch.equal(out.indices, pq.quantize(z))
-    assert torch.equal(out.indices[:, 1], torch.cat(pq.quantizes[1].quantize(z[1]), dim=1))
+    assert torch.equal(out.indices[:, 1], torch.cat(pq.quantizes[1].quantize_indices(z[1]), dim=1))
     torch.testing.assert_close(out.quantized, pq.tokens_to_fhat(out.indices), rtol=0, atol=1e-6)
     assert pq.scale_offsets == [(0, 1), (1, 5), (5, 14), (14, 39)]
 
@@ -344,7 +345,7 @@ def test_quantizer_dropout_first_samples_only():
 def test_branch_n_scales_mask():
     q = _make("msvq").eval()
     z = torch.randn(3, 8, 5, 5)
-    full = q.indices_to_fhat(q.quantize(z), cumulative=True)
+    full = q.indices_to_fhat(q.quantize_indices(z), cumulative=True)
     out = q(z, torch.tensor([1, 4, 2]))
     for b, k in enumerate([1, 4, 2]):
         torch.testing.assert_close(out.quantized[b], full[k - 1][b], rtol=0, atol=1e-6)
@@ -364,7 +365,7 @@ def test_token_errors():
         pq.quantizes[0].indices_to_fhat([torch.zeros(1, 1, dtype=torch.long), torch.full((1, 4), -1)] +
                                         [torch.zeros(1, pn * pn, dtype=torch.long) for pn in SMALL[2:]])
     with pytest.raises(TokenError, match="row 0, branch 0, scale 0"):
-        pq.codes(torch.full((1, 2, 1), 99), 0)
+        pq.tokens_to_codes(torch.full((1, 2, 1), 99), 0)
     assert pq.tokens_to_fhat(tokens.numpy().clip(0, 63)).shape == (3, 16, 5, 5)
 
 

@@ -24,22 +24,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from xqtool.models.var import VAR, KVCache
+from xqtool.quantize.base import VARQuantizer
 
 __all__ = ["SampleOutput", "cfg_weight", "guide_logits", "top_k_filter", "top_p_filter", "filter_logits",
-           "filtered_candidates", "sample_tokens", "image_generators", "QuantizerLike"]
-
-
-class QuantizerLike(Protocol):
-    """What sampling needs from the tokenizer's product quantizer."""
-
-    def var_next(self, si: int, f_hat: Tensor, ids: Tensor) -> Tuple[Tensor, Optional[Tensor]]: ...
+           "filtered_candidates", "sample_tokens", "image_generators"]
 
 
 @dataclass
@@ -181,11 +176,10 @@ def _draw(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     return torch.stack(cols, dim=1)
 
 
-def _initial_fhat(quantizer: object, batch: int, device: torch.device) -> Tensor:
-    branches = quantizer.quantizes  # type: ignore[attr-defined]
-    dim = sum(int(q.dim) for q in branches)  # P·D, branch 0 channels first
-    side = int(branches[0].side)
-    return torch.zeros(batch, dim, side, side, device=device)
+def _initial_fhat(quantizer: VARQuantizer, batch: int, device: torch.device) -> Tensor:
+    """Zero f_hat ``[batch, P·D, side, side]`` (branch 0 channels first)."""
+    side = int(quantizer.side)
+    return torch.zeros(batch, quantizer.num_branches * quantizer.dim, side, side, device=device)
 
 
 
@@ -218,7 +212,7 @@ def _low_precision_linears(modules: Sequence[nn.Module], dtype: torch.dtype):
 @torch.no_grad()
 def sample_tokens(
     var: VAR,
-    quantizer: QuantizerLike,
+    quantizer: VARQuantizer,
     labels: Union[Tensor, int, Sequence[int], None],
     *,
     batch_size: Optional[int] = None,
@@ -236,7 +230,7 @@ def sample_tokens(
 
     Args:
         var: the transformer (put in eval mode by the caller; labels are never dropped here).
-        quantizer: the tokenizer's product quantizer (``var_next`` and ``quantizes[b].dim/.side``).
+        quantizer: the tokenizer's product quantizer (a :class:`~xqtool.quantize.base.VARQuantizer`: ``var_next``, ``num_branches``, ``dim``, ``side``).
         labels: LongTensor/list [B], an int for the whole batch (negative = unconditional), or None (random).
         batch_size: B when labels is an int or None (else inferred from labels / seeds).
         cfg: guidance strength at the last scale (linear schedule from 0 at scale 0).
@@ -280,7 +274,7 @@ def sample_tokens(
                        temperature=temperature, use_cache=use_cache, amp=amp, logits_hook=logits_hook)
 
 
-def _sample(var: VAR, quantizer: QuantizerLike, lab: Tensor, gens: Optional[List[torch.Generator]],
+def _sample(var: VAR, quantizer: VARQuantizer, lab: Tensor, gens: Optional[List[torch.Generator]],
             generator: Optional[torch.Generator], *, cfg: float, top_k: int, top_p: float, temperature: float,
             use_cache: bool, amp: object, logits_hook: Optional[Callable[[int, Tensor], None]]) -> SampleOutput:
     """The scale loop of :func:`sample_tokens` (labels resolved, generators made)."""

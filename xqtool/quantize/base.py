@@ -1,18 +1,23 @@
-"""The one contract every quantizer in xqtool follows, plus small shared helpers.
+"""The quantizer contract as types, plus small shared helpers.
 
-A *branch quantizer* (single-scale VQ, multi-scale residual VQ, multi-scale LFQ/BSQ) maps a latent
-map ``z: [B, D, H, W]`` to a quantized map of the same shape plus per-scale integer indices.
-Scales are listed coarse to fine (``scales = (1, 1, 2, 3, ..., H)``); a single-scale quantizer has
-``scales == (H,)``. Indices of one scale are ``[B, pn*pn]`` in row-major order.
+A *branch quantizer* (:class:`BranchQuantizer`: single-scale VQ, multi-scale residual VQ, multi-scale
+LFQ/BSQ) maps a latent map ``z: [B, D, H, W]`` to a quantized map of the same shape plus per-scale
+integer *indices*. Scales are listed coarse to fine (``scales = (1, 1, 2, 3, ..., H)``); a
+single-scale quantizer has ``scales == (H,)``. Indices of one scale are ``[B, pn*pn]`` in row-major
+order. Multi-scale branches also satisfy :class:`MultiScaleUnit` (the residual steps VAR needs);
+the product quantizer over P branches, which speaks in *tokens* ``[B, P, L]``, satisfies
+:class:`VARQuantizer` (what VAR training and sampling read).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch import Tensor
 
 from xqtool.errors import ConfigError, TokenError
@@ -185,3 +190,143 @@ def check_index_list(indices: Sequence[Tensor], scales: Sequence[int], codebook_
                 bad = lo if lo < 0 else hi
                 raise TokenError(f"scale {si}: index {bad} out of range, valid range is 0..{codebook_size - 1}")
     return int(batch or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the contract
+# ----------------------------------------------------------------------------------------------
+
+
+class BranchQuantizer(nn.Module, ABC):
+    """Abstract branch quantizer: the state and methods every branch shares (one return contract).
+
+    Args:
+        codebook_size: K codes.  dim: D channels.  side: H = W of the latent map.
+        scales: coarse-to-fine sides ending at ``side`` (validated by :func:`check_scales`, ConfigError).
+        l2_norm: cosine/spherical variant (VQ: normalised search; LFQ: BSQ).  beta: commitment weight.
+
+    Attributes:
+        num_tokens: L = Σ pn² indices per sample.
+        ema_vocab_hit_SV: persistent EMA of code hits, ``[K]`` for one scale, ``[S, K]`` for several
+            (checkpoint layout); ``record_hit`` counts training forwards (:func:`ema_hit_update`).
+
+    Subclasses implement :meth:`forward` (→ :class:`QuantOut`), :meth:`quantize_indices`,
+    :meth:`codes` and :meth:`indices_to_fhat`.
+    """
+
+    def __init__(
+        self, codebook_size: int, dim: int, scales: Sequence[int], side: int, *, l2_norm: bool = True,
+        beta: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.scales: Tuple[int, ...] = check_scales(scales, side)
+        self.codebook_size = int(codebook_size)
+        self.dim = int(dim)
+        self.side = int(side)
+        self.num_tokens = sum(pn * pn for pn in self.scales)
+        self.l2_norm = bool(l2_norm)
+        self.beta = float(beta)
+        hits = (self.codebook_size,) if len(self.scales) == 1 else (len(self.scales), self.codebook_size)
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(hits))
+        self.record_hit = 0
+
+    @abstractmethod
+    def forward(self, z: Tensor, n_scales: Optional[Tensor] = None) -> QuantOut:
+        """Training forward of ``z: [B, D, H, W]``; ``n_scales: [B]`` = scales kept per sample (quantizer
+        dropout; ignored with one scale). Returns :class:`QuantOut`."""
+
+    @abstractmethod
+    def quantize_indices(self, z: Tensor) -> List[Tensor]:
+        """Inference indices of ``z: [B, D, H, W]``: one ``[B, pn*pn]`` long tensor per scale."""
+
+    @abstractmethod
+    def codes(self, idx: Tensor, si: int) -> Tensor:
+        """Code vectors ``[B, D, pn, pn]`` of the indices ``idx: [B, pn*pn]`` at scale ``si``."""
+
+    @abstractmethod
+    def indices_to_fhat(self, indices: Sequence[Tensor], cumulative: bool = False) -> Union[Tensor, List[Tensor]]:
+        """f_hat ``[B, D, H, W]`` of per-scale indices (a list of S maps after each scale when ``cumulative``).
+        Raises :class:`xqtool.errors.TokenError` on a wrong count, shape or index range."""
+
+    def check_input(self, z: Tensor) -> None:
+        """Raise ValueError unless ``z`` is ``[B, D, side, side]``."""
+        if z.dim() != 4 or z.shape[1] != self.dim or z.shape[2] != self.side or z.shape[3] != self.side:
+            raise ValueError(f"expected z of shape [B, {self.dim}, {self.side}, {self.side}], got {tuple(z.shape)}")
+
+    def usage_stats(self, idx: Tensor, si: int, batch: int) -> Tuple[Tensor, Tensor]:
+        """(usage, perplexity) scalars of scale ``si``'s indices; in training also updates the hit EMA and
+        reports the EMA usage of :func:`ema_usage` (``batch`` = B of the local batch)."""
+        hist = code_histogram(idx, self.codebook_size, reduce=self.training)
+        usage, perplexity = histogram_stats(hist)
+        if self.training:
+            hits = self.ema_vocab_hit_SV if self.ema_vocab_hit_SV.dim() == 1 else self.ema_vocab_hit_SV[si]
+            with torch.no_grad():
+                ema_hit_update(hits, hist, self.record_hit)
+                usage = ema_usage(hits, batch * self.side * self.side)
+            self.record_hit += 1
+        return usage, perplexity
+
+
+class Codebook(nn.Embedding):
+    """Learned codebook ``weight [K, D]`` (uniform ±1/K init, rows normalised when ``l2_norm``) with an
+    eval-mode :class:`CodebookCache` for search tables derived from it. Registered as ``embedding``
+    (state-dict key ``embedding.weight``)."""
+
+    def __init__(self, codebook_size: int, dim: int, l2_norm: bool) -> None:
+        super().__init__(codebook_size, dim)
+        with torch.no_grad():
+            self.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+            if l2_norm:
+                self.weight.copy_(torch.nn.functional.normalize(self.weight, dim=1))
+        self._cache = CodebookCache()
+
+    def cached(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` without grad; cached in eval mode while the weight is unchanged."""
+        return self._cache.get(self.weight, compute, self.training)
+
+    def train(self, mode: bool = True) -> "Codebook":  # noqa: D102
+        self._cache.clear()
+        return super().train(mode)
+
+
+@runtime_checkable
+class MultiScaleUnit(Protocol):
+    """What the product quantizer's VAR interface needs from each (multi-scale) branch (spec var.md §3)."""
+
+    scales: Tuple[int, ...]
+    dim: int
+    side: int
+    codebook_size: int
+    num_tokens: int
+
+    def codes(self, idx: Tensor, si: int) -> Tensor: ...
+
+    def indices_to_var_input(self, indices: Sequence[Tensor]) -> Tensor: ...
+
+    def var_step(self, si: int, f_hat: Tensor, codes: Tensor) -> Tuple[Tensor, Optional[Tensor]]: ...
+
+
+def as_multiscale(unit: nn.Module) -> MultiScaleUnit:
+    """``unit`` typed as a :class:`MultiScaleUnit`; ConfigError when it is not one (single-scale VQ)."""
+    if not isinstance(unit, MultiScaleUnit):
+        raise ConfigError("VAR needs a multi-scale tokenizer (quant.v_patch_nums with more than one scale)")
+    return unit
+
+
+@runtime_checkable
+class VARQuantizer(Protocol):
+    """What VAR training and sampling read from the tokenizer's quantizer (a product of P branches).
+
+    Tokens are ``[B, P, L]``; f_hat is ``[B, P·D, side, side]`` (branch 0 channels first).
+    """
+
+    scales: Tuple[int, ...]
+    num_branches: int
+    dim: int
+    side: int
+    codebook_size: int
+    num_tokens: int
+
+    def var_input(self, tokens: Tensor) -> Tensor: ...
+
+    def var_next(self, si: int, f_hat: Tensor, ids: Tensor) -> Tuple[Tensor, Optional[Tensor]]: ...

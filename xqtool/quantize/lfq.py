@@ -9,7 +9,7 @@ l2-normalised over channels (projection to the unit sphere, gradient through it)
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,21 +37,10 @@ class MultiScaleLFQ(MultiScaleBase):
 
     _commit_div_by_scales = True
 
-    def __init__(
-        self,
-        codebook_size: int,
-        dim: int,
-        scales: Sequence[int],
-        side: int,
-        *,
-        l2_norm: bool = True,
-        beta: float = 0.25,
-        share_quant_resi: int = 4,
-        quant_resi: float = 0.5,
-        scale: float = 1.0,
-        entropy_weight: float = 0.0,
-        soft_entropy: bool = True,
-    ) -> None:
+    def __init__(self, codebook_size: int, dim: int, scales: Sequence[int], side: int, *, scale: float = 1.0,
+                 entropy_weight: float = 0.0, soft_entropy: bool = True, **options: Any) -> None:
+        """``options``: ``l2_norm`` (BSQ), ``beta``, ``share_quant_resi``, ``quant_resi`` of :class:`MultiScaleBase`.
+        Raises ConfigError unless ``codebook_size == 2**dim`` and ``dim <= 30``."""
         if int(codebook_size) != 2 ** int(dim):
             raise ConfigError(
                 f"LFQ/BSQ needs codebook_size == 2**codebook_embed_dim; got K={codebook_size}, D={dim} "
@@ -59,9 +48,7 @@ class MultiScaleLFQ(MultiScaleBase):
             )
         if int(dim) > 30:
             raise ConfigError(f"LFQ/BSQ codebook_embed_dim {dim} too large (2**D codes); use D <= 30")
-        super().__init__(codebook_size, dim, scales, side, beta=beta, share_quant_resi=share_quant_resi,
-                         quant_resi=quant_resi)
-        self.l2_norm = bool(l2_norm)
+        super().__init__(codebook_size, dim, scales, side, **options)
         self.entropy_weight = float(entropy_weight)
         self.soft_entropy = bool(soft_entropy)
         S = len(self.scales)

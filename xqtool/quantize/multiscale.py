@@ -9,30 +9,21 @@
     f_hat += m_b · h                               m_b = 1 iff si < n_scales[b] (quantizer dropout)
     f_rest -= h                                    (all samples)
 
-Subclasses provide ``_prepare_input`` (e.g. BSQ's l2-normalisation), ``lookup`` and ``codes``.
+Subclasses provide ``_prepare_input`` (e.g. BSQ's l2-normalisation), ``lookup`` and ``codes``. Every
+multi-scale branch is a :class:`~xqtool.quantize.base.MultiScaleUnit`: ``indices_to_var_input`` (teacher
+forcing) and ``var_step`` (one sampling step) are what VAR needs.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from xqtool.errors import ConfigError
-from xqtool.quantize.base import (
-    CodebookCache,
-    QuantOut,
-    check_index_list,
-    check_scales,
-    code_histogram,
-    ema_hit_update,
-    ema_usage,
-    histogram_stats,
-    straight_through,
-)
+from xqtool.quantize.base import BranchQuantizer, Codebook, QuantOut, check_index_list, straight_through
 from xqtool.quantize.phi import PhiBank
 
 
@@ -48,12 +39,13 @@ def bicubic_up(x: Tensor, side: int) -> Tensor:
     return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
 
 
-class MultiScaleBase(nn.Module):
+class MultiScaleBase(BranchQuantizer):
     """Residual multi-scale quantizer skeleton (see module docstring).
 
+    Args (beyond :class:`~xqtool.quantize.base.BranchQuantizer`'s): ``share_quant_resi`` (number of φ,
+    0 = one per scale) and ``quant_resi`` (φ's residual ratio r). Raises ConfigError with fewer than two scales.
+
     Attributes:
-        scales: coarse-to-fine sides, last == ``side``.
-        codebook_size: K.  dim: D.  side: H = W.  num_tokens: L = Σ pn².
         quant_resi: :class:`PhiBank` of φ convs (``quant_resi.qresi_ls.{k}``).
         ema_vocab_hit_SV: ``[S, K]`` persistent EMA of per-scale code hits (training only).
     """
@@ -68,22 +60,15 @@ class MultiScaleBase(nn.Module):
         scales: Sequence[int],
         side: int,
         *,
+        l2_norm: bool = True,
         beta: float = 0.25,
         share_quant_resi: int = 4,
         quant_resi: float = 0.5,
     ) -> None:
-        super().__init__()
-        self.scales: Tuple[int, ...] = check_scales(scales, side)
+        super().__init__(codebook_size, dim, scales, side, l2_norm=l2_norm, beta=beta)
         if len(self.scales) < 2:
             raise ConfigError("multi-scale quantizers need at least two scales; use VectorQuantizer for one")
-        self.codebook_size = int(codebook_size)
-        self.dim = int(dim)
-        self.side = int(side)
-        self.num_tokens = sum(pn * pn for pn in self.scales)
-        self.beta = float(beta)
         self.quant_resi = PhiBank(self.dim, len(self.scales), share_quant_resi, quant_resi)
-        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.scales), self.codebook_size))
-        self.record_hit = 0
 
     # ---- hooks -------------------------------------------------------------------------------
     def _prepare_input(self, f: Tensor) -> Tensor:
@@ -109,10 +94,6 @@ class MultiScaleBase(nn.Module):
             code = bicubic_up(code, self.side)
         return self.quant_resi[si](code)
 
-    def _check_input(self, z: Tensor) -> None:
-        if z.dim() != 4 or z.shape[1] != self.dim or z.shape[2] != self.side or z.shape[3] != self.side:
-            raise ValueError(f"expected z of shape [B, {self.dim}, {self.side}, {self.side}], got {tuple(z.shape)}")
-
     # ---- training forward ----------------------------------------------------------------------
     def forward(self, z: Tensor, n_scales: Optional[Tensor] = None) -> QuantOut:
         """Quantize ``z: [B, D, H, W]``; ``n_scales: [B]`` = scales kept per sample (quantizer dropout).
@@ -121,7 +102,7 @@ class MultiScaleBase(nn.Module):
         losses (``vq``, ``commit``, ``entropy``) and per-scale ``usage`` / ``perplexity`` stats (training
         ``usage``: from the EMA hit counts ``ema_vocab_hit_SV``, :func:`~xqtool.quantize.base.ema_usage`).
         """
-        self._check_input(z)
+        self.check_input(z)
         S, B = len(self.scales), z.shape[0]
         with torch.autocast(device_type=z.device.type, enabled=False):
             f = self._prepare_input(z.float())
@@ -149,13 +130,7 @@ class MultiScaleBase(nn.Module):
                 vq = vq + (m * (f_hat - f0).square()).mean() / ratio
                 commit = commit + (m * (f_hat.detach() - f).square()).mean() * (self.beta / ratio)
                 indices.append(idx)
-                hist = code_histogram(idx, self.codebook_size, reduce=self.training)
-                u, p = histogram_stats(hist)
-                if self.training:
-                    with torch.no_grad():
-                        ema_hit_update(self.ema_vocab_hit_SV[si], hist, self.record_hit)
-                        u = ema_usage(self.ema_vocab_hit_SV[si], B * self.side * self.side)
-                    self.record_hit += 1
+                u, p = self.usage_stats(idx, si, B)
                 usage.append(u)
                 perplexity.append(p)
             vq = vq / S
@@ -169,9 +144,9 @@ class MultiScaleBase(nn.Module):
 
     # ---- inference -----------------------------------------------------------------------------
     @torch.no_grad()
-    def quantize(self, z: Tensor) -> List[Tensor]:
+    def quantize_indices(self, z: Tensor) -> List[Tensor]:
         """Inference indices of ``z: [B, D, H, W]``: one ``[B, pn*pn]`` long tensor per scale."""
-        self._check_input(z)
+        self.check_input(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
             f_rest = self._prepare_input(z.float()).clone()
             out: List[Tensor] = []
@@ -201,7 +176,7 @@ class MultiScaleBase(nn.Module):
 
     # ---- VAR interface -------------------------------------------------------------------------
     @torch.no_grad()
-    def var_input(self, indices: Sequence[Tensor]) -> Tensor:
+    def indices_to_var_input(self, indices: Sequence[Tensor]) -> Tensor:
         """VAR teacher-forcing inputs ``[B, L − scales[0]², D]`` (var.md §3).
 
         For si = 0..S−2: f_hat += φ(bicubic-up(codes_si)); emit area(f_hat → scales[si+1]) flattened
@@ -217,7 +192,7 @@ class MultiScaleBase(nn.Module):
         return torch.cat(chunks, dim=1)
 
     @torch.no_grad()
-    def var_next(self, si: int, f_hat: Tensor, codes: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    def var_step(self, si: int, f_hat: Tensor, codes: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """One sampling step: ``f_hat [B,D,H,W] += φ(bicubic-up(codes [B,D,pn,pn]))``.
 
         Returns ``(f_hat, area(f_hat → scales[si+1]))`` with the next input ``[B, D, pn', pn']``, or
@@ -240,27 +215,10 @@ class MultiScaleVQ(MultiScaleBase):
     ``ema_vocab_hit_SV`` ``[S, K]``.
     """
 
-    def __init__(
-        self,
-        codebook_size: int,
-        dim: int,
-        scales: Sequence[int],
-        side: int,
-        *,
-        l2_norm: bool = True,
-        beta: float = 0.25,
-        share_quant_resi: int = 4,
-        quant_resi: float = 0.5,
-    ) -> None:
-        super().__init__(codebook_size, dim, scales, side, beta=beta, share_quant_resi=share_quant_resi,
-                         quant_resi=quant_resi)
-        self.l2_norm = bool(l2_norm)
-        self.embedding = nn.Embedding(self.codebook_size, self.dim)
-        with torch.no_grad():
-            self.embedding.weight.uniform_(-1.0 / self.codebook_size, 1.0 / self.codebook_size)
-            if self.l2_norm:
-                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=1))
-        self._cache = CodebookCache()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The arguments of :class:`MultiScaleBase`; adds the learned codebook ``embedding``."""
+        super().__init__(*args, **kwargs)
+        self.embedding = Codebook(self.codebook_size, self.dim, self.l2_norm)
 
     def _search_codebook(self) -> Tuple[Tensor, Tensor]:
         """(codebook used by the search ``[D, K]``, squared row norms ``[K]``), cached in eval mode."""
@@ -271,11 +229,7 @@ class MultiScaleVQ(MultiScaleBase):
                 return F.normalize(wf, dim=1).t().contiguous(), wf.new_empty(0)
             return wf.t().contiguous(), wf.square().sum(dim=1)
 
-        return self._cache.get(self.embedding.weight, compute, self.training)
-
-    def train(self, mode: bool = True) -> "MultiScaleVQ":  # noqa: D102
-        self._cache.clear()
-        return super().train(mode)
+        return self.embedding.cached(compute)
 
     def lookup(self, r: Tensor, si: int) -> Tensor:  # noqa: D102
         B, D, pn, _ = r.shape

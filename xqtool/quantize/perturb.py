@@ -59,17 +59,13 @@ def perturb_latent(
     if nb == 0 or alpha <= 0 or delta <= 1:
         return zq
     with torch.autocast(device_type=z.device.type, enabled=False):
-        x = q._flat(z[:nb])  # [nb·H·W, D]
-        cb, sq = q._search_codebook()
-        xd = x.detach()
-        d = torch.addmm(xd.square().sum(dim=1, keepdim=True) + sq, xd, cb.t(), alpha=-2, beta=1)
-        near = torch.topk(d, delta, dim=1, largest=False).indices  # [N, delta], nearest first
+        x = q.flatten(z[:nb])  # [nb·H·W, D]
+        near = torch.topk(q.distances(x), delta, dim=1, largest=False).indices  # [N, delta], nearest first
         n = near.shape[0]
         dev = z.device if generator is None else generator.device
         flip = torch.rand(n, generator=generator, device=dev).to(z.device)
         pick = torch.randint(0, delta, (n,), generator=generator, device=dev).to(z.device)
         choice = torch.where(flip < alpha, pick, torch.zeros_like(pick))
         idx = near.gather(1, choice.view(-1, 1)).squeeze(1)
-        pert = straight_through(q._codebook()[idx], x)
-        pert = pert.view(nb, q.side, q.side, q.dim).permute(0, 3, 1, 2)
+        pert = q.unflatten(straight_through(q.code_vectors()[idx], x))
     return torch.cat([pert.to(zq.dtype), zq[nb:]], dim=0)

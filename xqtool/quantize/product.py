@@ -3,6 +3,11 @@
 Branch order is checkpoint order (``quantizes.{i}.…``); the LAST branch is the semantic one. Branch maps
 are concatenated on channels (branch 0 first): f_hat ``[B, P*D, H, W]``. Tokens are ``[B, P, L]`` with
 L = Σ pn², per branch the per-scale row-major index maps concatenated coarse → fine.
+
+Naming: methods on *tokens* ``[B, P, L]`` (``quantize``, ``tokens_to_fhat``, ``tokens_to_codes``, ``var_input``,
+``var_next``) never share a name with the branch methods on per-scale *indices* (``quantize_indices``,
+``indices_to_fhat``, ``codes``, ``indices_to_var_input``, ``var_step``). A ProductQuantizer is a
+:class:`~xqtool.quantize.base.VARQuantizer`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from xqtool.errors import ConfigError, TokenError
-from xqtool.quantize.base import ProductQuantOut
+from xqtool.quantize.base import BranchQuantizer, MultiScaleUnit, ProductQuantOut, as_multiscale
 
 
 class ProductQuantizer(nn.Module):
@@ -33,7 +38,7 @@ class ProductQuantizer(nn.Module):
         start_drop: smallest number of kept scales for a dropout sample.
     """
 
-    def __init__(self, branches: Sequence[nn.Module], codebook_drop: float = 0.0, start_drop: int = 1) -> None:
+    def __init__(self, branches: Sequence[BranchQuantizer], codebook_drop: float = 0.0, start_drop: int = 1) -> None:
         super().__init__()
         if len(branches) == 0:
             raise ConfigError("quant.product_quant must be >= 1")
@@ -132,7 +137,7 @@ class ProductQuantizer(nn.Module):
     def quantize(self, z_list: Sequence[Tensor]) -> Tensor:
         """Inference tokens ``[B, P, L]`` of P latents ``[B, D, H, W]``."""
         self._check_z(z_list)
-        return torch.stack([torch.cat(q.quantize(z), dim=1) for q, z in zip(self.quantizes, z_list)], dim=1)
+        return torch.stack([torch.cat(q.quantize_indices(z), dim=1) for q, z in zip(self.quantizes, z_list)], dim=1)
 
     @torch.no_grad()
     def tokens_to_fhat(self, tokens: Union[Tensor, np.ndarray], cumulative: bool = False
@@ -144,7 +149,7 @@ class ProductQuantizer(nn.Module):
             return [torch.cat([p[si] for p in per], dim=1) for si in range(len(per[0]))]
         return torch.cat(per, dim=1)
 
-    def codes(self, ids: Tensor, si: int) -> Tensor:
+    def tokens_to_codes(self, ids: Tensor, si: int) -> Tensor:
         """Code vectors ``[B, P*D, pn, pn]`` of ``ids: [B, P, pn*pn]`` at scale ``si``."""
         pn = self.scales[si]
         if not isinstance(ids, Tensor) or ids.dim() != 3 or ids.shape[1] != self.num_branches \
@@ -159,10 +164,16 @@ class ProductQuantizer(nn.Module):
         return torch.cat([q.codes(ids[:, p].long(), si) for p, q in enumerate(self.quantizes)], dim=1)
 
     # ---- VAR interface ---------------------------------------------------------------------------
+    def _var_units(self) -> List[MultiScaleUnit]:
+        """The branches as multi-scale units; ConfigError for a single-scale tokenizer."""
+        return [as_multiscale(q) for q in self.quantizes]
+
     @torch.no_grad()
     def var_input(self, tokens: Union[Tensor, np.ndarray]) -> Tensor:
-        """Teacher-forcing inputs ``[B, L − scales[0]², P*D]`` (branch 0 channels first)."""
-        return torch.cat([q.var_input(ids) for q, ids in zip(self.quantizes, self.split_tokens(tokens))], dim=-1)
+        """Teacher-forcing inputs ``[B, L − scales[0]², P*D]`` (branch 0 channels first). Raises ConfigError
+        for single-scale branches, TokenError for invalid tokens."""
+        units = self._var_units()
+        return torch.cat([q.indices_to_var_input(ids) for q, ids in zip(units, self.split_tokens(tokens))], dim=-1)
 
     @torch.no_grad()
     def var_next(self, si: int, f_hat: Tensor, ids: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
@@ -170,11 +181,12 @@ class ProductQuantizer(nn.Module):
 
         Returns ``(f_hat, next)`` with ``next`` ``[B, pn_next², P*D]`` (None at the last scale).
         """
-        codes = self.codes(ids, si)
+        units = self._var_units()
+        codes = self.tokens_to_codes(ids, si)
         D = self.dim
         new_f, nxt = [], []
-        for p, q in enumerate(self.quantizes):
-            f_p, n_p = q.var_next(si, f_hat[:, p * D:(p + 1) * D], codes[:, p * D:(p + 1) * D])
+        for p, q in enumerate(units):
+            f_p, n_p = q.var_step(si, f_hat[:, p * D:(p + 1) * D], codes[:, p * D:(p + 1) * D])
             new_f.append(f_p)
             nxt.append(n_p)
         f_hat = torch.cat(new_f, dim=1)
