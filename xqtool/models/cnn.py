@@ -118,10 +118,17 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: ``res`` blocks, optional ``attn`` blocks (one after each res), optional resampler."""
+    """One resolution level: ``res`` blocks, optional ``attn`` blocks (one after each res), optional resampler
+    (``downsample`` in the encoder, ``upsample`` in the decoder, set by the owner)."""
 
-    def __init__(self, res: list[nn.Module], attn: list[nn.Module]) -> None:
+    def __init__(self, block_in: int, block_out: int, num_blocks: int, with_attn: bool, dropout: float) -> None:
         super().__init__()
+        res, attn = [], []
+        for _ in range(num_blocks):
+            res.append(ResnetBlock(block_in, block_out, dropout))
+            block_in = block_out
+            if with_attn:
+                attn.append(AttnBlock(block_in))
         self.res = nn.ModuleList(res)
         self.attn = nn.ModuleList(attn)
 
@@ -133,58 +140,58 @@ class _Level(nn.Module):
         return h
 
 
-def _mid(channels: int, dropout: float) -> nn.ModuleList:
-    return nn.ModuleList(
-        [ResnetBlock(channels, channels, dropout), AttnBlock(channels), ResnetBlock(channels, channels, dropout)]
-    )
+class _ConvStack(nn.Module):
+    """What the CNN encoder and decoder share: the validated ``ch_mult``, ``z_channels``, the middle
+    (res, attn, res) stack and the output head (``norm_out`` → swish → ``conv_out``).
 
+    Raises ConfigError when ``ch_mult`` is empty or has a non-positive entry.
+    """
 
-def _check_ch_mult(ch_mult: Sequence[int]) -> tuple[int, ...]:
-    ch_mult = tuple(int(m) for m in ch_mult)
-    if not ch_mult or any(m <= 0 for m in ch_mult):
-        raise ConfigError(f"model.ch_mult must be a non-empty list of positive ints, got {list(ch_mult)}")
-    return ch_mult
-
-
-class CNNEncoder(nn.Module):
-    """``[B, in_channels, H, W] -> [B, z_channels, H / 2**(len(ch_mult)-1), W / 2**(len(ch_mult)-1)]``."""
-
-    def __init__(
-        self,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 2,
-        z_channels: int = 256,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, ch_mult: Sequence[int], z_channels: int) -> None:
         super().__init__()
-        ch_mult = _check_ch_mult(ch_mult)
+        ch_mult = tuple(int(m) for m in ch_mult)
+        if not ch_mult or any(m <= 0 for m in ch_mult):
+            raise ConfigError(f"model.ch_mult must be a non-empty list of positive ints, got {list(ch_mult)}")
         self.ch_mult = ch_mult
         self.z_channels = z_channels
-        self.downsample_factor = 2 ** (len(ch_mult) - 1)
+
+    def _init_mid(self, channels: int, dropout: float) -> None:
+        self.mid = nn.ModuleList(
+            [ResnetBlock(channels, channels, dropout), AttnBlock(channels), ResnetBlock(channels, channels, dropout)]
+        )
+
+    def _init_out(self, channels: int, out_channels: int) -> None:
+        self.norm_out = normalize(channels)
+        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def _run_mid(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.mid:
+            h = block(h)
+        return h
+
+    def _run_out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class CNNEncoder(_ConvStack):
+    """``[B, in_channels, H, W] -> [B, z_channels, H / 2**(len(ch_mult)-1), W / 2**(len(ch_mult)-1)]``."""
+
+    def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, z_channels: int = 256, dropout: float = 0.0) -> None:
+        super().__init__(ch_mult, z_channels)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        in_mult = (1,) + ch_mult
+        in_mult = (1,) + self.ch_mult
         levels = []
-        block_in = ch
-        for i, m in enumerate(ch_mult):
-            block_in = ch * in_mult[i]
-            block_out = ch * m
-            last = i == len(ch_mult) - 1
-            res, attn = [], []
-            for _ in range(num_res_blocks):
-                res.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if last:
-                    attn.append(AttnBlock(block_in))
-            level = _Level(res, attn)
+        for i, m in enumerate(self.ch_mult):
+            last = i == len(self.ch_mult) - 1
+            level = _Level(ch * in_mult[i], ch * m, num_res_blocks, last, dropout)
             if not last:
-                level.downsample = Downsample(block_in)
+                level.downsample = Downsample(ch * m)
             levels.append(level)
         self.conv_blocks = nn.ModuleList(levels)
-        self.mid = _mid(block_in, dropout)
-        self.norm_out = normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+        block_in = ch * self.ch_mult[-1]
+        self._init_mid(block_in, dropout)
+        self._init_out(block_in, z_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -192,48 +199,29 @@ class CNNEncoder(nn.Module):
             h = level.run_blocks(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        for block in self.mid:
-            h = block(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self._run_out(self._run_mid(h))
 
 
-class CNNDecoder(nn.Module):
+class CNNDecoder(_ConvStack):
     """``[B, z_channels, h, w] -> [B, out_channels, h * 2**(len(ch_mult)-1), …]`` (unbounded output)."""
 
-    def __init__(
-        self,
-        out_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 2,
-        z_channels: int = 256,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        ch_mult = _check_ch_mult(ch_mult)
-        self.ch_mult = ch_mult
-        self.z_channels = z_channels
-        self.upsample_factor = 2 ** (len(ch_mult) - 1)
-        block_in = ch * ch_mult[-1]
+    def __init__(self, out_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, z_channels: int = 256, dropout: float = 0.0) -> None:
+        super().__init__(ch_mult, z_channels)
+        block_in = ch * self.ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _mid(block_in, dropout)
+        self._init_mid(block_in, dropout)
         levels = []
-        n = len(ch_mult)
+        n = len(self.ch_mult)
         for i in range(n):
-            block_out = ch * ch_mult[n - 1 - i]
-            res, attn = [], []
-            for _ in range(num_res_blocks + 1):
-                res.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i == 0:
-                    attn.append(AttnBlock(block_in))
-            level = _Level(res, attn)
+            block_out = ch * self.ch_mult[n - 1 - i]
+            level = _Level(block_in, block_out, num_res_blocks + 1, i == 0, dropout)
+            block_in = block_out
             if i != n - 1:
                 level.upsample = Upsample(block_in)
             levels.append(level)
         self.conv_blocks = nn.ModuleList(levels)
-        self.norm_out = normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        self._init_out(block_in, out_channels)
 
     @property
     def last_layer(self) -> nn.Parameter:
@@ -241,11 +229,9 @@ class CNNDecoder(nn.Module):
         return self.conv_out.weight
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        for block in self.mid:
-            h = block(h)
+        h = self._run_mid(self.conv_in(z))
         for level in self.conv_blocks:
             h = level.run_blocks(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self._run_out(h)

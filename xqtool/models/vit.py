@@ -73,18 +73,6 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def _run_blocks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm_pre → blocks (gradient-checkpointed when enabled on the timm model) → final norm."""
-    x = model.norm_pre(x)
-    if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
-        from timm.models._manipulate import checkpoint_seq
-
-        x = checkpoint_seq(model.blocks, x)
-    else:
-        x = model.blocks(x)
-    return model.norm(x)
-
-
 def _pos_grid(model: nn.Module) -> torch.Tensor:
     """The pos-embed slots of the image grid ``[1, g·g, E]`` (prefix/cls slots removed)."""
     start = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
@@ -98,13 +86,57 @@ def _level_ids(num_prefix_positions: int, counts: list[int]) -> torch.Tensor:
     return torch.cat(parts).unsqueeze(0)
 
 
-class _ViTShape:
-    """Shape facts shared by the ViT encoder and decoder (set ``model``, ``_grid``, ``_num_latent``, ``_latent_side``)."""
+class _LatentViT(nn.Module):
+    """What the ViT encoder and decoder share: the timm backbone ``model``, the grid / latent shape facts, the level
+    embedding (``lvl_embed``, ``lvl1LC``), the optional learned latent positions and the transformer run.
 
-    model: nn.Module
-    _grid: int
-    _num_latent: int
-    _latent_side: int
+    Raises ConfigError when ``image_size`` is not a multiple of ``patch_size``, ``num_latent_tokens`` is not a perfect
+    square (with ``abs_pos_embed``) or the timm model is unknown.
+    """
+
+    def __init__(self, model_name: str, image_size: int, patch_size: int, num_latent_tokens: int, abs_pos_embed: bool,
+                 drop_path_rate: float, backbone_overrides: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = build_vit_backbone(model_name, image_size, patch_size, drop_path_rate, **backbone_overrides)
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self._grid = image_size // patch_size
+        self._num_latent = num_latent_tokens
+        self._latent_side = _latent_side(num_latent_tokens, abs_pos_embed)
+        self.abs_pos_embed = abs_pos_embed
+
+    def _init_levels(self, counts: list[int], num_positions: int) -> None:
+        """Create ``lvl_embed`` (``1 + len(counts)`` rows: level 0 = image prefix, level i + 1 = ``counts[i]``
+        tokens), ``latent_pos_embed [1, num_positions, E]`` (None with ``abs_pos_embed``) and ``lvl1LC``."""
+        e = self.model.embed_dim
+        self.lvl_embed = nn.Embedding(1 + len(counts), e)
+        nn.init.trunc_normal_(self.lvl_embed.weight, std=math.sqrt(1.0 / e / 3.0))
+        if self.abs_pos_embed:
+            self.latent_pos_embed = None
+        else:
+            self.latent_pos_embed = nn.Parameter(torch.empty(1, num_positions, e))
+            nn.init.trunc_normal_(self.latent_pos_embed, std=0.02)
+        n_prefix = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+        self.register_buffer("lvl1LC", _level_ids(n_prefix, counts), persistent=False)
+
+    def _run_transformer(self, h: torch.Tensor, cast: Optional[torch.dtype]) -> torch.Tensor:
+        """norm_pre → blocks (gradient-checkpointed when enabled on the timm model) → final norm; ``[B, T, E]``.
+
+        Training under autocast (``cast``) runs the residual stream in the autocast dtype (as the reference does,
+        saving memory); inference keeps it fp32 (matmuls still in bf16/fp16), which keeps tokens closer to fp32
+        at almost no cost.
+        """
+        if cast is not None and self.training:
+            h = h.to(cast)
+        model = self.model
+        h = model.norm_pre(h)
+        if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            from timm.models._manipulate import checkpoint_seq
+
+            h = checkpoint_seq(model.blocks, h)
+        else:
+            h = model.blocks(h)
+        return model.norm(h)
 
     @property
     def embed_dim(self) -> int:
@@ -127,52 +159,25 @@ class _ViTShape:
         return self._latent_side
 
 
-class ViTEncoder(_ViTShape, nn.Module):
+class ViTEncoder(_LatentViT):
     """DINOv2 ViT encoder emitting ``P·N`` learned latent tokens.
 
     ``forward(x [B, 3, S, S] in [-1, 1]) -> [B, P·N, E]`` (branch ``i`` = tokens ``i·N … (i+1)·N − 1``, each a
-    row-major √N×√N grid).
+    row-major √N×√N grid). Raises ConfigError when ``num_branches < 1`` (and see :class:`_LatentViT`).
     """
 
-    def __init__(
-        self,
-        model_name: str = DEFAULT_VIT,
-        image_size: int = 256,
-        patch_size: int = 16,
-        num_latent_tokens: int = 256,
-        num_branches: int = 1,
-        abs_pos_embed: bool = True,
-        drop_path_rate: float = 0.0,
-        **backbone_overrides: Any,
-    ) -> None:
-        super().__init__()
+    def __init__(self, model_name: str = DEFAULT_VIT, image_size: int = 256, patch_size: int = 16,
+                 num_latent_tokens: int = 256, num_branches: int = 1, abs_pos_embed: bool = True,
+                 drop_path_rate: float = 0.0, **backbone_overrides: Any) -> None:
         if num_branches < 1:
             raise ConfigError(f"quant.product_quant must be >= 1, got {num_branches}")
-        self.model = build_vit_backbone(model_name, image_size, patch_size, drop_path_rate, **backbone_overrides)
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self._grid = image_size // patch_size
-        self._num_latent = num_latent_tokens
-        self._latent_side = _latent_side(num_latent_tokens, abs_pos_embed)
+        super().__init__(model_name, image_size, patch_size, num_latent_tokens, abs_pos_embed, drop_path_rate,
+                         backbone_overrides)
         self.num_branches = num_branches
-        self.abs_pos_embed = abs_pos_embed
-        e = self.model.embed_dim
         total = num_branches * num_latent_tokens
-
-        self.latent_tokens = nn.Parameter(torch.empty(1, total, e))
+        self.latent_tokens = nn.Parameter(torch.empty(1, total, self.model.embed_dim))
         nn.init.normal_(self.latent_tokens, std=1e-6)
-        self.lvl_embed = nn.Embedding(1 + num_branches, e)
-        nn.init.trunc_normal_(self.lvl_embed.weight, std=math.sqrt(1.0 / e / 3.0))
-        if abs_pos_embed:
-            self.latent_pos_embed = None
-        else:
-            self.latent_pos_embed = nn.Parameter(torch.empty(1, total, e))
-            nn.init.trunc_normal_(self.latent_pos_embed, std=0.02)
-        n_prefix = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
-        self.register_buffer(
-            "lvl1LC", _level_ids(n_prefix, [num_latent_tokens] * num_branches), persistent=False
-        )
-
+        self._init_levels([num_latent_tokens] * num_branches, total)
 
     def _latents(self) -> torch.Tensor:
         """Latent tokens plus their positional signal, fp32: ``[1, P·N, E]``."""
@@ -195,12 +200,7 @@ class ViTEncoder(_ViTShape, nn.Module):
             lat = self._latents().expand(b, -1, -1)
             h = torch.cat([h, lat], dim=1)
             h = h + self.lvl_embed(self.lvl1LC).float()
-        if cast is not None and self.training:
-            # Training under autocast runs the residual stream in the autocast dtype (as the reference
-            # does, saving memory); inference keeps it fp32 (matmuls still in bf16/fp16), which keeps
-            # tokens closer to fp32 at almost no cost.
-            h = h.to(cast)
-        h = _run_blocks(m, h)
+        h = self._run_transformer(h, cast)
         return h[:, -self.num_branches * self._num_latent :]
 
 
@@ -243,52 +243,25 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int = 3) -> torc
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, g * p, g * p)
 
 
-class ViTDecoder(_ViTShape, nn.Module):
+class ViTDecoder(_LatentViT):
     """DINOv2 ViT decoder: ``forward(z [B, N, E]) -> [B, 3, S, S]`` (unbounded).
 
     Sequence = [cls, g·g mask tokens, cls, N latents] (+ pos-embed, + lvl_embed), blocks, final norm, image positions
     → ``to_pixel`` → unpatchify. The backbone's patch embedding is replaced by a parameter-free stub (not in the
-    state_dict, matching the official layout).
+    state_dict, matching the official layout). Raises ConfigError as :class:`_LatentViT`.
     """
 
-    def __init__(
-        self,
-        model_name: str = DEFAULT_VIT,
-        image_size: int = 256,
-        patch_size: int = 16,
-        num_latent_tokens: int = 256,
-        abs_pos_embed: bool = True,
-        drop_path_rate: float = 0.0,
-        **backbone_overrides: Any,
-    ) -> None:
-        super().__init__()
-        self.model = build_vit_backbone(model_name, image_size, patch_size, drop_path_rate, **backbone_overrides)
+    def __init__(self, model_name: str = DEFAULT_VIT, image_size: int = 256, patch_size: int = 16,
+                 num_latent_tokens: int = 256, abs_pos_embed: bool = True, drop_path_rate: float = 0.0,
+                 **backbone_overrides: Any) -> None:
+        super().__init__(model_name, image_size, patch_size, num_latent_tokens, abs_pos_embed, drop_path_rate,
+                         backbone_overrides)
         pe = self.model.patch_embed
         self.model.patch_embed = _PatchGridStub(tuple(pe.img_size), tuple(pe.patch_size), tuple(pe.grid_size))
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self._grid = image_size // patch_size
-        self._num_latent = num_latent_tokens
-        self._latent_side = _latent_side(num_latent_tokens, abs_pos_embed)
-        self.abs_pos_embed = abs_pos_embed
-        e = self.model.embed_dim
-
-        self.mask_token = nn.Parameter(torch.empty(1, 1, e))
+        self.mask_token = nn.Parameter(torch.empty(1, 1, self.model.embed_dim))
         nn.init.normal_(self.mask_token, std=1e-6)
-        self.lvl_embed = nn.Embedding(2, e)
-        nn.init.trunc_normal_(self.lvl_embed.weight, std=math.sqrt(1.0 / e / 3.0))
-        if abs_pos_embed:
-            self.latent_pos_embed = None
-        else:
-            self.latent_pos_embed = nn.Parameter(torch.empty(1, num_latent_tokens, e))
-            nn.init.trunc_normal_(self.latent_pos_embed, std=0.02)
-        n_prefix = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
-        self.register_buffer(
-            "lvl1LC",
-            _level_ids(n_prefix, [self.model.num_prefix_tokens + num_latent_tokens]),
-            persistent=False,
-        )
-        self.to_pixel = ToPixel(e, patch_size)
+        self._init_levels([self.model.num_prefix_tokens + num_latent_tokens], num_latent_tokens)
+        self.to_pixel = ToPixel(self.model.embed_dim, patch_size)
 
     @property
     def last_layer(self) -> nn.Parameter:
@@ -316,12 +289,7 @@ class ViTDecoder(_ViTShape, nn.Module):
                 lat = lat + resample_pos_grid(_pos_grid(m).float(), side, side)
             h = torch.cat([h, prefix, lat], dim=1)
             h = h + self.lvl_embed(self.lvl1LC).float()
-        if cast is not None and self.training:
-            # Training under autocast runs the residual stream in the autocast dtype (as the reference
-            # does, saving memory); inference keeps it fp32 (matmuls still in bf16/fp16), which keeps
-            # tokens closer to fp32 at almost no cost.
-            h = h.to(cast)
-        h = _run_blocks(m, h)
+        h = self._run_transformer(h, cast)
         start = m.num_prefix_tokens
         pix = self.to_pixel(h[:, start : start + num_patches])  # [B, g·g, 3·p·p]
         return unpatchify(pix, self.patch_size)
