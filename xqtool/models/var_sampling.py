@@ -257,8 +257,6 @@ def sample_tokens(
     gens = image_generators(seeds, device) if seeds is not None else None
     if gens is not None and len(gens) != B:
         raise ValueError(f"got {len(gens)} seeds for a batch of {B}")
-    if gens is None and generator is None:
-        generator = None  # global RNG, upstream g_seed=None
     lab = _labels_tensor(labels, B, var.num_classes, device, gens, generator)
 
     amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())

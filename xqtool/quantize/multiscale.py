@@ -16,6 +16,7 @@ forcing) and ``var_step`` (one sampling step) are what VAR needs.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -75,13 +76,9 @@ class MultiScaleBase(BranchQuantizer):
         """Map the fp32 input ``[B, D, H, W]`` to the vector being quantized (identity here)."""
         return f
 
+    @abstractmethod
     def lookup(self, r: Tensor, si: int) -> Tensor:
         """Indices ``[B, pn*pn]`` of the (downsampled) residual ``r: [B, D, pn, pn]``."""
-        raise NotImplementedError
-
-    def codes(self, idx: Tensor, si: int) -> Tensor:
-        """Code vectors ``[B, D, pn, pn]`` of the indices ``idx: [B, pn*pn]`` at scale ``si``."""
-        raise NotImplementedError
 
     def _entropy_term(self, f: Tensor, f_hat: Tensor, keep: Tensor, si: int) -> Optional[Tensor]:
         """Entropy regulariser of scale ``si`` (LFQ only); None when there is none."""

@@ -13,7 +13,7 @@ Naming: methods on *tokens* ``[B, P, L]`` (``quantize``, ``tokens_to_fhat``, ``t
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -93,13 +93,18 @@ class ProductQuantizer(nn.Module):
         if tokens.dim() != 3 or tokens.shape[1] != P or tokens.shape[2] != L:
             raise TokenError(f"tokens have shape {tuple(tokens.shape)}, expected [N, {P}, {L}] "
                              f"(P={P} branches, L={L} tokens for scales {list(self.scales)})")
-        bad = (tokens < 0) | (tokens >= self.codebook_size)
+        self._check_range(tokens, self._scale_of)
+        return tokens.long()
+
+    def _check_range(self, ids: Tensor, locate: Callable[[int], Tuple[int, int]]) -> None:
+        """TokenError naming row, branch, scale and position of the first id of ``ids [B, P, n]`` outside
+        0..K−1; ``locate`` maps a position on the last axis to (scale, position inside the scale)."""
+        bad = (ids < 0) | (ids >= self.codebook_size)
         if bool(bad.any()):
             row, branch, pos = (int(v) for v in bad.nonzero()[0])
-            si, k = self._scale_of(pos)
+            si, k = locate(pos)
             raise TokenError(f"token out of range at row {row}, branch {branch}, scale {si} (position {k}): "
-                             f"value {int(tokens[row, branch, pos])}, valid range is 0..{self.codebook_size - 1}")
-        return tokens.long()
+                             f"value {int(ids[row, branch, pos])}, valid range is 0..{self.codebook_size - 1}")
 
     def split_tokens(self, tokens: Union[Tensor, np.ndarray]) -> List[List[Tensor]]:
         """``[B, P, L]`` → list (P) of list (S) of ``[B, pn*pn]`` (validated)."""
@@ -150,17 +155,14 @@ class ProductQuantizer(nn.Module):
         return torch.cat(per, dim=1)
 
     def tokens_to_codes(self, ids: Tensor, si: int) -> Tensor:
-        """Code vectors ``[B, P*D, pn, pn]`` of ``ids: [B, P, pn*pn]`` at scale ``si``."""
+        """Code vectors ``[B, P*D, pn, pn]`` of one scale's tokens ``ids: [B, P, pn*pn]`` (branch 0 channels
+        first). Raises TokenError on a wrong shape, a float dtype or an id outside 0..K−1."""
         pn = self.scales[si]
         if not isinstance(ids, Tensor) or ids.dim() != 3 or ids.shape[1] != self.num_branches \
                 or ids.shape[2] != pn * pn or ids.dtype.is_floating_point:
             raise TokenError(f"scale {si}: ids must be an integer tensor [B, {self.num_branches}, {pn * pn}], "
                              f"got {getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
-        bad = (ids < 0) | (ids >= self.codebook_size)
-        if bool(bad.any()):
-            row, branch, k = (int(v) for v in bad.nonzero()[0])
-            raise TokenError(f"token out of range at row {row}, branch {branch}, scale {si} (position {k}): "
-                             f"value {int(ids[row, branch, k])}, valid range is 0..{self.codebook_size - 1}")
+        self._check_range(ids, lambda k: (si, k))
         return torch.cat([q.codes(ids[:, p].long(), si) for p, q in enumerate(self.quantizes)], dim=1)
 
     # ---- VAR interface ---------------------------------------------------------------------------
