@@ -119,6 +119,17 @@ class _LatentViT(nn.Module):
         n_prefix = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
         self.register_buffer("lvl1LC", _level_ids(n_prefix, counts), persistent=False)
 
+    def _with_latent_pos(self, lat: torch.Tensor, groups: int) -> torch.Tensor:
+        """``lat [b, groups·N, E]`` (fp32) plus the latent positions: the learned ``latent_pos_embed``, or the
+        backbone's image-grid positions resampled to √N×√N (spec §2.3, §2.5) added to each of the ``groups`` blocks."""
+        if self.latent_pos_embed is not None:
+            return lat + self.latent_pos_embed.float()
+        side = self._latent_side
+        pos = resample_pos_grid(_pos_grid(self.model).float(), side, side)  # [1, N, E]
+        b = lat.shape[0]
+        lat = lat.view(b, groups, self._num_latent, -1) + pos.unsqueeze(1)
+        return lat.reshape(b, groups * self._num_latent, -1)
+
     def _run_transformer(self, h: torch.Tensor, cast: Optional[torch.dtype]) -> torch.Tensor:
         """norm_pre → blocks (gradient-checkpointed when enabled on the timm model) → final norm; ``[B, T, E]``.
 
@@ -179,16 +190,6 @@ class ViTEncoder(_LatentViT):
         nn.init.normal_(self.latent_tokens, std=1e-6)
         self._init_levels([num_latent_tokens] * num_branches, total)
 
-    def _latents(self) -> torch.Tensor:
-        """Latent tokens plus their positional signal, fp32: ``[1, P·N, E]``."""
-        lat = self.latent_tokens.float()
-        if self.latent_pos_embed is not None:
-            return lat + self.latent_pos_embed.float()
-        side = self._latent_side
-        pos = resample_pos_grid(_pos_grid(self.model).float(), side, side)  # [1, N, E]
-        lat = lat.view(1, self.num_branches, self._num_latent, -1) + pos.unsqueeze(1)
-        return lat.reshape(1, self.num_branches * self._num_latent, -1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         b = x.shape[0]
@@ -197,7 +198,7 @@ class ViTEncoder(_LatentViT):
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = m._pos_embed(h.float())  # [B, prefix + g·g, E]: cls + pos slot 0, tokens + slots 1…
             h = m.patch_drop(h)
-            lat = self._latents().expand(b, -1, -1)
+            lat = self._with_latent_pos(self.latent_tokens.float(), self.num_branches).expand(b, -1, -1)
             h = torch.cat([h, lat], dim=1)
             h = h + self.lvl_embed(self.lvl1LC).float()
         h = self._run_transformer(h, cast)
@@ -281,13 +282,7 @@ class ViTDecoder(_LatentViT):
             masks = self.mask_token.float().expand(b, num_patches, -1)
             h = m._pos_embed(masks)  # [B, prefix + g·g, E]
             prefix = h[:, : m.num_prefix_tokens]  # cls (+ its pos slot), identical for the second copy
-            lat = z.float()
-            if self.latent_pos_embed is not None:
-                lat = lat + self.latent_pos_embed.float()
-            else:
-                side = self._latent_side
-                lat = lat + resample_pos_grid(_pos_grid(m).float(), side, side)
-            h = torch.cat([h, prefix, lat], dim=1)
+            h = torch.cat([h, prefix, self._with_latent_pos(z.float(), 1)], dim=1)
             h = h + self.lvl_embed(self.lvl1LC).float()
         h = self._run_transformer(h, cast)
         start = m.num_prefix_tokens
