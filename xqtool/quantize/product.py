@@ -36,6 +36,8 @@ class ProductQuantizer(nn.Module):
             but the semantic/detail losses skip the first ``n_drop`` samples whenever codebook_drop > 0, single-scale
             configs included (§5.2, e.g. VP2-4096 with 0.1).
         start_drop: smallest number of kept scales for a dropout sample.
+
+    Raises ConfigError when ``branches`` is empty or the branches differ in scales, side, dim or codebook size.
     """
 
     def __init__(self, branches: Sequence[BranchQuantizer], codebook_drop: float = 0.0, start_drop: int = 1) -> None:
