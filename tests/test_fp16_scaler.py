@@ -23,9 +23,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import AutocastKwargs
-from PIL import Image
 
 from conftest import photo_crops, to_tensor
+from test_parity_training import photos  # noqa: F401  (the 8 + 4 photo folder fixture)
 from xqtool.config import load_tokenizer_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,16 +64,6 @@ def cpu_grad_scaler(monkeypatch):
     AcceleratorState._reset_state()  # the process-wide state fixes mixed_precision at the first Accelerator
     yield made, made_settings
     AcceleratorState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fp16") / "photos"
-    for split, n in (("train", 8), ("val", 4)):
-        (root / split / "c").mkdir(parents=True)
-        for i, arr in enumerate(photo_crops(n, 32, seed=len(split))):
-            Image.fromarray(arr).save(root / split / "c" / f"{i}.png")
-    return root
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
