@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from _data_fixtures import write_class_tree, write_file_list
 from xqtool.data import open_image_source
 from xqtool.data.tokens import load_tokens, token_dataset
-from xqtool.data.transforms import to_uint8
+from xqtool.metrics import to_uint8_hwc
 from xqtool.errors import DataError, TokenError
 from xqtool.tasks.decode import decode_tokens
 from xqtool.tasks.encode import encode_images, partial_dir
@@ -74,7 +74,7 @@ def test_decode_of_encode_equals_reconstruct_and_progressive(tiny, tmp_path):
     assert res.count == len(keys)
     images = torch.stack([s["image"] for s in open_image_source(root, image_size=tok.image_size)])
     # decode is batch-size invariant: each image is decoded alone
-    expected = np.concatenate([to_uint8(tok.reconstruct(images[i : i + 1])) for i in range(len(images))])
+    expected = np.concatenate([to_uint8_hwc(tok.reconstruct(images[i : i + 1])) for i in range(len(images))])
     for i, k in enumerate(sorted(keys)):
         got = np.asarray(Image.open(tmp_path / "out" / f"{k}.png"))
         assert np.array_equal(got, expected[i]), k

@@ -29,9 +29,9 @@ from xqtool.data.tokens import (
     check_token_rows,
     load_tokens,
 )
-from xqtool.data.transforms import to_uint8
 from xqtool.errors import ConfigError, TokenError
 from xqtool.fsutil import atomic_write_bytes, check_output, fresh_output_dir, output_lock
+from xqtool.metrics import to_uint8_hwc
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,10 @@ def _decode_into(out: Path, path: Path, manifest: TokenManifest, tok: Any, dev: 
         ids = torch.from_numpy(arr.astype(np.int64)).to(dev)
         amp = torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with torch.inference_mode(), amp:
-            images = to_uint8(tok.decode_each(ids))  # one image at a time: PNGs independent of -b
+            images = to_uint8_hwc(tok.decode_each(ids))  # one image at a time: PNGs independent of -b
             strips = None
             if progressive:  # per image: [row][scale] -> [S,S,3]; rows = all branches, then each branch
-                strips = [[[to_uint8(img)[0] for img in tok.decode_progressive(ids[j : j + 1], branches=br)]
+                strips = [[[to_uint8_hwc(img)[0] for img in tok.decode_progressive(ids[j : j + 1], branches=br)]
                            for br in [None] + [[b] for b in range(P)]] for j in range(ids.shape[0])]
         for j, key in enumerate(keys):
             target = out / png_relpath(key)

@@ -35,6 +35,9 @@ from xqtool.errors import ConfigError, DataError, WeightsMissingError
 from xqtool.fsutil import atomic_path, atomic_write_text, check_output, fresh_output_dir, output_lock
 from xqtool.metrics import (
     FID_MODES,
+    class_probs,
+    image_features,
+    run_extractor,
     extractor_name,
     feature_stats,
     fid_from_features,
@@ -186,7 +189,6 @@ def extract_features(
 ) -> tuple[np.ndarray, Optional[np.ndarray], List[str]]:
     """Run `extractor` over a dataset of (image [3,h,w] in [0,255], "HxW") → (features [N,F], probs|None, sizes)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
-    classify = getattr(extractor, "classify", None) if want_probs else None
     feats, probs, sizes = [], [], set()
     it = iter(loader)
     while True:
@@ -201,19 +203,15 @@ def extract_features(
                     "pass --image-size S (ADM center crop) or use --mode clean"
                 ) from None
             raise
-        f = extractor(images)
-        f = f.detach().float().cpu() if isinstance(f, torch.Tensor) else torch.as_tensor(np.asarray(f)).float()
-        feats.append(f.reshape(images.shape[0], -1).numpy().astype(np.float64))
-        if classify is not None:
-            try:
-                probs.append(np.asarray(torch.as_tensor(classify(f)).float().cpu().numpy(), dtype=np.float64))
-            except NotImplementedError:
-                classify = None
-                probs = []
+        f = run_extractor(extractor, images)
+        feats.append(f.numpy().astype(np.float64))
+        p = class_probs(extractor, f) if want_probs else None
+        if p is not None:
+            probs.append(p)
         sizes.update(batch_sizes)
     if not feats:
         raise DataError("no images to evaluate")
-    return np.concatenate(feats), (np.concatenate(probs) if probs and classify is not None else None), sorted(sizes)
+    return np.concatenate(feats), (np.concatenate(probs) if len(probs) == len(feats) else None), sorted(sizes)
 
 
 def _npz_meta(z: Any) -> Dict[str, Any]:
@@ -692,14 +690,12 @@ def _evaluate_rfid(
     tok = tok.to(device).eval()
     extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
     lp, lp_desc = _resolve_lpips(lpips, lpips_weights, lpips_model, device)
-    preprocess = getattr(extractor, "preprocess", None)
     S = int(tok.image_size)
     loader = make_loader(str(data), image_size=S, batch_size=batch_size, num_workers=num_workers,
                          bad_files=bad_files, seed=seed)
     f_real, f_fake, p_fake = [], [], []
     psnrs, ssims, lps, tokens_all = [], [], [], []
     n = 0
-    classify = getattr(extractor, "classify", None)
     for batch in loader:
         x = batch["image"]
         if max_images:
@@ -718,16 +714,12 @@ def _evaluate_rfid(
         if lp is not None:
             with torch.no_grad():
                 lps.append(lp(xq.to(device), yq.to(device)).float().cpu())
-        for src, dst, probs in ((xu, f_real, None), (yu, f_fake, p_fake)):
-            imgs = _apply_preprocess(src, preprocess)
-            f = extractor(imgs)
-            f = f.detach().float().cpu() if isinstance(f, torch.Tensor) else torch.as_tensor(np.asarray(f)).float()
-            dst.append(f.reshape(imgs.shape[0], -1).numpy().astype(np.float64))
-            if probs is not None and classify is not None:
-                try:
-                    probs.append(np.asarray(torch.as_tensor(classify(f)).float().cpu().numpy(), np.float64))
-                except NotImplementedError:
-                    classify = None
+        f_real.append(image_features(extractor, xu).numpy().astype(np.float64))
+        f = image_features(extractor, yu)
+        f_fake.append(f.numpy().astype(np.float64))
+        probs = class_probs(extractor, f)
+        if probs is not None:
+            p_fake.append(probs)
         if recon_dir is not None:
             _save_pngs(recon_dir, yu, start=n)
         n += x.shape[0]
@@ -739,7 +731,7 @@ def _evaluate_rfid(
                       *feature_stats(np.concatenate(f_real)), feats=np.concatenate(f_real), sizes=[f"{S}x{S}"])
     fake_feats = np.concatenate(f_fake)
     fake = FeatureSet("reconstructions", str(recon_dir or ""), n, *feature_stats(fake_feats), feats=fake_feats,
-                      probs=np.concatenate(p_fake) if p_fake and classify is not None else None, sizes=[f"{S}x{S}"])
+                      probs=np.concatenate(p_fake) if len(p_fake) == len(f_fake) else None, sizes=[f"{S}x{S}"])
     dist = _distribution_metrics(fake, real, kid=kid, isc=True, kid_subsets=kid_subsets, is_splits=10, seed=seed)
     ps, ss = torch.cat(psnrs), torch.cat(ssims)
     toks = torch.cat(tokens_all)  # [N, P, L]
@@ -788,15 +780,6 @@ def _evaluate_rfid(
         "created": _now(),
     }
     return _write_report(report, report_path)
-
-
-def _apply_preprocess(images_u8: torch.Tensor, preprocess: Optional[Callable]) -> torch.Tensor:
-    """uint8 ``[B,3,H,W]`` → float ``[B,3,h,w]`` in [0,255] through the extractor's per-image resize."""
-    if preprocess is None:
-        return images_u8.float()
-    out = [torch.from_numpy(np.ascontiguousarray(preprocess(im.permute(1, 2, 0).numpy()))).permute(2, 0, 1)
-           for im in images_u8]
-    return torch.stack(out).float()
 
 
 def _save_pngs(folder: Path, images_u8: torch.Tensor, start: int) -> None:

@@ -81,7 +81,8 @@ def _load_cfg(path: Path, overrides: Optional[Iterable[str]]) -> TokenizerConfig
 
 def inspect_target(target: str, overrides: Optional[Iterable[str]] = None) -> InspectReport:
     """Resolve the config of a YAML file, xqtool checkpoint dir or official `.pt` and describe it."""
-    from xqtool.models.tokenizer import build_tokenizer, count_parameters
+    from xqtool.metrics import count_parameters
+    from xqtool.models.tokenizer import build_tokenizer
 
     path = Path(target)
     warnings: List[str] = []

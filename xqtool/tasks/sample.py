@@ -24,10 +24,11 @@ import torch
 
 from xqtool.errors import ConfigError
 from xqtool.fsutil import atomic_path, check_output, fresh_output_dir, output_lock
+from xqtool.metrics import to_uint8_hwc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["plan_labels", "parse_classes", "sample_images", "SampleResult", "to_uint8", "png_names",
+__all__ = ["plan_labels", "parse_classes", "sample_images", "SampleResult", "png_names",
            "unseen_classes", "class_grid"]
 
 GRID_MAX_CLASSES = 16
@@ -120,20 +121,6 @@ def plan_labels(num_classes: int, classes: Optional[Sequence[int]] = None, per_c
     if not num_samples or num_samples < 1:
         raise ConfigError("give --num-samples N or --per-class N")
     return [pool[i % len(pool)] for i in range(num_samples)]
-
-
-def to_uint8(images: torch.Tensor, truncate: bool = False) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3].
-
-    Default: rounded, round((x + 1)·127.5). ``truncate``: the reference's conversion (var.md §4, §7.12), in
-    float32 and in its order: image = (x + 1)/2 in [0, 1], then clamp(255·image, 0, 255) cast to uint8
-    (truncation toward zero), so ``--upstream-rng`` reproduces the original's pixel values.
-    """
-    if truncate:
-        x = ((images.float().clamp(-1, 1) + 1) / 2).mul(255).clamp(0, 255).to(torch.uint8)
-    else:
-        x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
@@ -318,7 +305,7 @@ def _sample_into(accelerator: Any, var: Any, tokenizer: Any, labels: Sequence[in
                                     use_cache=use_cache, amp_dtype=amp)
             with torch.no_grad():  # f_hat again from the tokens, one image at a time: batch-size invariant
                 step = max(int(decode_batch), 1)
-                images = np.concatenate([to_uint8(tokenizer.decode(out.tokens[j:j + step]), truncate=upstream_rng)
+                images = np.concatenate([to_uint8_hwc(tokenizer.decode(out.tokens[j:j + step]), truncate=upstream_rng)
                                          for j in range(0, len(idx), step)])
             if out_dir is not None:
                 for i, arr in zip(idx, images):
