@@ -26,7 +26,7 @@ def run(base: Path, out: Path) -> None:
     from xqtool.metrics import TorchFeatureExtractor
     from xqtool.tasks.encode import encode_images
     from xqtool.tasks.eval_fid import evaluate_rfid
-    from xqtool.tasks.probe import ProbeSettings, run_probe
+    from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
     from xqtool.tasks.sample import sample_images
     from xqtool.tasks.train_var import train_var
 
@@ -52,8 +52,8 @@ def run(base: Path, out: Path) -> None:
     if main_process_only("eval-fid"):
         rep = evaluate_rfid(tok, base / "imgs", feature_extractor=TorchFeatureExtractor(tiny_features, name="tiny"),
                             lpips="off", kid=False, batch_size=4, report_path=out / "rfid.json")
-        probe = run_probe(tok, base / "imgs", base / "imgs", features="all", out_dir=out / "probe",
-                          settings=ProbeSettings(epochs=2, batch_size=4))
+        probe = run_probe(ProbeSettings(ckpt=tok, train=base / "imgs", val=base / "imgs", features="all",
+                                        out_dir=out / "probe", optim=ProbeOptim(epochs=2, batch_size=4)))
         (out / "probe.json").write_text(json.dumps({"best_top1": probe["best_top1"],
                                                      "history": probe["history"]}, default=str))
         del rep
