@@ -24,7 +24,7 @@ def run(base: Path, out: Path) -> None:
     from xqtool.config_var import load_var_config
     from xqtool.distributed import main_process_only
     from xqtool.metrics import TorchFeatureExtractor
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.eval_fid import evaluate_rfid
     from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
     from xqtool.tasks.sample import sample_images
@@ -34,9 +34,9 @@ def run(base: Path, out: Path) -> None:
     tok = base / "tok"
     # encode: a folder into .npy (work units split over ranks), 2 shards into a shard folder with
     # 2 workers per process (fewer shards than processes x workers)
-    encode_images(base / "imgs", out / "enc.npy", ckpt=tok, batch_size=3, unit_size=2)
-    encode_images(str(base / "shards" / "shard-{000000..000001}.tar"), out / "enc-shards", ckpt=tok,
-                  batch_size=2, num_workers=2)
+    encode_images(EncodeSettings(source=base / "imgs", output=out / "enc.npy", ckpt=tok, batch_size=3, unit_size=2))
+    encode_images(EncodeSettings(source=str(base / "shards" / "shard-{000000..000001}.tar"),
+                                 output=out / "enc-shards", ckpt=tok, batch_size=2, num_workers=2))
     # sample: per-image seeds, PNGs and the merged .npz
     sample_images(base / "var", tok, [1, 3, 5, 7, 2], cfg=2.0, top_k=20, seed=7, batch_size=2,
                   out_dir=out / "png", npz=out / "s.npz", cpu=True)

@@ -18,7 +18,8 @@ from xqtool.config_var import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.models.tokenizer import build_tokenizer
 from xqtool.models.var import build_var
-from xqtool.tasks.decode import decode_tokens
+from xqtool.tasks.decode import DecodeSettings, decode_tokens
+from xqtool.tasks.injected import Injected
 from xqtool.tasks.sample import sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,9 @@ def _alone(tok, tokens) -> np.ndarray:
 def test_decode_png_bytes_independent_of_batch_size(tok_and_tokens, tmp_path, batch_size):
     root, tok, tokens = tok_and_tokens
     want = _alone(tok, tokens)
-    res = decode_tokens(root / "t.npy", tmp_path / "out", tokenizer=tok, batch_size=batch_size, device="cpu")
+    res = decode_tokens(DecodeSettings(tokens=root / "t.npy", out_dir=tmp_path / "out", batch_size=batch_size,
+                                       device="cpu"),
+                        Injected(tokenizer=tok))
     assert res.count == 24
     for j in range(24):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"img{j}.png")), want[j])
@@ -58,7 +61,9 @@ def test_decode_png_bytes_independent_of_batch_size(tok_and_tokens, tmp_path, ba
 def test_progressive_strips_match_the_images(tok_and_tokens, tmp_path):
     root, tok, tokens = tok_and_tokens
     want = _alone(tok, tokens[:3])
-    decode_tokens(root / "t3.npy", tmp_path / "out", tokenizer=tok, batch_size=2, device="cpu", progressive=True)
+    decode_tokens(DecodeSettings(tokens=root / "t3.npy", out_dir=tmp_path / "out", batch_size=2, device="cpu",
+                                 progressive=True),
+                  Injected(tokenizer=tok))
     for j in range(3):
         strip = np.asarray(Image.open(tmp_path / "out" / f"img{j}.progressive.png"))
         assert strip.shape == (32 * (1 + tok.num_branches), 32 * len(tok.scales), 3)

@@ -35,7 +35,8 @@ def var_data(tmp_path_factory):
     """Tiny CNN tokenizer (random init, saved), 24 token rows as .npy and as token shards."""
     from PIL import Image
 
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
+    from xqtool.tasks.injected import Injected
 
     root = tmp_path_factory.mktemp("var13")
     torch.manual_seed(0)
@@ -48,7 +49,7 @@ def var_data(tmp_path_factory):
     (root / "imgs" / "c0").mkdir(parents=True)
     for i, arr in enumerate(crops):
         Image.fromarray(arr).save(root / "imgs" / "c0" / f"{i:03d}.png")
-    encode_images(root / "imgs", root / "shards", tokenizer=tok, batch_size=4)
+    encode_images(EncodeSettings(source=root / "imgs", output=root / "shards", batch_size=4), Injected(tokenizer=tok))
     return root, tok
 
 

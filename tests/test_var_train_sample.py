@@ -171,14 +171,16 @@ def test_trains_from_token_shards_and_from_images(tiny_data, tmp_path: Path) -> 
     """The two other data paths of train-var: WebDataset token shards from `xqtool encode`, and images encoded on the fly."""
     from PIL import Image
 
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
+    from xqtool.tasks.injected import Injected
 
     root, tok = tiny_data
     images = tmp_path / "imgs" / "cls0"
     images.mkdir(parents=True)
     for i, arr in enumerate(photo_crops(12, 32, seed=5)):
         Image.fromarray(arr).save(images / f"{i:03d}.png")
-    encode_images(tmp_path / "imgs", tmp_path / "shards", tokenizer=tok, batch_size=4)
+    encode_images(EncodeSettings(source=tmp_path / "imgs", output=tmp_path / "shards", batch_size=4),
+                  Injected(tokenizer=tok))
     assert (tmp_path / "shards" / "manifest.json").is_file()
     for run, source in (("run-shards", f"data.tokens={tmp_path / 'shards'}"), ("run-images", f"data.images={tmp_path / 'imgs'}")):
         cfg = load_var_config(TINY_VAR, ["data.tokens=null", source, f"train.results_dir={tmp_path / run}",
