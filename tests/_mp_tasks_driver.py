@@ -27,7 +27,7 @@ def run(base: Path, out: Path) -> None:
     from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.eval_fid import evaluate_rfid
     from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
-    from xqtool.tasks.sample import sample_images
+    from xqtool.tasks.sample import SampleSettings, sample_images
     from xqtool.tasks.train_var import train_var
 
     out.mkdir(parents=True, exist_ok=True)
@@ -38,8 +38,8 @@ def run(base: Path, out: Path) -> None:
     encode_images(EncodeSettings(source=str(base / "shards" / "shard-{000000..000001}.tar"),
                                  output=out / "enc-shards", ckpt=tok, batch_size=2, num_workers=2))
     # sample: per-image seeds, PNGs and the merged .npz
-    sample_images(base / "var", tok, [1, 3, 5, 7, 2], cfg=2.0, top_k=20, seed=7, batch_size=2,
-                  out_dir=out / "png", npz=out / "s.npz", cpu=True)
+    sample_images(SampleSettings(var_ckpt=base / "var", tokenizer_ckpt=tok, labels=[1, 3, 5, 7, 2], cfg=2.0, top_k=20,
+                                 seed=7, batch_size=2, out_dir=out / "png", npz=out / "s.npz", cpu=True))
     # train-var on .npy tokens and on token shards
     for name, tokens in (("var-npy", base / "tokens.npy"), ("var-shards", base / "token-shards")):
         cfg = load_var_config(ROOT / "configs/var/tiny.yaml", [

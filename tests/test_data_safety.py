@@ -232,8 +232,7 @@ def test_nan_weights_are_refused_on_load_naming_the_tensor_and_never_saved(env, 
 def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_path):
     from xqtool.config_var import load_var_config
     from xqtool.tasks.encode import EncodeSettings, encode_images
-    from xqtool.tasks.injected import Injected
-    from xqtool.tasks.sample import sample_images
+    from xqtool.tasks.sample import SampleSettings, sample_images
     from xqtool.tasks.train_var import train_var
 
     fa, fb = weights_fingerprint(env["tok_a"]), weights_fingerprint(env["tok_b"])
@@ -259,7 +258,8 @@ def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_p
     _one_error(_invoke("sample", "--var", var_dir, "-t", env["B"], "-n", "1", "--npz", tmp_path / "s.npz",
                        "--device", "cpu"), fa, fb)
     assert not (tmp_path / "s.npz").exists()
-    sample_images(str(var_dir), str(env["B"]), [0], npz=tmp_path / "s.npz", cpu=True, ignore_fingerprint=True)
+    sample_images(SampleSettings(var_ckpt=str(var_dir), tokenizer_ckpt=str(env["B"]), labels=[0], npz=tmp_path / "s.npz",
+                                 cpu=True, ignore_fingerprint=True))
     assert (tmp_path / "s.npz").is_file()
 
     # an older manifest without a fingerprint: accepted with a warning

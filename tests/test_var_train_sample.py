@@ -13,14 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import photo_crops, to_tensor
+from conftest import photo_crops, tiny_cnn_tokens, to_tensor
 from xqtool.checkpoint import save_tokenizer
 from xqtool.cli import app
-from xqtool.config import load_tokenizer_config
 from xqtool.config_var import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import TokenError
-from xqtool.models.tokenizer import build_tokenizer
 from xqtool.tasks.sample import plan_labels
 from xqtool.tasks.train_var import lr_factor, param_groups, train_var
 
@@ -32,12 +30,7 @@ TINY_VAR = ROOT / "configs" / "var" / "tiny.yaml"
 def tiny_data(tmp_path_factory):
     """Tiny CNN tokenizer (random init, saved) and tokens of 16 real photo crops with 10 classes."""
     root = tmp_path_factory.mktemp("var")
-    torch.manual_seed(0)
-    tok = build_tokenizer(load_tokenizer_config(ROOT / "configs" / "tokenizer" / "tiny-cnn.yaml")).eval()
-    tokens = tok.encode(to_tensor(photo_crops(16, 32, seed=3)))
-    labels = [i % 10 for i in range(16)]
-    manifest = TokenManifest.from_tokenizer(tok, labels=labels, keys=[f"img{i}" for i in range(16)])
-    write_tokens(root / "train.npy", tokens.numpy(), manifest)
+    tok, _ = tiny_cnn_tokens(root / "train.npy", 16, seed=3, labels=[i % 10 for i in range(16)])
     save_tokenizer(root / "tok", tok)
     return root, tok
 
