@@ -36,7 +36,7 @@ from xqtool.cli.options import (
     TokenizerConfigOpt,
     output_option,
     resolve_device,
-    warn_deprecated,
+    legacy_positional,
 )
 from xqtool.errors import ConfigError
 
@@ -228,11 +228,7 @@ def make_shards_cmd(
     if not main_process_only("make-shards"):  # under a multi-process launch, rank 0 does all of it
         return
 
-    if legacy_out is not None:
-        if output is not None:
-            raise ConfigError("give the output folder once: -o/--output DIR")
-        warn_deprecated("the positional output folder", "-o/--output DIR")
-        output = legacy_out
+    output = legacy_positional(legacy_out, output, "output folder", "-o/--output DIR")
     if output is None:
         raise ConfigError("missing -o/--output DIR (the folder for the shards)")
     with _progress("packing") as (on_start, advance):

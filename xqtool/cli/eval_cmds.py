@@ -27,7 +27,7 @@ from xqtool.cli.options import (
     TokenizerConfigOpt,
     output_option,
     resolve_device,
-    warn_deprecated,
+    legacy_positional,
 )
 from xqtool.errors import ConfigError
 
@@ -230,11 +230,7 @@ def probe(
     from xqtool.tasks.injected import Injected
     from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
 
-    if legacy_tokenizer is not None:
-        if tokenizer is not None:
-            raise ConfigError("give the tokenizer once: -t/--tokenizer CKPT")
-        warn_deprecated("the positional tokenizer", "-t/--tokenizer CKPT")
-        tokenizer = legacy_tokenizer
+    tokenizer = legacy_positional(legacy_tokenizer, tokenizer, "tokenizer", "-t/--tokenizer CKPT")
     if tokenizer is None:
         raise ConfigError("missing -t/--tokenizer CKPT (the tokenizer whose features are probed)")
     device = resolve_device(device)

@@ -188,23 +188,26 @@ class SampleSettings:
     labels: Sequence[int]
     var_ckpt: Optional[Union[str, Path]] = None
     tokenizer_ckpt: Optional[Union[str, Path]] = None
+    ignore_fingerprint: bool = False
+    # sampling (var.md §4)
     cfg: float = 3.25
     top_k: int = 750
     top_p: float = 0.95
     temperature: float = 1.0
     seed: int = 0
-    batch_size: int = 25
+    upstream_rng: bool = False
+    # outputs
     out_dir: Optional[Union[str, Path]] = None
     npz: Optional[Union[str, Path]] = None
     grid: Optional[Union[str, Path]] = None
+    overwrite: bool = False
+    # execution
+    batch_size: int = 25
+    decode_batch: int = 1
     use_cache: bool = True
     precision: str = "fp32"
-    upstream_rng: bool = False
     cpu: bool = False
-    decode_batch: int = 1
     pack: bool = True
-    overwrite: bool = False
-    ignore_fingerprint: bool = False
 
 
 def sample_images(settings: SampleSettings, injected: Optional[Injected] = None) -> SampleResult:
