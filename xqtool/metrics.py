@@ -1,5 +1,13 @@
 """Image and tokenizer metrics: PSNR, SSIM, codebook usage, FID / KID / Inception Score.
 
+The single owner of: the conversion of model outputs to pixels (:func:`to_uint8` ``[B, 3, H, W]`` tensor,
+:func:`to_uint8_hwc` ``[B, H, W, 3]`` array), codebook usage / perplexity (:func:`usage_perplexity`, also used
+by the quantizers' training stats; :func:`codebook_stats`, :func:`codebook_usage_metrics` for reports),
+:func:`count_parameters`, the FID / KID / IS formulas and feature extractors with their preprocessing
+(:func:`extractor_input`, :func:`image_features`). Reading and writing FID statistics files is
+:mod:`xqtool.fid_stats`. Imports only :mod:`xqtool.errors` (and :mod:`xqtool.hub` lazily, for ``hf://``
+Inception weights), so every layer (quantize, models, tasks) may import it.
+
 Conventions
 -----------
 * Images given to :func:`psnr` / :func:`ssim` are float tensors ``[B, 3, H, W]`` in ``[-1, 1]``. Both are

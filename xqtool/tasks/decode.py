@@ -38,12 +38,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DecodeResult:
-    """Outcome of :func:`decode_tokens`."""
+    """Outcome of :func:`decode_tokens`: the PNGs written (one per token row) and the progressive strips."""
 
     out_dir: Path
-    count: int
     files: List[Path] = field(default_factory=list)
     progressive_files: List[Path] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Number of images decoded (= PNG files written, strips not counted)."""
+        return len(self.files)
 
 
 def png_relpath(key: str, suffix: str = ".png") -> Path:
@@ -158,7 +162,7 @@ def _decode_into(s: DecodeSettings, injected: Injected, out: Path, path: Path, m
                  dev: torch.device) -> DecodeResult:
     if injected.on_start is not None:
         injected.on_start(manifest.count or None)
-    result = DecodeResult(out, 0)
+    result = DecodeResult(out)
     P, L, K = tok.num_branches, tok.tokens_per_branch, tok.codebook_size
     for first, arr, keys in _batches(path, manifest, s.batch_size):
         check_token_rows(arr, P, L, K, keys=keys, first_row=first)
@@ -178,7 +182,6 @@ def _decode_into(s: DecodeSettings, injected: Injected, out: Path, path: Path, m
                 ptarget = out / png_relpath(key, ".progressive.png")
                 atomic_write_bytes(ptarget, _png_bytes(strip))
                 result.progressive_files.append(ptarget)
-        result.count += len(keys)
         if injected.progress is not None:
             injected.progress(len(keys))
     return result
