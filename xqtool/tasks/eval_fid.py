@@ -11,7 +11,10 @@ Inputs for :func:`evaluate_fid` (each side):
 * ``ref_stats=NAME``: clean-fid custom statistics made by :func:`make_fid_stats` (or by clean-fid's own
   ``make_custom_stats``), looked up in ``stats_dir`` / ``$XQTOOL_FID_STATS_DIR`` / clean-fid's stats folder.
 
-Every evaluation writes a JSON report (atomic) and returns it as a dict.
+Every evaluation writes a JSON report (atomic) and returns it as a dict. The entry points take a settings
+dataclass (:class:`FidSettings`, :class:`FidStatsSettings`, both :class:`FeatureOptions`) plus an optional
+:class:`~xqtool.tasks.injected.Injected` (``feature_extractor``). Statistics files are read and written by
+:mod:`xqtool.fid_stats`; the distances are :mod:`xqtool.metrics`.
 """
 
 from __future__ import annotations
