@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -289,7 +289,8 @@ def _sample_into(s: SampleSettings, accelerator: Any, var: Any, tokenizer: Any, 
     check_tokenizer_fit(var.config, tokenizer, trained=True)
     amp = amp_dtype(s.precision)
     labels, batch_size, seed = s.labels, s.batch_size, s.seed
-    cfg, top_k, top_p, temperature, use_cache = s.cfg, s.top_k, s.top_p, s.temperature, s.use_cache
+    knobs = dict(cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, use_cache=s.use_cache,
+                 amp_dtype=amp)
 
     n = len(labels)
     mine = np.array_split(np.arange(n), accelerator.num_processes)[accelerator.process_index]
@@ -317,14 +318,11 @@ def _sample_into(s: SampleSettings, accelerator: Any, var: Any, tokenizer: Any, 
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             lab = torch.tensor([labels[i] for i in idx], device=device)
-            if s.upstream_rng:
-                gen = torch.Generator(device=device).manual_seed(seed + int(idx[0]))
-                out = sample_tokens(var, tokenizer.quantizer, lab, cfg=cfg, top_k=top_k, top_p=top_p,
-                                    temperature=temperature, generator=gen, use_cache=use_cache, amp_dtype=amp)
-            else:
-                out = sample_tokens(var, tokenizer.quantizer, lab, cfg=cfg, top_k=top_k, top_p=top_p,
-                                    temperature=temperature, seeds=[seed + int(i) for i in idx],
-                                    use_cache=use_cache, amp_dtype=amp)
+            if s.upstream_rng:  # the reference's one generator per batch
+                rng: Dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(seed + int(idx[0]))}
+            else:  # image i draws from seed + i, whatever the batch
+                rng = {"seeds": [seed + int(i) for i in idx]}
+            out = sample_tokens(var, tokenizer.quantizer, lab, **knobs, **rng)
             with torch.no_grad():  # f_hat again from the tokens, one image at a time: batch-size invariant
                 step = max(int(s.decode_batch), 1)
                 images = np.concatenate([to_uint8_hwc(tokenizer.decode(out.tokens[j:j + step]),
