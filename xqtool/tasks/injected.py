@@ -22,7 +22,6 @@ class Injected:
         var: a built VAR model used instead of loading the settings' VAR checkpoint.
         var_info: the info dict of ``load_var`` for an injected `var` (enables the fingerprint check).
         feature_extractor: a :class:`xqtool.metrics.FeatureExtractor` used instead of clean-fid's Inception.
-        lpips_model: an LPIPS-like module ``(x, y) -> [B]`` used instead of loading LPIPS weights.
         progress: called with the number of items (images / views) just processed.
         on_start: called once with the number of items to process now (None when unknown).
         on_epoch: called with each epoch's record (probe).
@@ -33,7 +32,6 @@ class Injected:
     var: Any = None
     var_info: Any = None
     feature_extractor: Any = None
-    lpips_model: Any = None
     progress: Optional[Callable[[int], None]] = None
     on_start: Optional[Callable[[Optional[int]], None]] = None
     on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None
