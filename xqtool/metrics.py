@@ -156,8 +156,9 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def count_parameters(module: torch.nn.Module, prefix: str = "") -> int:
-    """Number of parameters of `module` whose name starts with `prefix` (all when empty; works on meta)."""
+def count_parameters(module: torch.nn.Module, prefix: Union[str, tuple[str, ...]] = "") -> int:
+    """Number of parameters of `module` whose name starts with `prefix` (or any of several prefixes; all when
+    empty). Works on the meta device."""
     return sum(p.numel() for n, p in module.named_parameters() if n.startswith(prefix))
 
 
