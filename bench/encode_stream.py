@@ -45,12 +45,12 @@ def make_images(folder: Path, n: int, side: int = 64) -> None:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
 
     torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
-    res = encode_images(args.src, args.out, ckpt=args.ckpt, batch_size=args.batch_size,
-                        num_workers=args.num_workers, device=args.device, unit_size=args.unit_size)
+    res = encode_images(EncodeSettings(source=args.src, output=args.out, ckpt=args.ckpt, batch_size=args.batch_size,
+                                       num_workers=args.num_workers, device=args.device, unit_size=args.unit_size))
     wall = time.perf_counter() - t0
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

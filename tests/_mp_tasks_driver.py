@@ -24,22 +24,22 @@ def run(base: Path, out: Path) -> None:
     from xqtool.config_var import load_var_config
     from xqtool.distributed import main_process_only
     from xqtool.metrics import TorchFeatureExtractor
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.eval_fid import evaluate_rfid
-    from xqtool.tasks.probe import ProbeSettings, run_probe
-    from xqtool.tasks.sample import sample_images
+    from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
+    from xqtool.tasks.sample import SampleSettings, sample_images
     from xqtool.tasks.train_var import train_var
 
     out.mkdir(parents=True, exist_ok=True)
     tok = base / "tok"
     # encode: a folder into .npy (work units split over ranks), 2 shards into a shard folder with
     # 2 workers per process (fewer shards than processes x workers)
-    encode_images(base / "imgs", out / "enc.npy", ckpt=tok, batch_size=3, unit_size=2)
-    encode_images(str(base / "shards" / "shard-{000000..000001}.tar"), out / "enc-shards", ckpt=tok,
-                  batch_size=2, num_workers=2)
+    encode_images(EncodeSettings(source=base / "imgs", output=out / "enc.npy", ckpt=tok, batch_size=3, unit_size=2))
+    encode_images(EncodeSettings(source=str(base / "shards" / "shard-{000000..000001}.tar"),
+                                 output=out / "enc-shards", ckpt=tok, batch_size=2, num_workers=2))
     # sample: per-image seeds, PNGs and the merged .npz
-    sample_images(base / "var", tok, [1, 3, 5, 7, 2], cfg=2.0, top_k=20, seed=7, batch_size=2,
-                  out_dir=out / "png", npz=out / "s.npz", cpu=True)
+    sample_images(SampleSettings(var_ckpt=base / "var", tokenizer_ckpt=tok, labels=[1, 3, 5, 7, 2], cfg=2.0, top_k=20,
+                                 seed=7, batch_size=2, out_dir=out / "png", npz=out / "s.npz", cpu=True))
     # train-var on .npy tokens and on token shards
     for name, tokens in (("var-npy", base / "tokens.npy"), ("var-shards", base / "token-shards")):
         cfg = load_var_config(ROOT / "configs/var/tiny.yaml", [
@@ -52,8 +52,8 @@ def run(base: Path, out: Path) -> None:
     if main_process_only("eval-fid"):
         rep = evaluate_rfid(tok, base / "imgs", feature_extractor=TorchFeatureExtractor(tiny_features, name="tiny"),
                             lpips="off", kid=False, batch_size=4, report_path=out / "rfid.json")
-        probe = run_probe(tok, base / "imgs", base / "imgs", features="all", out_dir=out / "probe",
-                          settings=ProbeSettings(epochs=2, batch_size=4))
+        probe = run_probe(ProbeSettings(ckpt=tok, train=base / "imgs", val=base / "imgs", features="all",
+                                        out_dir=out / "probe", optim=ProbeOptim(epochs=2, batch_size=4)))
         (out / "probe.json").write_text(json.dumps({"best_top1": probe["best_top1"],
                                                      "history": probe["history"]}, default=str))
         del rep

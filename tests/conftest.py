@@ -42,6 +42,52 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def tiny_cnn_tokens(path: Path, n: int, seed: int, labels=None):
+    """Random-init tiny CNN tokenizer (torch seed 0, eval) and the tokens ``[n, P, L]`` of `n` photo crops
+    (crop seed `seed`), written to `path` (``.npy`` + manifest, keys ``img0`` ..) -> (tokenizer, tokens)."""
+    from xqtool.config import load_tokenizer_config
+    from xqtool.data.tokens import TokenManifest, write_tokens
+    from xqtool.models.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(load_tokenizer_config(CONFIGS / "tiny-cnn.yaml")).eval()
+    tokens = tok.encode(to_tensor(photo_crops(n, 32, seed=seed)))
+    extra = {"labels": list(labels)} if labels is not None else {}
+    manifest = TokenManifest.from_tokenizer(tok, keys=[f"img{i}" for i in range(n)], **extra)
+    write_tokens(path, tokens.numpy(), manifest)
+    return tok, tokens
+
+
+def assert_same(x, y, where: str = "state") -> None:
+    """Every tensor / array / value of two nested structures equal (same types), no key skipped."""
+    assert type(x) is type(y), where
+    if isinstance(x, torch.Tensor):
+        assert x.dtype == y.dtype and torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            assert_same(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_same(u, v, f"{where}[{i}]")
+    elif isinstance(x, np.ndarray) or hasattr(x, "shape"):  # numpy arrays, RNG keys, numpy scalars
+        assert np.array_equal(x, y), where
+    else:
+        assert x == y, where
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Every tensor and value of two training states is identical (models, EMA, optimizers, schedulers,
+    LeCam, data position, RNG), no key skipped."""
+    from xqtool.training_state import load_verified
+
+    sa, sb = load_verified(a), load_verified(b)
+    assert sorted(sa.components) == sorted(sb.components)
+    assert_same(sa.components, sb.components, "state")
+    assert_same(sa.rng, sb.rng, "rng")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_math() -> None:
     from xqtool.runtime import configure_cpu_math

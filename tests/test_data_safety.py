@@ -231,15 +231,15 @@ def test_nan_weights_are_refused_on_load_naming_the_tensor_and_never_saved(env, 
 
 def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_path):
     from xqtool.config_var import load_var_config
-    from xqtool.tasks.encode import encode_images
-    from xqtool.tasks.sample import sample_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
+    from xqtool.tasks.sample import SampleSettings, sample_images
     from xqtool.tasks.train_var import train_var
 
     fa, fb = weights_fingerprint(env["tok_a"]), weights_fingerprint(env["tok_b"])
     assert fa != fb and fa == weights_fingerprint(load_tokenizer(env["A"]))
     tokens = tmp_path / "t.npy"
-    encode_images(env["imgs"], tokens, ckpt=env["A"], batch_size=6)
-    encode_images(env["imgs"], tmp_path / "tdir", ckpt=env["A"], batch_size=6)
+    encode_images(EncodeSettings(source=env["imgs"], output=tokens, ckpt=env["A"], batch_size=6))
+    encode_images(EncodeSettings(source=env["imgs"], output=tmp_path / "tdir", ckpt=env["A"], batch_size=6))
     assert json.loads((tmp_path / "t.npy.json").read_text())["weights_fingerprint"] == fa
     _one_error(_invoke("decode", tokens, "-o", tmp_path / "png", "-t", env["B"]), fa, fb, "--ignore-fingerprint")
     _one_error(_invoke("decode", tmp_path / "tdir", "-o", tmp_path / "png", "-t", env["B"]), fa, fb)
@@ -258,7 +258,8 @@ def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_p
     _one_error(_invoke("sample", "--var", var_dir, "-t", env["B"], "-n", "1", "--npz", tmp_path / "s.npz",
                        "--device", "cpu"), fa, fb)
     assert not (tmp_path / "s.npz").exists()
-    sample_images(str(var_dir), str(env["B"]), [0], npz=tmp_path / "s.npz", cpu=True, ignore_fingerprint=True)
+    sample_images(SampleSettings(var_ckpt=str(var_dir), tokenizer_ckpt=str(env["B"]), labels=[0], npz=tmp_path / "s.npz",
+                                 cpu=True, ignore_fingerprint=True))
     assert (tmp_path / "s.npz").is_file()
 
     # an older manifest without a fingerprint: accepted with a warning
@@ -274,7 +275,8 @@ def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_p
 
 
 def test_resumed_encode_with_other_weights_precision_or_listing_is_refused(env, tmp_path):
-    from xqtool.tasks.encode import encode_images, partial_dir
+    from xqtool.tasks.encode import EncodeSettings, encode_images, partial_dir
+    from xqtool.tasks.injected import Injected
 
     src = tmp_path / "imgs"
     shutil.copytree(env["imgs"], src)
@@ -285,23 +287,25 @@ def test_resumed_encode_with_other_weights_precision_or_listing_is_refused(env, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # interrupted after the first finished unit
-        encode_images(src, out, ckpt=env["A"], batch_size=2, unit_size=2, progress=stop)
+        encode_images(EncodeSettings(source=src, output=out, ckpt=env["A"], batch_size=2, unit_size=2),
+                      Injected(progress=stop))
     assert (partial_dir(out) / "plan.json").is_file() and not out.exists()
     units_before = _snapshot(partial_dir(out))
     with pytest.raises(OutputError, match="tokenizer weights"):
-        encode_images(src, out, ckpt=env["B"], batch_size=2, unit_size=2)
+        encode_images(EncodeSettings(source=src, output=out, ckpt=env["B"], batch_size=2, unit_size=2))
     with pytest.raises(OutputError, match="precision"):
-        encode_images(src, out, ckpt=env["A"], batch_size=2, unit_size=2, precision="bf16")
+        encode_images(EncodeSettings(source=src, output=out, ckpt=env["A"], batch_size=2, unit_size=2,
+                                     precision="bf16"))
     (src / "cat" / "img0.png").rename(src / "cat" / "img9.png")
     with pytest.raises(OutputError, match="listing"):
-        encode_images(src, out, ckpt=env["A"], batch_size=2, unit_size=2)
+        encode_images(EncodeSettings(source=src, output=out, ckpt=env["A"], batch_size=2, unit_size=2))
     (src / "cat" / "img9.png").rename(src / "cat" / "img0.png")
     assert _snapshot(partial_dir(out)) == units_before  # the unfinished work is kept
     res = _invoke("encode", src, "-o", out, "-t", env["B"], "--unit-size", "2", "-b", "2", "-j", "0")
     _one_error(res, "tokenizer weights", "--overwrite")
     # the same settings resume and give the tokens of an uninterrupted run
-    encode_images(src, out, ckpt=env["A"], batch_size=2, unit_size=2)
-    encode_images(src, tmp_path / "ref.npy", ckpt=env["A"], batch_size=3, unit_size=6)
+    encode_images(EncodeSettings(source=src, output=out, ckpt=env["A"], batch_size=2, unit_size=2))
+    encode_images(EncodeSettings(source=src, output=tmp_path / "ref.npy", ckpt=env["A"], batch_size=3, unit_size=6))
     assert np.array_equal(np.load(out), np.load(tmp_path / "ref.npy"))
 
 
@@ -437,7 +441,8 @@ def artefacts(env, tmp_path_factory):
     """One pristine artefact of every kind xqtool writes and reads back."""
     from xqtool.config_var import load_var_config
     from xqtool.models.var import VAR
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
+    from xqtool.tasks.injected import Injected
     from xqtool.tasks.make_shards import make_shards
     from xqtool.var_checkpoint import save_var
 
@@ -449,8 +454,10 @@ def artefacts(env, tmp_path_factory):
     save_var(base / "var", VAR(load_var_config(TINY_VAR).model),
              extra_config={"tokenizer": {"weights_fingerprint": weights_fingerprint(tok)}})
     (base / "tokens-npy").mkdir()
-    encode_images(env["imgs"], base / "tokens-npy" / "t.npy", tokenizer=tok, batch_size=6)
-    encode_images(env["imgs"], base / "token-shards", tokenizer=tok, batch_size=6)
+    encode_images(EncodeSettings(source=env["imgs"], output=base / "tokens-npy" / "t.npy", batch_size=6),
+                  Injected(tokenizer=tok))
+    encode_images(EncodeSettings(source=env["imgs"], output=base / "token-shards", batch_size=6),
+                  Injected(tokenizer=tok))
     make_shards(env["imgs"], base / "image-shards", image_format="png", maxcount=3)
     return base
 

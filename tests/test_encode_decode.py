@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 from _data_fixtures import write_class_tree, write_file_list
 from xqtool.data import open_image_source
 from xqtool.data.tokens import load_tokens, token_dataset
-from xqtool.data.transforms import to_uint8
+from xqtool.metrics import to_uint8_hwc
 from xqtool.errors import DataError, TokenError
-from xqtool.tasks.decode import decode_tokens
-from xqtool.tasks.encode import encode_images, partial_dir
+from xqtool.tasks.decode import DecodeSettings, decode_tokens
+from xqtool.tasks.encode import EncodeSettings, encode_images, partial_dir
+from xqtool.tasks.injected import Injected
 from xqtool.tasks.make_shards import make_shards
 
 TINY = "configs/tokenizer/tiny-cnn.yaml"
@@ -41,12 +42,16 @@ def tiny(tmp_path_factory):
 
 def test_folder_list_and_shards_give_identical_tokens(tiny, tmp_path):
     tok, ckpt, root, keys = tiny
-    a = encode_images(root, tmp_path / "a.npy", tokenizer=tok, batch_size=3, unit_size=3)
+    a = encode_images(EncodeSettings(source=root, output=tmp_path / "a.npy", batch_size=3, unit_size=3),
+                      Injected(tokenizer=tok))
     lst = tmp_path / "l.txt"
     write_file_list(lst, root, keys)
-    b = encode_images(lst, tmp_path / "b.npy", tokenizer=tok, batch_size=5, num_workers=2, unit_size=2)
+    b = encode_images(EncodeSettings(source=lst, output=tmp_path / "b.npy", batch_size=5, num_workers=2, unit_size=2),
+                      Injected(tokenizer=tok))
     make_shards(root, tmp_path / "sh", maxcount=3, image_format="png")
-    c = encode_images(str(tmp_path / "sh" / "shard-{000000..000001}.tar"), tmp_path / "c", tokenizer=tok, batch_size=4)
+    c = encode_images(EncodeSettings(source=str(tmp_path / "sh" / "shard-{000000..000001}.tar"),
+                                     output=tmp_path / "c", batch_size=4),
+                      Injected(tokenizer=tok))
     ta, ma = load_tokens(tmp_path / "a.npy")
     tb, mb = load_tokens(tmp_path / "b.npy")
     tc, mc = load_tokens(tmp_path / "c")
@@ -68,13 +73,14 @@ def test_folder_list_and_shards_give_identical_tokens(tiny, tmp_path):
 
 def test_decode_of_encode_equals_reconstruct_and_progressive(tiny, tmp_path):
     tok, ckpt, root, keys = tiny
-    encode_images(root, tmp_path / "t.npy", tokenizer=tok, batch_size=4)
+    encode_images(EncodeSettings(source=root, output=tmp_path / "t.npy", batch_size=4), Injected(tokenizer=tok))
     # decode through the saved checkpoint
-    res = decode_tokens(tmp_path / "t.npy", tmp_path / "out", ckpt=ckpt, batch_size=3, progressive=True)
+    res = decode_tokens(DecodeSettings(tokens=tmp_path / "t.npy", out_dir=tmp_path / "out", ckpt=ckpt, batch_size=3,
+                                       progressive=True))
     assert res.count == len(keys)
     images = torch.stack([s["image"] for s in open_image_source(root, image_size=tok.image_size)])
     # decode is batch-size invariant: each image is decoded alone
-    expected = np.concatenate([to_uint8(tok.reconstruct(images[i : i + 1])) for i in range(len(images))])
+    expected = np.concatenate([to_uint8_hwc(tok.reconstruct(images[i : i + 1])) for i in range(len(images))])
     for i, k in enumerate(sorted(keys)):
         got = np.asarray(Image.open(tmp_path / "out" / f"{k}.png"))
         assert np.array_equal(got, expected[i]), k
@@ -87,7 +93,8 @@ def test_decode_of_encode_equals_reconstruct_and_progressive(tiny, tmp_path):
 def test_flip_augmentation_rows(tiny, tmp_path):
     tok, ckpt, root, keys = tiny
     one = root / "cat" / "img0.png"
-    r = encode_images(one, tmp_path / "f.npy", tokenizer=tok, augmentation="flip")
+    r = encode_images(EncodeSettings(source=one, output=tmp_path / "f.npy", augmentation="flip"),
+                      Injected(tokenizer=tok))
     arr, m = load_tokens(tmp_path / "f.npy")
     assert m.keys == ["img0", "img0@flip"] and m.augmentation == "flip" and m.views == 2 and r.count == 2
     x = next(iter(open_image_source(one, image_size=tok.image_size)))["image"][None]
@@ -102,7 +109,8 @@ def test_interrupted_shard_encode_resumes_without_duplicates_or_gaps(tiny, tmp_p
     tok, ckpt, root, keys = tiny
     make_shards(root, tmp_path / "sh", maxcount=2, image_format="png")  # 3 shards of 2
     src = tmp_path / "sh"
-    full = encode_images(src, tmp_path / "full.npy", tokenizer=tok, batch_size=2)
+    full = encode_images(EncodeSettings(source=src, output=tmp_path / "full.npy", batch_size=2),
+                         Injected(tokenizer=tok))
     seen = []
 
     def crash(n):
@@ -112,11 +120,11 @@ def test_interrupted_shard_encode_resumes_without_duplicates_or_gaps(tiny, tmp_p
 
     out = tmp_path / "tok"
     with pytest.raises(_Stop):
-        encode_images(src, out, tokenizer=tok, batch_size=2, progress=crash)
+        encode_images(EncodeSettings(source=src, output=out, batch_size=2), Injected(tokenizer=tok, progress=crash))
     assert not out.exists()  # nothing under the final name
     finished = list((partial_dir(out) / "_units").glob("unit-*.json"))
     assert 1 <= len(finished) < 3
-    res = encode_images(src, out, tokenizer=tok, batch_size=2)
+    res = encode_images(EncodeSettings(source=src, output=out, batch_size=2), Injected(tokenizer=tok))
     assert res.units_resumed == len(finished) and res.units_total == 3
     assert res.count == len(keys) and not partial_dir(out).exists()
     arr, m = load_tokens(out)
@@ -132,20 +140,20 @@ def test_bad_inputs_skipped_into_skipped_txt_or_fail(tiny, tmp_path):
     write_class_tree(bad, per_class=1)
     (bad / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     (bad / "dog" / "empty.jpg").write_bytes(b"")
-    res = encode_images(bad, tmp_path / "t.npy", tokenizer=tok)
+    res = encode_images(EncodeSettings(source=bad, output=tmp_path / "t.npy"), Injected(tokenizer=tok))
     assert res.count == 2 and {Path(n).name for n in res.skipped} == {"broken.png", "empty.jpg"}
     listed = (tmp_path / "t.npy.skipped.txt").read_text()
     assert "broken.png" in listed and "empty.jpg" in listed
     assert load_tokens(tmp_path / "t.npy")[1].skipped == 2
     with pytest.raises(DataError, match=r"broken\.png"):
-        encode_images(bad, tmp_path / "u.npy", tokenizer=tok, bad_files="fail")
+        encode_images(EncodeSettings(source=bad, output=tmp_path / "u.npy", bad_files="fail"), Injected(tokenizer=tok))
     assert not (tmp_path / "u.npy").exists()
 
 
 def test_out_of_range_wrong_length_and_mismatched_tokens(tiny, tmp_path):
     tok, ckpt, root, keys = tiny
     one = root / "dog" / "img1.png"
-    encode_images(one, tmp_path / "t.npy", tokenizer=tok)
+    encode_images(EncodeSettings(source=one, output=tmp_path / "t.npy"), Injected(tokenizer=tok))
     arr, m = load_tokens(tmp_path / "t.npy")
     # an edited array is caught by the manifest's checksum; without checksums (hand-made or older
     # manifests) the range and shape checks below still hold
@@ -157,10 +165,10 @@ def test_out_of_range_wrong_length_and_mismatched_tokens(tiny, tmp_path):
     bad[0, 1, 7] = tok.codebook_size + 5
     np.save(tmp_path / "t.npy", bad)
     with pytest.raises(TokenError, match=r"row 0 \(key 'img1'\).*out of range"):
-        decode_tokens(tmp_path / "t.npy", tmp_path / "o", tokenizer=tok)
+        decode_tokens(DecodeSettings(tokens=tmp_path / "t.npy", out_dir=tmp_path / "o"), Injected(tokenizer=tok))
     np.save(tmp_path / "t.npy", np.zeros((1, tok.num_branches, tok.tokens_per_branch + 1), np.int16))
     with pytest.raises(TokenError, match="shape"):
-        decode_tokens(tmp_path / "t.npy", tmp_path / "o", tokenizer=tok)
+        decode_tokens(DecodeSettings(tokens=tmp_path / "t.npy", out_dir=tmp_path / "o"), Injected(tokenizer=tok))
     # a tokenizer with a different codebook refuses the tokens, naming the field
     from xqtool.config import load_tokenizer_config
     from xqtool.models.tokenizer import build_tokenizer
@@ -168,7 +176,7 @@ def test_out_of_range_wrong_length_and_mismatched_tokens(tiny, tmp_path):
     other = build_tokenizer(load_tokenizer_config(TINY, overrides=["quant.codebook_size=32"]))
     np.save(tmp_path / "t.npy", arr)
     with pytest.raises(TokenError, match="codebook_size is 64 .* but 32"):
-        decode_tokens(tmp_path / "t.npy", tmp_path / "o", tokenizer=other)
+        decode_tokens(DecodeSettings(tokens=tmp_path / "t.npy", out_dir=tmp_path / "o"), Injected(tokenizer=other))
 
 
 def test_cli_encode_decode_make_shards(tiny, tmp_path):

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from xqtool.cli import app
 from xqtool.metrics import PSNR_CAP_DB, TorchFeatureExtractor
-from xqtool.tasks.eval_fid import evaluate_fid, evaluate_rfid, make_fid_stats
+from xqtool.tasks.eval_fid import FidSettings, FidStatsSettings, evaluate_fid, evaluate_rfid, make_fid_stats
+from xqtool.tasks.injected import Injected
 
 runner = CliRunner()
 
@@ -67,8 +68,9 @@ def test_fid_self_zero_and_different_large(tmp_path, sets):
     ext = _extractor()
     np.savez(tmp_path / "a.npz", arr_0=a)
     np.savez(tmp_path / "b.npz", arr_0=b)
-    same = evaluate_fid(tmp_path / "a.npz", tmp_path / "a.npz", feature_extractor=ext, report_path=None)
-    diff = evaluate_fid(tmp_path / "b.npz", tmp_path / "a.npz", feature_extractor=ext, report_path=None)
+    fx = Injected(feature_extractor=ext)
+    same = evaluate_fid(FidSettings(gen=tmp_path / "a.npz", ref=tmp_path / "a.npz", report_path=None), fx)
+    diff = evaluate_fid(FidSettings(gen=tmp_path / "b.npz", ref=tmp_path / "a.npz", report_path=None), fx)
     assert same["metrics"]["fid"] == pytest.approx(0.0, abs=1e-6)
     assert diff["metrics"]["fid"] > 0.1
     assert diff["metrics"]["kid"] > same["metrics"]["kid"]
@@ -81,23 +83,24 @@ def test_folder_npz_and_stats_inputs_agree(tmp_path, sets):
     folder = _write_folder(tmp_path / "ref_png", a)
     np.savez(tmp_path / "ref.npz", arr_0=a)
     _write_folder(tmp_path / "gen_png", b)
-    by_folder = evaluate_fid(tmp_path / "gen_png", folder, feature_extractor=ext, report_path=None)
-    by_npz = evaluate_fid(tmp_path / "gen_png", tmp_path / "ref.npz", feature_extractor=ext, report_path=None)
-    summary = make_fid_stats(folder, "toyref", stats_dir=tmp_path / "stats", feature_extractor=ext)
+    fx = Injected(feature_extractor=ext)
+    by_folder = evaluate_fid(FidSettings(gen=tmp_path / "gen_png", ref=folder, report_path=None), fx)
+    by_npz = evaluate_fid(FidSettings(gen=tmp_path / "gen_png", ref=tmp_path / "ref.npz", report_path=None), fx)
+    summary = make_fid_stats(FidStatsSettings(source=folder, name="toyref", stats_dir=tmp_path / "stats"), fx)
     assert summary["count"] == len(a)
-    by_name = evaluate_fid(tmp_path / "gen_png", ref_stats="toyref", stats_dir=tmp_path / "stats",
-                           feature_extractor=ext, report_path=None)
+    by_name = evaluate_fid(FidSettings(gen=tmp_path / "gen_png", ref_stats="toyref", stats_dir=tmp_path / "stats",
+                                       report_path=None), fx)
     # a plain mu/sigma stats file (ADM reference batch layout: images + mu + sigma)
     from xqtool.tasks.eval_fid import load_feature_set
 
     fs = load_feature_set(folder, ext)
     np.savez(tmp_path / "adm_ref.npz", arr_0=a, mu=fs.mu, sigma=fs.sigma)
     np.savez(tmp_path / "mu_sigma.npz", mu=fs.mu, sigma=fs.sigma)
-    by_adm_images = evaluate_fid(tmp_path / "gen_png", tmp_path / "adm_ref.npz", feature_extractor=ext,
-                                 report_path=None)
-    by_adm_stats = evaluate_fid(tmp_path / "gen_png", tmp_path / "adm_ref.npz", use_npz_stats=True,
-                                feature_extractor=ext, report_path=None)
-    by_stats = evaluate_fid(tmp_path / "gen_png", tmp_path / "mu_sigma.npz", feature_extractor=ext, report_path=None)
+    by_adm_images = evaluate_fid(FidSettings(gen=tmp_path / "gen_png", ref=tmp_path / "adm_ref.npz",
+                                             report_path=None), fx)
+    by_adm_stats = evaluate_fid(FidSettings(gen=tmp_path / "gen_png", ref=tmp_path / "adm_ref.npz",
+                                            use_npz_stats=True, report_path=None), fx)
+    by_stats = evaluate_fid(FidSettings(gen=tmp_path / "gen_png", ref=tmp_path / "mu_sigma.npz", report_path=None), fx)
     ref_fid = by_folder["metrics"]["fid"]
     assert ref_fid > 0.1
     for r in (by_npz, by_name, by_adm_images, by_adm_stats, by_stats):
@@ -109,12 +112,13 @@ def test_folder_npz_and_stats_inputs_agree(tmp_path, sets):
     from xqtool.errors import ConfigError, DataError
 
     with pytest.raises(DataError, match="make-fid-stats"):
-        evaluate_fid(tmp_path / "gen_png", ref_stats="nope", stats_dir=tmp_path / "stats", feature_extractor=ext)
+        evaluate_fid(FidSettings(gen=tmp_path / "gen_png", ref_stats="nope", stats_dir=tmp_path / "stats"), fx)
     other = TorchFeatureExtractor(ext.fn, name="other")
     with pytest.raises(ConfigError, match="toy-stats"):
-        evaluate_fid(tmp_path / "gen_png", ref_stats="toyref", stats_dir=tmp_path / "stats", feature_extractor=other)
+        evaluate_fid(FidSettings(gen=tmp_path / "gen_png", ref_stats="toyref", stats_dir=tmp_path / "stats"),
+                     Injected(feature_extractor=other))
     with pytest.raises(DataError, match="already exist"):
-        make_fid_stats(folder, "toyref", stats_dir=tmp_path / "stats", feature_extractor=ext)
+        make_fid_stats(FidStatsSettings(source=folder, name="toyref", stats_dir=tmp_path / "stats"), fx)
 
 
 def test_report_holds_every_field(tmp_path, sets):
@@ -122,8 +126,8 @@ def test_report_holds_every_field(tmp_path, sets):
     np.savez(tmp_path / "a.npz", arr_0=a)
     _write_folder(tmp_path / "b", b[:20])
     rp = tmp_path / "out" / "fid.json"
-    evaluate_fid(tmp_path / "b", tmp_path / "a.npz", feature_extractor=_extractor(), report_path=rp,
-                 max_images=16, image_size=24)
+    evaluate_fid(FidSettings(gen=tmp_path / "b", ref=tmp_path / "a.npz", report_path=rp, max_images=16, image_size=24),
+                 Injected(feature_extractor=_extractor()))
     rep = json.loads(rp.read_text())
     assert set(rep["metrics"]) >= {"fid", "kid", "inception_score", "inception_score_std"}
     assert rep["backend"]["library"].startswith("clean-fid") and rep["backend"]["feature_extractor"] == "toy-stats"

@@ -107,7 +107,7 @@ def test_finetune_default_output_is_fresh_and_resume_works(setup, tmp_path):
     import shutil
     import signal
 
-    from test_training_robustness import assert_same_state
+    from conftest import assert_same_state
 
     root, base, run = setup
     src = tmp_path / "src"

@@ -12,14 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import photo_crops, to_tensor
-from xqtool.config import load_tokenizer_config
+from conftest import tiny_cnn_tokens
 from xqtool.config_var import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
-from xqtool.models.tokenizer import build_tokenizer
 from xqtool.models.var import build_var
-from xqtool.tasks.decode import decode_tokens
-from xqtool.tasks.sample import sample_images
+from xqtool.tasks.decode import DecodeSettings, decode_tokens
+from xqtool.tasks.injected import Injected
+from xqtool.tasks.sample import SampleSettings, sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tok_and_tokens(tmp_path_factory):
     root = tmp_path_factory.mktemp("dec")
-    torch.manual_seed(0)
-    tok = build_tokenizer(load_tokenizer_config(ROOT / "configs" / "tokenizer" / "tiny-cnn.yaml")).eval()
-    tokens = tok.encode(to_tensor(photo_crops(24, 32, seed=11)))
-    manifest = TokenManifest.from_tokenizer(tok, keys=[f"img{i}" for i in range(24)])
-    write_tokens(root / "t.npy", tokens.numpy(), manifest)
+    tok, tokens = tiny_cnn_tokens(root / "t.npy", 24, seed=11)
     few = TokenManifest.from_tokenizer(tok, keys=[f"img{i}" for i in range(3)])
     write_tokens(root / "t3.npy", tokens[:3].numpy(), few)
     return root, tok, tokens
@@ -49,7 +44,9 @@ def _alone(tok, tokens) -> np.ndarray:
 def test_decode_png_bytes_independent_of_batch_size(tok_and_tokens, tmp_path, batch_size):
     root, tok, tokens = tok_and_tokens
     want = _alone(tok, tokens)
-    res = decode_tokens(root / "t.npy", tmp_path / "out", tokenizer=tok, batch_size=batch_size, device="cpu")
+    res = decode_tokens(DecodeSettings(tokens=root / "t.npy", out_dir=tmp_path / "out", batch_size=batch_size,
+                                       device="cpu"),
+                        Injected(tokenizer=tok))
     assert res.count == 24
     for j in range(24):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"img{j}.png")), want[j])
@@ -58,7 +55,9 @@ def test_decode_png_bytes_independent_of_batch_size(tok_and_tokens, tmp_path, ba
 def test_progressive_strips_match_the_images(tok_and_tokens, tmp_path):
     root, tok, tokens = tok_and_tokens
     want = _alone(tok, tokens[:3])
-    decode_tokens(root / "t3.npy", tmp_path / "out", tokenizer=tok, batch_size=2, device="cpu", progressive=True)
+    decode_tokens(DecodeSettings(tokens=root / "t3.npy", out_dir=tmp_path / "out", batch_size=2, device="cpu",
+                                 progressive=True),
+                  Injected(tokenizer=tok))
     for j in range(3):
         strip = np.asarray(Image.open(tmp_path / "out" / f"img{j}.progressive.png"))
         assert strip.shape == (32 * (1 + tok.num_branches), 32 * len(tok.scales), 3)
@@ -72,8 +71,8 @@ def test_sample_images_independent_of_batch_size(tok_and_tokens, tmp_path):
     labels = [i % 10 for i in range(10)]
     outs = {}
     for b in range(1, 6):
-        sample_images(var, tok, labels, cfg=2.0, top_k=20, top_p=0.9, seed=3, batch_size=b,
-                      npz=tmp_path / f"b{b}.npz", cpu=True)
+        sample_images(SampleSettings(labels=labels, cfg=2.0, top_k=20, top_p=0.9, seed=3, batch_size=b,
+                                     npz=tmp_path / f"b{b}.npz", cpu=True), Injected(var=var, tokenizer=tok))
         outs[b] = np.load(tmp_path / f"b{b}.npz")["arr_0"]
     for b in range(2, 6):
         np.testing.assert_array_equal(outs[b], outs[1])

@@ -92,7 +92,8 @@ def _stats_extractor() -> TorchFeatureExtractor:
 def test_eval_fid_warns_when_custom_stats_have_another_resolution(tmp_path, caplog):
     from PIL import Image
 
-    from xqtool.tasks.eval_fid import evaluate_fid, make_fid_stats
+    from xqtool.tasks.eval_fid import FidSettings, FidStatsSettings, evaluate_fid, make_fid_stats
+    from xqtool.tasks.injected import Injected
 
     rng = np.random.default_rng(0)
     for name, side in (("ref64", 64), ("gen32", 32), ("gen64", 64)):
@@ -100,10 +101,11 @@ def test_eval_fid_warns_when_custom_stats_have_another_resolution(tmp_path, capl
         for i in range(6):
             Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
     ext = _stats_extractor()
-    make_fid_stats(tmp_path / "ref64", "r64", stats_dir=tmp_path / "stats", feature_extractor=ext)
+    fx = Injected(feature_extractor=ext)
+    make_fid_stats(FidStatsSettings(source=tmp_path / "ref64", name="r64", stats_dir=tmp_path / "stats"), fx)
     with caplog.at_level("WARNING", logger="xqtool.tasks.eval_fid"):
-        rep = evaluate_fid(tmp_path / "gen32", ref_stats="r64", stats_dir=tmp_path / "stats", feature_extractor=ext,
-                           kid=False, inception_score=False, report_path=None)
+        rep = evaluate_fid(FidSettings(gen=tmp_path / "gen32", ref_stats="r64", stats_dir=tmp_path / "stats",
+                                       kid=False, inception_score=False, report_path=None), fx)
     lines = [r.getMessage() for r in caplog.records if "resolution" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "32x32" in lines[0] and "64x64" in lines[0] and "'r64'" in lines[0]
@@ -111,7 +113,7 @@ def test_eval_fid_warns_when_custom_stats_have_another_resolution(tmp_path, capl
     assert rep["resolution"]["gen"] == ["32x32"] and rep["resolution"]["ref"] == ["64x64"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="xqtool.tasks.eval_fid"):
-        rep = evaluate_fid(tmp_path / "gen64", ref_stats="r64", stats_dir=tmp_path / "stats", feature_extractor=ext,
-                           kid=False, inception_score=False, report_path=None)
+        rep = evaluate_fid(FidSettings(gen=tmp_path / "gen64", ref_stats="r64", stats_dir=tmp_path / "stats",
+                                       kid=False, inception_score=False, report_path=None), fx)
     assert not [r for r in caplog.records if "resolution" in r.getMessage()]
     assert not any("resolution mismatch" in n for n in rep["notes"])

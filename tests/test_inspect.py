@@ -98,7 +98,8 @@ def test_var_checkpoints_own_and_released_layout(tmp_path: Path) -> None:
 
 
 def test_token_file_and_token_shards(tiny_tok, tmp_path: Path) -> None:
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
+    from xqtool.tasks.injected import Injected
 
     root, tok = tiny_tok
     tokens = tok.encode(to_tensor(photo_crops(6, 32, seed=2)))
@@ -116,7 +117,8 @@ def test_token_file_and_token_shards(tiny_tok, tmp_path: Path) -> None:
         d.mkdir(parents=True)
         for i, arr in enumerate(photo_crops(n, 32, seed=7 + n)):
             Image.fromarray(arr).save(d / f"{i}.png")
-    encode_images(tmp_path / "imgs", tmp_path / "shards", tokenizer=tok, batch_size=4)
+    encode_images(EncodeSettings(source=tmp_path / "imgs", output=tmp_path / "shards", batch_size=4),
+                  Injected(tokenizer=tok))
     rep = _json(tmp_path / "shards")
     assert rep["kind"] == "token shards" and rep["facts"]["rows"] == 5 and rep["facts"]["shard files"] >= 1
     assert rep["histogram"] == {"0": 3, "1": 2}

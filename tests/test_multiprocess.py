@@ -224,7 +224,8 @@ def task_inputs(tmp_path_factory) -> Path:
     from xqtool.config_var import load_var_config
     from xqtool.models.tokenizer import build_tokenizer
     from xqtool.models.var import VAR
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
+    from xqtool.tasks.injected import Injected
     from xqtool.tasks.make_shards import make_shards
     from xqtool.var_checkpoint import save_var
 
@@ -234,8 +235,8 @@ def task_inputs(tmp_path_factory) -> Path:
     save_tokenizer(base / "tok", tok)
     write_class_tree(base / "imgs", per_class=5)
     make_shards(base / "imgs", base / "shards", maxcount=5, image_format="png")
-    encode_images(base / "imgs", base / "tokens.npy", tokenizer=tok)
-    encode_images(base / "imgs", base / "token-shards", tokenizer=tok)
+    encode_images(EncodeSettings(source=base / "imgs", output=base / "tokens.npy"), Injected(tokenizer=tok))
+    encode_images(EncodeSettings(source=base / "imgs", output=base / "token-shards"), Injected(tokenizer=tok))
     save_var(base / "var", VAR(load_var_config(ROOT / "configs/var/tiny.yaml").model))
     return base
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from xqtool.cli import app
 from xqtool.errors import ConfigError, DataError
-from xqtool.tasks.probe import ProbeSettings, probe_features, run_probe
+from xqtool.tasks.injected import Injected
+from xqtool.tasks.probe import ProbeOptim, ProbeSettings, probe_features, run_probe
 
 runner = CliRunner()
 
@@ -53,8 +54,8 @@ def dataset(tmp_path_factory):
     return _colour_tree(root / "train", 24, seed=0), _colour_tree(root / "val", 30, seed=1)
 
 
-FAST = ProbeSettings(epochs=30, batch_size=16, lr=5e-2, weight_decay=1e-4, warmup_epochs=1, warmup_lr=5e-3,
-                     milestones=(0.6, 0.9))
+FAST = ProbeOptim(epochs=30, batch_size=16, lr=5e-2, weight_decay=1e-4, warmup_epochs=1, warmup_lr=5e-3,
+                  milestones=(0.6, 0.9))
 
 
 def test_feature_shapes(tok):
@@ -70,8 +71,8 @@ def test_feature_shapes(tok):
 def test_probe_learns_colour_and_saves_best(tok, dataset, tmp_path):
     train, val = dataset
     seen = []
-    rep = run_probe(None, train, val, tokenizer=tok, features="all", settings=FAST, out_dir=tmp_path / "p",
-                    on_epoch=seen.append)
+    rep = run_probe(ProbeSettings(train=train, val=val, features="all", optim=FAST, out_dir=tmp_path / "p"),
+                    Injected(tokenizer=tok, on_epoch=seen.append))
     assert rep["best_top1"] >= 0.9, rep["history"]
     assert rep["num_classes"] == 2 and rep["image_counts"] == {"train": 48, "val": 60, "skipped_bad_files": 0}
     assert len(rep["history"]) == 30 and len(seen) == 30
@@ -92,26 +93,27 @@ def test_probe_learns_colour_and_saves_best(tok, dataset, tmp_path):
 
 def test_probe_on_shuffled_labels_stays_near_chance(tok, dataset, tmp_path):
     train, val = dataset
-    rep = run_probe(None, train, val, tokenizer=tok, features="all", settings=FAST, out_dir=None,
-                    shuffle_labels=True)
+    rep = run_probe(ProbeSettings(train=train, val=val, features="all", optim=FAST, out_dir=None,
+                                  shuffle_labels=True), Injected(tokenizer=tok))
     assert rep["final_top1"] <= 0.75, rep["history"]
     assert rep["best_top1"] < 0.9
 
 
 def test_probe_uncached_and_errors(tok, dataset, tmp_path):
     train, val = dataset
-    s = ProbeSettings(epochs=2, batch_size=16, lr=1e-2)
-    rep = run_probe(None, train, val, tokenizer=tok, settings=s, cache_features=False, num_classes=2,
-                    out_dir=None)
+    s = ProbeOptim(epochs=2, batch_size=16, lr=1e-2)
+    fx = Injected(tokenizer=tok)
+    rep = run_probe(ProbeSettings(train=train, val=val, optim=s, cache_features=False, num_classes=2, out_dir=None),
+                    fx)
     assert len(rep["history"]) == 2 and rep["image_counts"]["train"] == 48
     with pytest.raises(ConfigError, match="num-classes"):
-        run_probe(None, train, val, tokenizer=tok, settings=s, cache_features=False, out_dir=None)
+        run_probe(ProbeSettings(train=train, val=val, optim=s, cache_features=False, out_dir=None), fx)
     flat = tmp_path / "flat"
     flat.mkdir()
     for i, p in enumerate(sorted((train / "0_reddish").glob("*.png"))[:4]):
         (flat / f"{i}.png").write_bytes(p.read_bytes())
     with pytest.raises(DataError, match="class"):
-        run_probe(None, flat, val, tokenizer=tok, settings=s, out_dir=None)
+        run_probe(ProbeSettings(train=flat, val=val, optim=s, out_dir=None), fx)
 
 
 def test_cli_probe(tok, dataset, tmp_path):

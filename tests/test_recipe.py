@@ -251,7 +251,7 @@ def _official_tiny_vit(path, width: int, heads: int, depth: int):
 
 def test_official_file_with_a_smaller_vit_loads_and_inspects_at_its_real_size(tmp_path) -> None:
     from xqtool.checkpoint import load_tokenizer
-    from xqtool.models.tokenizer import count_parameters
+    from xqtool.metrics import count_parameters
     from xqtool.tasks.inspect import inspect_target
 
     path = tmp_path / "tiny.pt"

@@ -8,7 +8,8 @@ import torch
 from conftest import CONFIGS
 from xqtool.config import load_tokenizer_config
 from xqtool.errors import TokenError
-from xqtool.models.tokenizer import build_tokenizer, count_parameters
+from xqtool.metrics import count_parameters
+from xqtool.models.tokenizer import build_tokenizer
 
 
 @pytest.mark.parametrize("cfg_name", ["tiny_cnn_cfg", "tiny_vit_cfg"])

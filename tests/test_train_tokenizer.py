@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import assert_same_state
 from xqtool.config import load_tokenizer_config
 from xqtool.errors import ConfigError, WeightsMissingError
 from xqtool.metrics import TorchFeatureExtractor
@@ -129,33 +130,6 @@ def test_exact_resume(photos, tmp_path):
                       tmp_path / "resumed" / "checkpoints" / "step-0000006")
 
 
-def assert_same_state(a: Path, b: Path) -> None:
-    """Every tensor and value of two training states is identical (models, EMA, optimizers, schedulers,
-    LeCam, data position, RNG), no key skipped."""
-    from xqtool.training_state import load_verified
-
-    sa, sb = load_verified(a), load_verified(b)
-    assert sorted(sa.components) == sorted(sb.components)
-
-    def same(x, y, where):
-        assert type(x) is type(y), where
-        if isinstance(x, torch.Tensor):
-            assert x.dtype == y.dtype and torch.equal(x, y), where
-        elif isinstance(x, dict):
-            assert x.keys() == y.keys(), where
-            for k in x:
-                same(x[k], y[k], f"{where}.{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), where
-            for i, (u, v) in enumerate(zip(x, y)):
-                same(u, v, f"{where}[{i}]")
-        elif hasattr(x, "shape"):  # numpy RNG key
-            assert (x == y).all(), where
-        else:
-            assert x == y, where
-
-    same(sa.components, sb.components, "state")
-    same(sa.rng, sb.rng, "rng")
 
 
 def test_nan_patience_stops_and_keeps_last_good(photos, tmp_path):

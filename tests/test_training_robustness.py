@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import photo_crops, to_tensor
+from conftest import assert_same_state, photo_crops, to_tensor
 from xqtool.checkpoint import save_tokenizer
 from xqtool.config import load_tokenizer_config
 from xqtool.config_var import load_var_config
@@ -35,7 +34,8 @@ def var_data(tmp_path_factory):
     """Tiny CNN tokenizer (random init, saved), 24 token rows as .npy and as token shards."""
     from PIL import Image
 
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
+    from xqtool.tasks.injected import Injected
 
     root = tmp_path_factory.mktemp("var13")
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def var_data(tmp_path_factory):
     (root / "imgs" / "c0").mkdir(parents=True)
     for i, arr in enumerate(crops):
         Image.fromarray(arr).save(root / "imgs" / "c0" / f"{i:03d}.png")
-    encode_images(root / "imgs", root / "shards", tokenizer=tok, batch_size=4)
+    encode_images(EncodeSettings(source=root / "imgs", output=root / "shards", batch_size=4), Injected(tokenizer=tok))
     return root, tok
 
 
@@ -68,31 +68,6 @@ def _vcfg(root: Path, run: Path, source: str = "npy", *extra: str):
                                       "train.ckpt_every=100", "train.keep_last=10", *extra])
 
 
-def _same(x, y, where="state"):
-    """Every tensor / value equal, no key skipped."""
-    assert type(x) is type(y), where
-    if isinstance(x, torch.Tensor):
-        assert x.dtype == y.dtype and torch.equal(x, y), where
-    elif isinstance(x, dict):
-        assert x.keys() == y.keys(), where
-        for k in x:
-            _same(x[k], y[k], f"{where}.{k}")
-    elif isinstance(x, (list, tuple)):
-        assert len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y)):
-            _same(u, v, f"{where}[{i}]")
-    elif isinstance(x, np.ndarray):
-        assert np.array_equal(x, y), where
-    else:
-        assert x == y, where
-
-
-def assert_same_state(a: Path, b: Path) -> None:
-    from xqtool.training_state import load_verified
-
-    sa, sb = load_verified(a), load_verified(b)
-    _same(sa.components, sb.components)
-    _same(sa.rng, sb.rng, "rng")
 
 
 def _sig_at(step: int, sig=signal.SIGTERM):

@@ -12,7 +12,8 @@ import torch
 from conftest import LAYOUTS
 from xqtool.config_var import VARModelConfig, var_preset
 from xqtool.errors import CheckpointError
-from xqtool.models.var import VAR, build_var, count_parameters, level_index
+from xqtool.metrics import count_parameters
+from xqtool.models.var import VAR, build_var, level_index
 from xqtool.models.var_sampling import (cfg_weight, guide_logits, sample_tokens, top_k_filter, top_p_filter)
 from xqtool.quantize.factory import build_branch_quantizer
 from xqtool.quantize.product import ProductQuantizer

@@ -13,14 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import photo_crops, to_tensor
+from conftest import photo_crops, tiny_cnn_tokens, to_tensor
 from xqtool.checkpoint import save_tokenizer
 from xqtool.cli import app
-from xqtool.config import load_tokenizer_config
 from xqtool.config_var import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import TokenError
-from xqtool.models.tokenizer import build_tokenizer
 from xqtool.tasks.sample import plan_labels
 from xqtool.tasks.train_var import lr_factor, param_groups, train_var
 
@@ -32,12 +30,7 @@ TINY_VAR = ROOT / "configs" / "var" / "tiny.yaml"
 def tiny_data(tmp_path_factory):
     """Tiny CNN tokenizer (random init, saved) and tokens of 16 real photo crops with 10 classes."""
     root = tmp_path_factory.mktemp("var")
-    torch.manual_seed(0)
-    tok = build_tokenizer(load_tokenizer_config(ROOT / "configs" / "tokenizer" / "tiny-cnn.yaml")).eval()
-    tokens = tok.encode(to_tensor(photo_crops(16, 32, seed=3)))
-    labels = [i % 10 for i in range(16)]
-    manifest = TokenManifest.from_tokenizer(tok, labels=labels, keys=[f"img{i}" for i in range(16)])
-    write_tokens(root / "train.npy", tokens.numpy(), manifest)
+    tok, _ = tiny_cnn_tokens(root / "train.npy", 16, seed=3, labels=[i % 10 for i in range(16)])
     save_tokenizer(root / "tok", tok)
     return root, tok
 
@@ -171,14 +164,16 @@ def test_trains_from_token_shards_and_from_images(tiny_data, tmp_path: Path) -> 
     """The two other data paths of train-var: WebDataset token shards from `xqtool encode`, and images encoded on the fly."""
     from PIL import Image
 
-    from xqtool.tasks.encode import encode_images
+    from xqtool.tasks.encode import EncodeSettings, encode_images
+    from xqtool.tasks.injected import Injected
 
     root, tok = tiny_data
     images = tmp_path / "imgs" / "cls0"
     images.mkdir(parents=True)
     for i, arr in enumerate(photo_crops(12, 32, seed=5)):
         Image.fromarray(arr).save(images / f"{i:03d}.png")
-    encode_images(tmp_path / "imgs", tmp_path / "shards", tokenizer=tok, batch_size=4)
+    encode_images(EncodeSettings(source=tmp_path / "imgs", output=tmp_path / "shards", batch_size=4),
+                  Injected(tokenizer=tok))
     assert (tmp_path / "shards" / "manifest.json").is_file()
     for run, source in (("run-shards", f"data.tokens={tmp_path / 'shards'}"), ("run-images", f"data.images={tmp_path / 'imgs'}")):
         cfg = load_var_config(TINY_VAR, ["data.tokens=null", source, f"train.results_dir={tmp_path / run}",

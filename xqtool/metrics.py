@@ -1,5 +1,13 @@
 """Image and tokenizer metrics: PSNR, SSIM, codebook usage, FID / KID / Inception Score.
 
+The single owner of: the conversion of model outputs to pixels (:func:`to_uint8` ``[B, 3, H, W]`` tensor,
+:func:`to_uint8_hwc` ``[B, H, W, 3]`` array), codebook usage / perplexity (:func:`usage_perplexity`, also used
+by the quantizers' training stats; :func:`codebook_stats`, :func:`codebook_usage_metrics` for reports),
+:func:`count_parameters`, the FID / KID / IS formulas and feature extractors with their preprocessing
+(:func:`extractor_input`, :func:`image_features`). Reading and writing FID statistics files is
+:mod:`xqtool.fid_stats`. Imports only :mod:`xqtool.errors` (and :mod:`xqtool.hub` lazily, for ``hf://``
+Inception weights), so every layer (quantize, models, tasks) may import it.
+
 Conventions
 -----------
 * Images given to :func:`psnr` / :func:`ssim` are float tensors ``[B, 3, H, W]`` in ``[-1, 1]``. Both are
@@ -120,13 +128,38 @@ def ssim(
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, H, W]`` in [-1, 1] -> uint8 ``[B, 3, H, W]`` (round(127.5 x + 127.5), clamped; not the +128 defect)."""
+    """Images ``[B, 3, H, W]`` in [-1, 1] -> uint8 tensor ``[B, 3, H, W]`` (channels first, same device).
+
+    ``round(127.5 x + 127.5)`` after clamping to [-1, 1] (not the +128 defect). This is the one conversion
+    of model outputs to pixels: metrics, feature extractors, PNG/npz writers (through :func:`to_uint8_hwc`).
+    """
     return ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def to_uint8_hwc(images: torch.Tensor, *, truncate: bool = False) -> np.ndarray:
+    """Images ``[B, 3, H, W]`` in [-1, 1] -> uint8 numpy array ``[B, H, W, 3]`` (channels last, on the CPU),
+    the layout image files and ``.npz`` sample batches use.
+
+    Default: :func:`to_uint8` (rounded). ``truncate``: the reference's conversion (var.md §4, §7.12), in
+    float32 and in its order: image = (x + 1)/2 in [0, 1], then clamp(255·image, 0, 255) cast to uint8
+    (truncation toward zero), so ``sample --upstream-rng`` reproduces the original's pixel values.
+    """
+    if truncate:
+        x = ((images.detach().float().clamp(-1, 1) + 1) / 2).mul(255).clamp(0, 255).to(torch.uint8)
+    else:
+        x = to_uint8(images)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> float ``[B, 3, H, W]`` in [-1, 1]."""
+    """uint8 ``[B, 3, H, W]`` -> float ``[B, 3, H, W]`` in [-1, 1] (``x / 127.5 - 1``)."""
     return images.float() / 127.5 - 1.0
+
+
+def count_parameters(module: torch.nn.Module, prefix: Union[str, tuple[str, ...]] = "") -> int:
+    """Number of parameters of `module` whose name starts with `prefix` (or any of several prefixes; all when
+    empty). Works on the meta device."""
+    return sum(p.numel() for n, p in module.named_parameters() if n.startswith(prefix))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,26 +167,37 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def usage_perplexity(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebook usage and perplexity of a code histogram ``[K]`` (counts, any float dtype, any device).
+
+    Returns 0-d tensors in `hist`'s dtype: usage = fraction of the K codes with a non-zero count; perplexity =
+    exp(entropy of the normalised histogram) (K for a uniform histogram, 1 for one code, 1 for an empty one).
+    The single definition used by the quantizers' training stats (spec §3.1) and the evaluation reports.
+    """
+    usage = (hist > 0).to(hist.dtype).mean()
+    p = hist / hist.sum().clamp_min(1.0)
+    return usage, torch.exp(torch.special.entr(p).sum())
+
+
 def codebook_stats(indices: ArrayLike, K: int) -> dict[str, float]:
-    """Usage and perplexity of code indices.
+    """Usage and perplexity (:func:`usage_perplexity`) of code indices.
 
     Args:
         indices: integer array/tensor of any shape with values in ``[0, K)``.
         K: codebook size.
     Returns:
         ``{"usage": fraction of the K codes used at least once, "perplexity": exp(entropy of the code
-        histogram)}`` (perplexity is K for a uniform histogram, 1 when one code is used).
+        histogram)}``; both 0 for no indices.
+    Raises:
+        ValueError: an index outside ``[0, K)``.
     """
     idx = torch.as_tensor(np.asarray(indices) if isinstance(indices, np.ndarray) else indices).reshape(-1).long()
     if idx.numel() == 0:
         return {"usage": 0.0, "perplexity": 0.0}
     if int(idx.min()) < 0 or int(idx.max()) >= K:
         raise ValueError(f"indices out of range [0, {K})")
-    counts = torch.bincount(idx.cpu(), minlength=K).double()
-    p = counts / counts.sum()
-    nz = p[p > 0]
-    entropy = float(-(nz * nz.log()).sum())
-    return {"usage": float((counts > 0).sum()) / K, "perplexity": math.exp(entropy)}
+    usage, perplexity = usage_perplexity(torch.bincount(idx.cpu(), minlength=K).double())
+    return {"usage": float(usage), "perplexity": float(perplexity)}
 
 
 def code_histogram(tokens: torch.Tensor, K: int, scales: Optional[Sequence[int]]) -> torch.Tensor:
@@ -177,12 +221,10 @@ def code_histogram(tokens: torch.Tensor, K: int, scales: Optional[Sequence[int]]
 
 
 def _perplexity(counts: torch.Tensor) -> float:
-    total = float(counts.sum())
-    if total <= 0:
+    """exp(entropy) of a count vector ``[K]``; 0 when it is empty (no codes counted)."""
+    if float(counts.sum()) <= 0:
         return 0.0
-    p = counts.double() / total
-    nz = p[p > 0]
-    return math.exp(float(-(nz * nz.log()).sum()))
+    return float(usage_perplexity(counts.double())[1])
 
 
 def codebook_usage_metrics(hist: torch.Tensor) -> Dict[str, Any]:
@@ -488,14 +530,55 @@ def extractor_name(extractor: Any) -> str:
     return str(getattr(extractor, "name", type(extractor).__name__))
 
 
+def extractor_input(images_u8: torch.Tensor, extractor: Any) -> torch.Tensor:
+    """uint8 images ``[B, 3, H, W]`` -> float ``[B, 3, h, w]`` in [0, 255], through the extractor's optional
+    per-image ``preprocess`` (``[H, W, 3]`` uint8 -> ``[h, w, 3]``; clean-fid's resizer for Inception)."""
+    preprocess = getattr(extractor, "preprocess", None)
+    if preprocess is None:
+        return images_u8.float()
+    out = [torch.from_numpy(np.ascontiguousarray(preprocess(im.permute(1, 2, 0).cpu().numpy()))).permute(2, 0, 1)
+           for im in images_u8]
+    return torch.stack(out).float()
+
+
+def run_extractor(extractor: Any, images: torch.Tensor) -> torch.Tensor:
+    """Features ``[B, F]`` (float32, CPU) of images ``[B, 3, h, w]`` already through :func:`extractor_input`
+    (the extractor may return a tensor or an array, of any trailing shape)."""
+    f = extractor(images)
+    f = f.detach().float().cpu() if isinstance(f, torch.Tensor) else torch.as_tensor(np.asarray(f)).float()
+    return f.reshape(images.shape[0], -1)
+
+
+def image_features(extractor: Any, images_u8: torch.Tensor) -> torch.Tensor:
+    """Features ``[B, F]`` (float32, CPU) of uint8 images ``[B, 3, H, W]`` (:func:`to_uint8` output)."""
+    return run_extractor(extractor, extractor_input(images_u8, extractor))
+
+
+def class_probs(extractor: Any, features: torch.Tensor) -> Optional[np.ndarray]:
+    """Class probabilities ``[B, C]`` (float64) from the extractor's optional ``classify``; None when it has
+    none or its weights lack the classifier layer (NotImplementedError)."""
+    classify = getattr(extractor, "classify", None)
+    if classify is None:
+        return None
+    try:
+        return np.asarray(torch.as_tensor(classify(features)).float().cpu().numpy(), dtype=np.float64)
+    except NotImplementedError:
+        return None
+
+
 __all__ = [
     "PSNR_CAP_DB",
     "FID_MODES",
     "psnr",
     "ssim",
     "to_uint8",
+    "to_uint8_hwc",
     "from_uint8",
+    "count_parameters",
+    "usage_perplexity",
     "codebook_stats",
+    "code_histogram",
+    "codebook_usage_metrics",
     "feature_stats",
     "frechet_distance",
     "fid_from_features",
@@ -507,4 +590,8 @@ __all__ = [
     "inception_extractor",
     "resolve_inception_weights",
     "extractor_name",
+    "extractor_input",
+    "run_extractor",
+    "image_features",
+    "class_probs",
 ]

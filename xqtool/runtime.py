@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from contextlib import nullcontext
+from typing import ContextManager, Dict, Optional
 
 import torch
+
+from xqtool.errors import ConfigError
+
+AMP_DTYPES: Dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Inference precision names (``--precision``) -> autocast dtype (None: plain float32)."""
+
+
+def amp_dtype(precision: str) -> Optional[torch.dtype]:
+    """Autocast dtype of an inference ``--precision`` (ConfigError for anything but fp32, bf16, fp16)."""
+    if precision not in AMP_DTYPES:
+        raise ConfigError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
+    return AMP_DTYPES[precision]
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """``torch.autocast`` on `device` for `precision` (a no-op context for fp32)."""
+    dtype = amp_dtype(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def configure_cpu_math() -> None:

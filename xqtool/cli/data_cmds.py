@@ -36,7 +36,7 @@ from xqtool.cli.options import (
     TokenizerConfigOpt,
     output_option,
     resolve_device,
-    warn_deprecated,
+    legacy_positional,
 )
 from xqtool.errors import ConfigError
 
@@ -137,7 +137,8 @@ def encode(
 
     Example: [bold]xqtool encode runs/demo_images/val -o runs/tokens/val.npy -t runs/tiny-cnn/best[/]
     """
-    from xqtool.tasks.encode import encode_images, token_output_path
+    from xqtool.tasks.encode import EncodeSettings, encode_images, token_output_path
+    from xqtool.tasks.injected import Injected
 
     if flip and ten_crop:
         raise ConfigError("choose one of --flip and --ten-crop")
@@ -145,11 +146,12 @@ def encode(
     augmentation = "flip" if flip else "ten-crop" if ten_crop else "none"
     main = _is_main()
     with _progress("encoding", enabled=main) as (on_start, advance):
-        result = encode_images(
-            source, out_path, ckpt=tokenizer, config=config, batch_size=batch_size, num_workers=num_workers,
-            device=device, precision=precision.value, augmentation=augmentation, bad_files=bad_files.value,
-            unit_size=unit_size, progress=advance, on_start=on_start, overwrite=overwrite,
+        settings = EncodeSettings(
+            source=source, output=out_path, ckpt=tokenizer, config=config, batch_size=batch_size,
+            num_workers=num_workers, device=device, precision=precision.value, augmentation=augmentation,
+            bad_files=bad_files.value, unit_size=unit_size, overwrite=overwrite,
         )
+        result = encode_images(settings, Injected(progress=advance, on_start=on_start))
     if not main or result.manifest is None:
         return
     m = result.manifest
@@ -183,18 +185,20 @@ def decode(
 
     Example: [bold]xqtool decode runs/tokens/val.npy -o runs/recon -t runs/tiny-cnn/best --progressive[/]
     """
-    from xqtool.tasks.decode import decode_tokens
+    from xqtool.tasks.decode import DecodeSettings, decode_tokens
+    from xqtool.tasks.injected import Injected
     from xqtool.distributed import main_process_only
 
     if not main_process_only("decode"):  # under a multi-process launch, rank 0 does all of it
         return
 
     with _progress("decoding") as (on_start, advance):
-        result = decode_tokens(
-            tokens, output, ckpt=tokenizer, config=config, batch_size=batch_size, device=device,
-            precision=precision.value, progressive=progressive, progress=advance, on_start=on_start,
-            overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
+        settings = DecodeSettings(
+            tokens=tokens, out_dir=output, ckpt=tokenizer, config=config, batch_size=batch_size, device=device,
+            precision=precision.value, progressive=progressive, overwrite=overwrite,
+            ignore_fingerprint=ignore_fingerprint,
         )
+        result = decode_tokens(settings, Injected(progress=advance, on_start=on_start))
     extra = f" (+ {len(result.progressive_files)} progressive strips)" if progressive else ""
     console.print(f"[green]wrote[/] {result.count} PNGs to {result.out_dir}{extra}")
     console.print(f"ran on: {run_facts(precision, resolve_device(device))}")
@@ -224,11 +228,7 @@ def make_shards_cmd(
     if not main_process_only("make-shards"):  # under a multi-process launch, rank 0 does all of it
         return
 
-    if legacy_out is not None:
-        if output is not None:
-            raise ConfigError("give the output folder once: -o/--output DIR")
-        warn_deprecated("the positional output folder", "-o/--output DIR")
-        output = legacy_out
+    output = legacy_positional(legacy_out, output, "output folder", "-o/--output DIR")
     if output is None:
         raise ConfigError("missing -o/--output DIR (the folder for the shards)")
     with _progress("packing") as (on_start, advance):

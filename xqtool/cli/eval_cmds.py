@@ -27,7 +27,7 @@ from xqtool.cli.options import (
     TokenizerConfigOpt,
     output_option,
     resolve_device,
-    warn_deprecated,
+    legacy_positional,
 )
 from xqtool.errors import ConfigError
 
@@ -126,19 +126,20 @@ def eval_fid(
 
       [bold]xqtool eval-fid make-stats imagenet/val --name imagenet256-val --image-size 256[/]
     """
-    from xqtool.tasks.eval_fid import evaluate_fid, evaluate_rfid, make_fid_stats
+    from xqtool.tasks.eval_fid import FidSettings, FidStatsSettings, evaluate_fid, evaluate_rfid, make_fid_stats
     from xqtool.distributed import main_process_only
 
     if not main_process_only("eval-fid"):
         return
 
     device = resolve_device(device)
+    features = dict(mode=mode, batch_size=batch_size, num_workers=num_workers, device=device,
+                    inception_weights=inception_weights, max_images=max_images, image_size=image_size,
+                    stats_dir=stats_dir)
     if gen == "make-stats":
         if ref is None or not name:
             raise ConfigError("usage: xqtool eval-fid make-stats DIR --name NAME")
-        _print_stats(make_fid_stats(ref, name, mode=mode, stats_dir=stats_dir, batch_size=batch_size,
-                                    num_workers=num_workers, device=device, inception_weights=inception_weights,
-                                    max_images=max_images, image_size=image_size, force=overwrite))
+        _print_stats(make_fid_stats(FidStatsSettings(source=ref, name=name, overwrite=overwrite, **features)))
         return
     report = output
     if rfid:
@@ -155,11 +156,9 @@ def eval_fid(
         return
     if tokenizer is not None:
         raise ConfigError("--tokenizer is only used with --rfid")
-    out = evaluate_fid(gen, ref, ref_stats=ref_stats, stats_dir=stats_dir, mode=mode, batch_size=batch_size,
-                       num_workers=num_workers, device=device, inception_weights=inception_weights,
-                       max_images=max_images, image_size=image_size, use_npz_stats=use_npz_stats, kid=kid,
-                       inception_score=isc, seed=seed,
-                       report_path=report if report is not None else "fid_report.json", overwrite=overwrite)
+    out = evaluate_fid(FidSettings(gen=gen, ref=ref, ref_stats=ref_stats, use_npz_stats=use_npz_stats, kid=kid,
+                                   inception_score=isc, seed=seed, overwrite=overwrite,
+                                   report_path=report if report is not None else "fid_report.json", **features))
     _print_report(out, "FID")
 
 
@@ -183,16 +182,16 @@ def make_fid_stats_cmd(
 
     Example: [bold]xqtool make-fid-stats imagenet/val --name imagenet256-val --image-size 256[/]
     """
-    from xqtool.tasks.eval_fid import make_fid_stats
+    from xqtool.tasks.eval_fid import FidStatsSettings, make_fid_stats
     from xqtool.distributed import main_process_only
 
     if not main_process_only("make-fid-stats"):
         return
 
-    _print_stats(make_fid_stats(source, name, mode=mode, stats_dir=stats_dir, batch_size=batch_size,
-                                num_workers=num_workers, device=resolve_device(device),
-                                inception_weights=inception_weights, max_images=max_images, image_size=image_size,
-                                force=overwrite))
+    _print_stats(make_fid_stats(FidStatsSettings(
+        source=source, name=name, mode=mode, stats_dir=stats_dir, batch_size=batch_size, num_workers=num_workers,
+        device=resolve_device(device), inception_weights=inception_weights, max_images=max_images,
+        image_size=image_size, overwrite=overwrite)))
 
 
 def probe(
@@ -228,13 +227,10 @@ def probe(
 
     Example: [bold]xqtool probe -t runs/tok/best --train imagenet/train --val imagenet/val --epochs 10 -o runs/probe[/]
     """
-    from xqtool.tasks.probe import ProbeSettings, run_probe
+    from xqtool.tasks.injected import Injected
+    from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
 
-    if legacy_tokenizer is not None:
-        if tokenizer is not None:
-            raise ConfigError("give the tokenizer once: -t/--tokenizer CKPT")
-        warn_deprecated("the positional tokenizer", "-t/--tokenizer CKPT")
-        tokenizer = legacy_tokenizer
+    tokenizer = legacy_positional(legacy_tokenizer, tokenizer, "tokenizer", "-t/--tokenizer CKPT")
     if tokenizer is None:
         raise ConfigError("missing -t/--tokenizer CKPT (the tokenizer whose features are probed)")
     device = resolve_device(device)
@@ -243,9 +239,9 @@ def probe(
         ms = tuple(float(m) for m in milestones.split(",") if m.strip())
     except ValueError:
         raise ConfigError(f"--milestones must be comma-separated fractions, got '{milestones}'") from None
-    settings = ProbeSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                             warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr, decay_rate=decay_rate,
-                             milestones=ms, seed=seed)
+    optim = ProbeOptim(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                       warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr, decay_rate=decay_rate,
+                       milestones=ms, seed=seed)
     table = Table(title=f"Linear probe ({features} features)")
     for col in ("epoch", "lr", "train loss", "train top-1", "val top-1", "val top-5"):
         table.add_column(col, justify="right")
@@ -258,10 +254,12 @@ def probe(
 
     if not main_process_only("probe"):
         return
-    rep = run_probe(tokenizer, train, val, features=features, settings=settings, config=config, prefer_ema=ema,
-                    cache_features=cache_features, num_classes=num_classes, num_workers=num_workers, device=device,
-                    max_train_images=max_train_images, max_val_images=max_val_images, bad_files=bad_files.value,
-                    out_dir=output, on_epoch=row, overwrite=overwrite)
+    settings = ProbeSettings(ckpt=tokenizer, train=train, val=val, features=features, optim=optim, config=config,
+                             prefer_ema=ema, cache_features=cache_features, num_classes=num_classes,
+                             num_workers=num_workers, device=device, max_train_images=max_train_images,
+                             max_val_images=max_val_images, bad_files=bad_files.value, out_dir=output,
+                             overwrite=overwrite)
+    rep = run_probe(settings, Injected(on_epoch=row))
     console.print(table)
     console.print(f"best val top-1 [bold]{100 * rep['best_top1']:.2f}%[/] at epoch {rep['best_epoch']} "
                   f"({rep['image_counts']['train']} train / {rep['image_counts']['val']} val images, "

@@ -9,8 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from xqtool.cli._common import add_command, console
-from xqtool.cli.options import Overwrite, Seed, output_option, warn_deprecated
-from xqtool.errors import ConfigError
+from xqtool.cli.options import Overwrite, Seed, legacy_positional, output_option
 
 DEFAULT_DEMO_DIR = Path("runs/demo_images")
 
@@ -31,11 +30,7 @@ def demo_images(
     from xqtool.cli.data_cmds import _progress
     from xqtool.data.samples import DEMO_CLASSES, write_demo_images
 
-    if legacy_out is not None:
-        if output is not None:
-            raise ConfigError("give the output folder once: -o/--output DIR")
-        warn_deprecated("the positional output folder", "-o/--output DIR")
-        output = legacy_out
+    output = legacy_positional(legacy_out, output, "output folder", "-o/--output DIR")
     out = output if output is not None else DEFAULT_DEMO_DIR
     with _progress("demo images") as (on_start, advance):
         on_start((per_class + val_per_class) * len(DEMO_CLASSES))

@@ -16,11 +16,13 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import typer
 from typer.core import TyperCommand, TyperOption
 from typing_extensions import Annotated
+
+T = TypeVar("T")
 
 
 class Precision(str, enum.Enum):
@@ -107,6 +109,20 @@ def _warn(old: str, new: str) -> None:
 def warn_deprecated(old: str, new: str) -> None:
     """Print the one-line deprecation warning (also used for deprecated positional forms)."""
     _warn(old, new)
+
+
+def legacy_positional(legacy: Optional[T], value: Optional[T], thing: str, option: str) -> Optional[T]:
+    """The value of an option that also has a deprecated positional form (e.g. ``thing="output folder"``,
+    ``option="-o/--output DIR"``): the positional value prints the deprecation warning; ConfigError when both
+    forms are given."""
+    if legacy is None:
+        return value
+    if value is not None:
+        from xqtool.errors import ConfigError
+
+        raise ConfigError(f"give the {thing} once: {option}")
+    warn_deprecated(f"the positional {thing}", option)
+    return legacy
 
 
 class AliasCommand(TyperCommand):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from typing_extensions import Annotated
 
@@ -36,10 +40,65 @@ def _logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
-def _load_cfg(config: Path, overrides: Optional[List[str]], max_steps: Optional[int]) -> Any:
-    from xqtool.config import load_tokenizer_config
+@dataclass
+class RunOptions:
+    """The options both tokenizer training commands share (see :func:`with_run_options`)."""
 
-    return load_tokenizer_config(str(config), overrides=list(overrides or []))
+    set_: Optional[List[str]]
+    resume: Optional[str]
+    output: Optional[Path]
+    max_steps: Optional[int]
+    num_workers: Optional[int]
+    precision: Optional[Precision]
+    seed: Optional[int]
+    no_progress: bool
+    overwrite: bool
+
+    def load_config(self, config: Path) -> Any:
+        """The tokenizer config YAML with ``--set`` and the shared options applied (CLI flags win)."""
+        from xqtool.config import load_tokenizer_config
+
+        overrides = config_overrides(self.set_, self.num_workers, self.precision, self.seed)
+        return load_tokenizer_config(str(config), overrides=overrides)
+
+
+def with_run_options(output_help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Append the shared options to a Typer command and hand them over as one ``run: RunOptions`` argument.
+
+    Options, after the command's own and in this order (as ``--help`` lists them): ``--set``, ``--resume``,
+    ``-o/--output`` (help `output_help`), ``--max-steps``, ``-j/--num-workers``, ``--precision``, ``--seed``,
+    ``--no-progress``, ``--overwrite``. Typer reads the command's ``__signature__`` and annotations, so the
+    declared parameters are the command's own ones (without ``run``) followed by these.
+    """
+    shared = [
+        ("set_", SetOverrides, None),
+        ("resume", Resume, None),
+        ("output", Annotated[Optional[Path], output_option(output_help)], None),
+        ("max_steps", MaxSteps, None),
+        ("num_workers", Annotated[Optional[int], typer.Option("--num-workers", "-j", help=HELP_NUM_WORKERS)], None),
+        ("precision", OptPrecision, None),
+        ("seed", OptSeed, None),
+        ("no_progress", NoProgress, False),
+        ("overwrite", Overwrite, False),
+    ]
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        hints = {k: v for k, v in typing.get_type_hints(fn, include_extras=True).items() if k != "run"}
+        own = [p.replace(annotation=hints[name]) for name, p in inspect.signature(fn).parameters.items()
+               if name != "run"]
+        extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=a)
+                 for n, a, d in shared]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> None:
+            run = RunOptions(**{n: kwargs.pop(n) for n, _, _ in shared})
+            fn(run=run, **kwargs)
+
+        command.__signature__ = inspect.Signature(own + extra)  # type: ignore[attr-defined]
+        command.__annotations__ = {**hints, **{n: a for n, a, _ in shared}}
+        return command
+
+    return decorate
 
 
 def _summary(result: Any, title: str, cfg: Any) -> None:
@@ -101,17 +160,10 @@ def _exit(result: Any) -> None:
         raise typer.Exit(result.exit_code)
 
 
+@with_run_options("Run folder (default: train.results_dir of the config).")
 def train_tokenizer_cmd(
     config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Tokenizer YAML (xqtool or official XQ-GAN keys).")],
-    set_: SetOverrides = None,
-    resume: Resume = None,
-    output: Annotated[Optional[Path], output_option("Run folder (default: train.results_dir of the config).")] = None,
-    max_steps: MaxSteps = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", help=HELP_NUM_WORKERS)] = None,
-    precision: OptPrecision = None,
-    seed: OptSeed = None,
-    no_progress: NoProgress = False,
-    overwrite: Overwrite = False,
+    run: RunOptions,
 ) -> None:
     """Train an XQ-GAN tokenizer.
 
@@ -122,13 +174,14 @@ def train_tokenizer_cmd(
     from xqtool.tasks.train_tokenizer import train_tokenizer
 
     _logging()
-    cfg = _load_cfg(config, config_overrides(set_, num_workers, precision, seed), max_steps)
-    result = train_tokenizer(cfg, output_dir=output, resume=resume, max_steps=max_steps,
-                             progress=not no_progress, console=console, overwrite=overwrite)
+    cfg = run.load_config(config)
+    result = train_tokenizer(cfg, output_dir=run.output, resume=run.resume, max_steps=run.max_steps,
+                             progress=not run.no_progress, console=console, overwrite=run.overwrite)
     _summary(result, "train-tokenizer", cfg)
     _exit(result)
 
 
+@with_run_options("Run folder (default: next to the source, runs/a/best -> runs/a-best-finetune).")
 def finetune_cmd(
     config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML with the loss/data/train settings.")],
     tokenizer: Tokenizer,
@@ -137,15 +190,8 @@ def finetune_cmd(
     freeze_codebook: Annotated[bool, typer.Option("--freeze-codebook", help="Keep codebooks, phi convs and quant_conv fixed so token ids keep their meaning.")] = False,
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (default model.lora_rank = 8).")] = None,
     lora_targets: Annotated[Optional[str], typer.Option("--lora-targets", help=r"Regex of modules to adapt (default '.*\.mlp\.fc\d').")] = None,
-    set_: SetOverrides = None,
-    resume: Resume = None,
-    output: Annotated[Optional[Path], output_option("Run folder (default: next to the source, runs/a/best -> runs/a-best-finetune).")] = None,
-    max_steps: MaxSteps = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-j", help=HELP_NUM_WORKERS)] = None,
-    precision: OptPrecision = None,
-    seed: OptSeed = None,
-    no_progress: NoProgress = False,
-    overwrite: Overwrite = False,
+    *,
+    run: RunOptions,
 ) -> None:
     """Fine-tune a released or trained tokenizer on your images, then export merged weights.
 
@@ -159,10 +205,11 @@ def finetune_cmd(
         if value is not None and value not in TUNING_METHODS:
             raise ConfigError(f"{name} must be one of {', '.join(TUNING_METHODS)}, got {value!r}")
     _logging()
-    cfg = _load_cfg(config, config_overrides(set_, num_workers, precision, seed), max_steps)
+    cfg = run.load_config(config)
     result = finetune_tokenizer(cfg, tokenizer, enc=enc, dec=dec, freeze_codebook_ids=freeze_codebook,
-                                lora_rank=lora_rank, lora_targets=lora_targets, output_dir=output, resume=resume,
-                                max_steps=max_steps, progress=not no_progress, console=console, overwrite=overwrite)
+                                lora_rank=lora_rank, lora_targets=lora_targets, output_dir=run.output,
+                                resume=run.resume, max_steps=run.max_steps, progress=not run.no_progress,
+                                console=console, overwrite=run.overwrite)
     _summary(result, "finetune", cfg)
     _exit(result)
 

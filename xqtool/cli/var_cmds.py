@@ -139,7 +139,8 @@ def sample_cmd(
     Example: [bold]xqtool sample --var runs/var-tiny/var-last -t runs/tiny-cnn/best --classes 0,1 --per-class 4 -o runs/samples --grid runs/samples/grid.png[/]
     """
     from xqtool.checkpoint import load_tokenizer
-    from xqtool.tasks.sample import parse_classes, plan_labels, sample_images, unseen_classes
+    from xqtool.tasks.injected import Injected
+    from xqtool.tasks.sample import SampleSettings, parse_classes, plan_labels, sample_images, unseen_classes
     from xqtool.var_checkpoint import load_var
 
     cpu = _cpu_flag(device)
@@ -153,10 +154,11 @@ def sample_cmd(
         shown = ", ".join(map(str, unseen[:10])) + (" ..." if len(unseen) > 10 else "")
         console.print(f"[yellow]warning:[/] class(es) {shown} never occurred in this VAR's training data; "
                       "their images follow no learned class", highlight=False)
-    res = sample_images(var, tok, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
-                        batch_size=batch_size, out_dir=output, npz=npz, grid=grid, use_cache=not no_cache,
-                        precision=precision.value, upstream_rng=upstream_rng, cpu=cpu, pack=not no_pack,
-                        console=console, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint, var_info=info)
+    settings = SampleSettings(labels=labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
+                              batch_size=batch_size, out_dir=output, npz=npz, grid=grid, use_cache=not no_cache,
+                              precision=precision.value, upstream_rng=upstream_rng, cpu=cpu, pack=not no_pack,
+                              overwrite=overwrite, ignore_fingerprint=ignore_fingerprint)
+    res = sample_images(settings, Injected(var=var, tokenizer=tok, var_info=info, console=console))
     if not res.is_main:  # several processes: the main one reports
         return
     console.print(f"[green]done[/] {res.count} images in {res.seconds:.1f}s ({res.images_per_s:.2f} img/s)")

@@ -289,6 +289,19 @@ def _one_line_data_error(exc: DataError) -> DataError:
     return DataError(last[len(prefix):] if last.startswith(prefix) else last)
 
 
+def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
+    """Iterate `batches` (a DataLoader), re-raising a worker's DataError as its one-line message."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DataError as exc:
+            raise _one_line_data_error(exc) from None
+        yield batch
+
+
 class ImageLoader(DataLoader):
     """DataLoader over an :class:`ImageStream` that collects skipped inputs in ``bad_files``.
 
@@ -319,14 +332,7 @@ class ImageLoader(DataLoader):
         ds: ImageStream = self.dataset  # type: ignore[assignment]
         ds.set_epoch(self._epoch)
         self._epoch += 1
-        it = super().__iter__()
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except DataError as exc:
-                raise _one_line_data_error(exc) from None
+        for batch in one_line_errors(super().__iter__()):
             for name, reason in batch["bad"]:
                 self.skipped[name] = reason
             n = batch["image"].shape[0]

@@ -169,12 +169,6 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     return t.div_(127.5).sub_(1.0)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """FloatTensor [B, 3, H, W] in [-1, 1] -> uint8 array [B, H, W, 3] (round((x + 1) * 127.5))."""
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Evaluation preprocessing: PIL image (any mode) -> FloatTensor [3, S, S] in [-1, 1]."""
 

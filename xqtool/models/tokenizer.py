@@ -323,6 +323,3 @@ def build_tokenizer(config: TokenizerConfig) -> XQTokenizer:
     return XQTokenizer(config)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (works on the meta device)."""
-    return sum(p.numel() for p in module.parameters())

@@ -31,7 +31,7 @@ from torch import Tensor
 from xqtool.config_var import PRESET_DEPTHS, VARModelConfig, validate_var_model_config, var_preset
 from xqtool.models.packed_linear import PackedLinear, packing_available
 
-__all__ = ["VAR", "KVCache", "build_var", "block_causal_mask", "level_index", "count_parameters"]
+__all__ = ["VAR", "KVCache", "build_var", "block_causal_mask", "level_index"]
 
 
 def level_index(patch_nums: Sequence[int]) -> Tensor:
@@ -436,11 +436,6 @@ def build_var(config: "VARModelConfig | str", device: "torch.device | str | None
         return VAR(cfg)
     with torch.device(device):
         return VAR(cfg)
-
-
-def count_parameters(model: nn.Module, prefix: str = "") -> int:
-    """Number of parameters whose name starts with `prefix` (all when empty)."""
-    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
 
 
 PRESETS = tuple(PRESET_DEPTHS)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from xqtool.errors import ConfigError, TokenError
+from xqtool.metrics import usage_perplexity
 
 
 @dataclass
@@ -97,14 +98,6 @@ def code_histogram(idx: Tensor, codebook_size: int, reduce: bool = False) -> Ten
     if reduce and distributed_ready():
         dist.all_reduce(hist)
     return hist
-
-
-def histogram_stats(hist: Tensor) -> Tuple[Tensor, Tensor]:
-    """(usage, perplexity) scalars of a code histogram ``[K]``: fraction of codes hit, exp(entropy)."""
-    usage = (hist > 0).float().mean()
-    p = hist / hist.sum().clamp_min(1.0)
-    perplexity = torch.exp(torch.special.entr(p).sum())
-    return usage, perplexity
 
 
 def ema_hit_update(buf: Tensor, hist: Tensor, record_hit: int) -> None:
@@ -257,7 +250,7 @@ class BranchQuantizer(nn.Module, ABC):
         """(usage, perplexity) scalars of scale ``si``'s indices; in training also updates the hit EMA and
         reports the EMA usage of :func:`ema_usage` (``batch`` = B of the local batch)."""
         hist = code_histogram(idx, self.codebook_size, reduce=self.training)
-        usage, perplexity = histogram_stats(hist)
+        usage, perplexity = usage_perplexity(hist)
         if self.training:
             hits = self.ema_vocab_hit_SV if self.ema_vocab_hit_SV.dim() == 1 else self.ema_vocab_hit_SV[si]
             with torch.no_grad():

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,23 +28,26 @@ from xqtool.data.tokens import (
     check_token_rows,
     load_tokens,
 )
-from xqtool.data.transforms import to_uint8
 from xqtool.errors import ConfigError, TokenError
 from xqtool.fsutil import atomic_write_bytes, check_output, fresh_output_dir, output_lock
+from xqtool.metrics import to_uint8_hwc
+from xqtool.runtime import amp_dtype, autocast
+from xqtool.tasks.injected import Injected
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @dataclass
 class DecodeResult:
-    """Outcome of :func:`decode_tokens`."""
+    """Outcome of :func:`decode_tokens`: the PNGs written (one per token row) and the progressive strips."""
 
     out_dir: Path
-    count: int
     files: List[Path] = field(default_factory=list)
     progressive_files: List[Path] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Number of images decoded (= PNG files written, strips not counted)."""
+        return len(self.files)
 
 
 def png_relpath(key: str, suffix: str = ".png") -> Path:
@@ -96,69 +98,80 @@ def _strip(panels: List[List[np.ndarray]]) -> np.ndarray:
     return np.concatenate([np.concatenate(r, axis=1) for r in panels], axis=0)
 
 
-def decode_tokens(
-    tokens: Union[str, Path],
-    out_dir: Union[str, Path],
-    *,
-    ckpt: Optional[Union[str, Path]] = None,
-    config: Optional[Union[str, Path]] = None,
-    tokenizer: Any = None,
-    batch_size: int = 32,
-    device: Optional[str] = None,
-    precision: str = "fp32",
-    progressive: bool = False,
-    progress: Optional[Callable[[int], None]] = None,
-    on_start: Optional[Callable[[Optional[int]], None]] = None,
-    overwrite: bool = False,
-    ignore_fingerprint: bool = False,
-) -> DecodeResult:
-    """Decode every row of `tokens` to ``out_dir/<key>.png`` (see module docstring).
+@dataclass(kw_only=True)
+class DecodeSettings:
+    """One ``xqtool decode`` run (see :func:`decode_tokens`).
+
+    Attributes:
+        tokens: token file (``.npy`` with its ``.npy.json``) or token-shard folder from ``xqtool encode``.
+        out_dir: folder for the PNGs; overwrite: replace an earlier decode output there.
+        ckpt / config: the tokenizer that encoded the tokens (required unless a tokenizer is injected).
+        device: None = CUDA when available, else CPU; precision: ``fp32 | bf16 | fp16`` autocast.
+        progressive: also write ``KEY.progressive.png`` (columns = scales; rows = all branches, then each alone).
+        ignore_fingerprint: accept tokens made with other tokenizer weights (with a warning).
+    """
+
+    tokens: Union[str, Path]
+    out_dir: Union[str, Path]
+    ckpt: Optional[Union[str, Path]] = None
+    config: Optional[Union[str, Path]] = None
+    batch_size: int = 32
+    device: Optional[str] = None
+    precision: str = "fp32"
+    progressive: bool = False
+    overwrite: bool = False
+    ignore_fingerprint: bool = False
+
+
+def decode_tokens(settings: DecodeSettings, injected: Optional[Injected] = None) -> DecodeResult:
+    """Decode every row of ``settings.tokens`` to ``out_dir/<key>.png`` (see module docstring).
+
+    Reads ``injected.tokenizer`` (used instead of loading ``settings.ckpt``), ``injected.progress`` (called with
+    the number of images just written) and ``injected.on_start`` (called once with the number of rows).
 
     Raises TokenError when the tokens' manifest does not match the tokenizer (config or weights fingerprint;
     ``ignore_fingerprint`` accepts other weights with a warning), OutputError when `out_dir` exists and is not
     empty (``overwrite`` replaces only an earlier decode output), lies inside / contains the tokens, or is
-    being written by another process.
+    being written by another process; ConfigError for a bad precision or a missing tokenizer.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
-    path = Path(tokens)
+    s, injected = settings, injected or Injected()
+    amp_dtype(s.precision)
+    path = Path(s.tokens)
     if path.is_dir():
         manifest = TokenManifest.load(path / DIR_MANIFEST)
         _token_shards(path, manifest)  # every shard present and intact before anything is written
     else:
         _, manifest = load_tokens(path)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(s.device) if s.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = injected.tokenizer
     if tokenizer is None:
-        if ckpt is None:
+        if s.ckpt is None:
             raise ConfigError("--tokenizer/-t is required: give the tokenizer checkpoint that encoded these tokens")
         from xqtool.checkpoint import load_tokenizer
 
-        tokenizer = load_tokenizer(ckpt, config=config, map_location=dev)
+        tokenizer = load_tokenizer(s.ckpt, config=s.config, map_location=dev)
     tok = tokenizer.to(dev).eval()
-    check_manifest(manifest, tok, ignore_fingerprint=ignore_fingerprint, what=f"the tokens {path}")
-    out = Path(out_dir)
-    replace = check_output(out, kind="decode", is_dir=True, overwrite=overwrite, sources=[path])
+    check_manifest(manifest, tok, ignore_fingerprint=s.ignore_fingerprint, what=f"the tokens {path}")
+    out = Path(s.out_dir)
+    replace = check_output(out, kind="decode", is_dir=True, overwrite=s.overwrite, sources=[path])
     with output_lock(out), fresh_output_dir(out, "decode", replace=replace):
-        return _decode_into(out, path, manifest, tok, dev, batch_size, precision, progressive, progress, on_start)
+        return _decode_into(s, injected, out, path, manifest, tok, dev)
 
 
-def _decode_into(out: Path, path: Path, manifest: TokenManifest, tok: Any, dev: torch.device, batch_size: int,
-                 precision: str, progressive: bool, progress: Optional[Callable[[int], None]],
-                 on_start: Optional[Callable[[Optional[int]], None]]) -> DecodeResult:
-    if on_start is not None:
-        on_start(manifest.count or None)
-    amp_dtype = PRECISIONS[precision]
-    result = DecodeResult(out, 0)
+def _decode_into(s: DecodeSettings, injected: Injected, out: Path, path: Path, manifest: TokenManifest, tok: Any,
+                 dev: torch.device) -> DecodeResult:
+    if injected.on_start is not None:
+        injected.on_start(manifest.count or None)
+    result = DecodeResult(out)
     P, L, K = tok.num_branches, tok.tokens_per_branch, tok.codebook_size
-    for first, arr, keys in _batches(path, manifest, batch_size):
+    for first, arr, keys in _batches(path, manifest, s.batch_size):
         check_token_rows(arr, P, L, K, keys=keys, first_row=first)
         ids = torch.from_numpy(arr.astype(np.int64)).to(dev)
-        amp = torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-        with torch.inference_mode(), amp:
-            images = to_uint8(tok.decode_each(ids))  # one image at a time: PNGs independent of -b
+        with torch.inference_mode(), autocast(dev, s.precision):
+            images = to_uint8_hwc(tok.decode_each(ids))  # one image at a time: PNGs independent of -b
             strips = None
-            if progressive:  # per image: [row][scale] -> [S,S,3]; rows = all branches, then each branch
-                strips = [[[to_uint8(img)[0] for img in tok.decode_progressive(ids[j : j + 1], branches=br)]
+            if s.progressive:  # per image: [row][scale] -> [S,S,3]; rows = all branches, then each branch
+                strips = [[[to_uint8_hwc(img)[0] for img in tok.decode_progressive(ids[j : j + 1], branches=br)]
                            for br in [None] + [[b] for b in range(P)]] for j in range(ids.shape[0])]
         for j, key in enumerate(keys):
             target = out / png_relpath(key)
@@ -169,7 +182,6 @@ def _decode_into(out: Path, path: Path, manifest: TokenManifest, tok: Any, dev: 
                 ptarget = out / png_relpath(key, ".progressive.png")
                 atomic_write_bytes(ptarget, _png_bytes(strip))
                 result.progressive_files.append(ptarget)
-        result.count += len(keys)
-        if progress is not None:
-            progress(len(keys))
+        if injected.progress is not None:
+            injected.progress(len(keys))
     return result

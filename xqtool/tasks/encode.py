@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -30,18 +30,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from xqtool.data.images import check_policy, process_records
+from xqtool.data.images import check_policy, one_line_errors, process_records
 from xqtool.data.shards import iter_shard_records, write_token_shard
 from xqtool.data.sources import SourceLike, SourceSpec, file_records, resolve_source
 from xqtool.data.tokens import TokenManifest, manifest_path, token_dtype
 from xqtool.data.transforms import eval_preprocessing, view_names, view_transform
 from xqtool.errors import ConfigError, DataError, OutputError
 from xqtool.fsutil import aside_path, atomic_path, atomic_write_text, check_output, file_sha256, output_lock
+from xqtool.runtime import amp_dtype, autocast
+from xqtool.tasks.injected import Injected
 
 log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("none", "flip", "ten-crop")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNITS_DIR = "_units"
 PLAN_FILE = "plan.json"
 
@@ -350,73 +351,76 @@ def token_output_path(raw: Union[str, Path]) -> Path:
                       "trailing slash) or an existing folder")
 
 
-def encode_images(
-    source: SourceLike,
-    output: Union[str, Path],
-    *,
-    ckpt: Optional[Union[str, Path]] = None,
-    config: Optional[Union[str, Path]] = None,
-    tokenizer: Any = None,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    device: Optional[str] = None,
-    precision: str = "fp32",
-    augmentation: str = "none",
-    bad_files: str = "skip",
-    unit_size: int = 1000,
-    progress: Optional[Callable[[int], None]] = None,
-    on_start: Optional[Callable[[Optional[int]], None]] = None,
-    overwrite: bool = False,
-) -> EncodeResult:
-    """Encode every image of `source` into token ids; see the module docstring for outputs.
+@dataclass(kw_only=True)
+class EncodeSettings:
+    """One ``xqtool encode`` run (see :func:`encode_images`).
 
-    Args:
+    Attributes:
         source: any image source of :func:`xqtool.data.sources.resolve_source`.
-        output: ``X.npy`` or a folder for token shards.
-        ckpt / config: tokenizer checkpoint (xqtool dir or official .pt) and optional config YAML;
-            or pass a built ``tokenizer`` (tests).
+        output: ``X.npy`` or a folder for token shards (see :func:`token_output_path`).
+        ckpt / config: tokenizer checkpoint (xqtool dir or official .pt) and optional config YAML; required
+            unless a tokenizer is injected.
+        device: None = the process's accelerator device; precision: ``fp32 | bf16 | fp16`` autocast.
         augmentation: 'none', 'flip' (2 rows per image, keys ``k`` and ``k@flip``) or 'ten-crop'
             (10 rows, keys ``k@crop0`` .. ``k@crop9``); recorded in the manifest.
-        unit_size: files per resumable work unit (folder / list sources).
-        progress: called with the number of images (views) just encoded.
-        on_start: called once with the number of images to encode now (None when unknown: shards).
+        bad_files: ``skip | fail`` for unreadable inputs; unit_size: files per resumable work unit.
         overwrite: replace an existing earlier `xqtool encode` output (anything else is never replaced), and
             discard unfinished work made with other settings instead of refusing to resume it.
+    """
 
-    Raises OutputError (nothing touched) when `output` exists (without `overwrite`), is not an xqtool token
-    output, lies inside / contains the source, is locked by another process, or when unfinished work in
-    ``OUT.partial`` was made with another tokenizer (weights), precision, preprocessing or source listing.
+    source: SourceLike
+    output: Union[str, Path]
+    ckpt: Optional[Union[str, Path]] = None
+    config: Optional[Union[str, Path]] = None
+    batch_size: int = 32
+    num_workers: int = 0
+    device: Optional[str] = None
+    precision: str = "fp32"
+    augmentation: str = "none"
+    bad_files: str = "skip"
+    unit_size: int = 1000
+    overwrite: bool = False
+
+
+def encode_images(settings: EncodeSettings, injected: Optional[Injected] = None) -> EncodeResult:
+    """Encode every image of ``settings.source`` into token ids; see the module docstring for outputs.
+
+    Reads ``injected.tokenizer`` (used instead of loading ``settings.ckpt``), ``injected.progress`` (called with
+    the number of images (views) just encoded) and ``injected.on_start`` (called once with the number of images
+    to encode now; None when unknown: shards).
+
+    Raises ConfigError for bad settings, and OutputError (nothing touched) when the output exists (without
+    ``overwrite``), is not an xqtool token output, lies inside / contains the source, is locked by another
+    process, or when unfinished work in ``OUT.partial`` was made with another tokenizer (weights), precision,
+    preprocessing or source listing.
     """
     from xqtool.distributed import describe, process_state
 
-    if augmentation not in AUGMENTATIONS:
-        raise ConfigError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, not {augmentation!r}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
-    if batch_size < 1 or unit_size < 1:
+    s, injected = settings, injected or Injected()
+    if s.augmentation not in AUGMENTATIONS:
+        raise ConfigError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, not {s.augmentation!r}")
+    amp_dtype(s.precision)
+    if s.batch_size < 1 or s.unit_size < 1:
         raise ConfigError("--batch-size and the unit size must be at least 1")
-    check_policy(bad_files)
-    output = Path(output)
+    check_policy(s.bad_files)
+    output = Path(s.output)
     state = process_state()  # CPU processes (gloo) under ACCELERATE_USE_CPU; real rank / world size
     if state.is_main_process:
-        log.info("encode: %s", describe(state, precision))
-    dev = torch.device(device) if device else state.device
-    sources = [source] if isinstance(source, (str, os.PathLike)) else []
+        log.info("encode: %s", describe(state, s.precision))
+    dev = torch.device(s.device) if s.device else state.device
+    sources = [s.source] if isinstance(s.source, (str, os.PathLike)) else []
     is_dir_out = output.suffix != ".npy"
     work = partial_dir(output)
     if state.is_main_process:
-        check_output(output, kind="encode", is_dir=is_dir_out, overwrite=overwrite, ours=_is_token_output,
+        check_output(output, kind="encode", is_dir=is_dir_out, overwrite=s.overwrite, ours=_is_token_output,
                      sources=sources)
         check_output(work, kind="encode", is_dir=True, overwrite=True, ours=lambda p: (p / PLAN_FILE).is_file(),
                      sources=sources)
         if not is_dir_out:
-            check_output(manifest_path(output), kind="encode", is_dir=False, overwrite=overwrite,
+            check_output(manifest_path(output), kind="encode", is_dir=False, overwrite=s.overwrite,
                          ours=lambda p: _is_token_output(output), sources=sources)
     with output_lock(output, enabled=state.is_main_process), _drop_empty_work(work, state.is_main_process):
-        return _encode_locked(source, output, work, state, dev, ckpt=ckpt, config=config, tokenizer=tokenizer,
-                              batch_size=batch_size, num_workers=num_workers, precision=precision,
-                              augmentation=augmentation, bad_files=bad_files, unit_size=unit_size,
-                              progress=progress, on_start=on_start, overwrite=overwrite)
+        return _encode_locked(s, injected, output, work, state, dev)
 
 
 @contextmanager
@@ -430,13 +434,11 @@ def _drop_empty_work(work: Path, is_main: bool) -> Iterator[None]:
         raise
 
 
-def _encode_locked(source: SourceLike, output: Path, work: Path, state: Any, dev: torch.device, *, ckpt: Any,
-                   config: Any, tokenizer: Any, batch_size: int, num_workers: int, precision: str, augmentation: str,
-                   bad_files: str, unit_size: int, progress: Optional[Callable[[int], None]],
-                   on_start: Optional[Callable[[Optional[int]], None]], overwrite: bool) -> EncodeResult:
-    spec = resolve_source(source)
-
-    tok = tokenizer if tokenizer is not None else _load_tok(_require(ckpt), config, dev)
+def _encode_locked(s: EncodeSettings, injected: Injected, output: Path, work: Path, state: Any,
+                   dev: torch.device) -> EncodeResult:
+    spec = resolve_source(s.source)
+    augmentation, unit_size, ckpt = s.augmentation, s.unit_size, s.ckpt
+    tok = injected.tokenizer if injected.tokenizer is not None else _load_tok(_require(ckpt), s.config, dev)
     tok = tok.to(dev).eval()
     n_views = len(view_names(augmentation))
     manifest = TokenManifest.from_tokenizer(
@@ -450,19 +452,20 @@ def _encode_locked(source: SourceLike, output: Path, work: Path, state: Any, dev
     )
     dtype = token_dtype(tok.codebook_size)
     units = _units(spec, unit_size)
-    _prepare_work_dir(work, _plan(spec, unit_size, manifest, output, precision), state.is_main_process, overwrite)
+    _prepare_work_dir(work, _plan(spec, unit_size, manifest, output, s.precision), state.is_main_process, s.overwrite)
     state.wait_for_everyone()
 
     done_before = _done_units(work)
     mine = [u for u in range(len(units)) if u % state.num_processes == state.process_index and u not in done_before]
-    if on_start is not None:
-        on_start(sum(len(units[u]) for u in mine) * n_views if spec.kind == "files" else None)
+    if injected.on_start is not None:
+        injected.on_start(sum(len(units[u]) for u in mine) * n_views if spec.kind == "files" else None)
 
     start = time.perf_counter()
     n_encoded = _encode_units(
         tok, units, mine, spec.kind, work, dtype, output.suffix != ".npy",
-        image_size=int(tok.image_size), augmentation=augmentation, bad_files=bad_files,
-        batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision, progress=progress,
+        image_size=int(tok.image_size), augmentation=augmentation, bad_files=s.bad_files,
+        batch_size=s.batch_size, num_workers=s.num_workers, device=dev, precision=s.precision,
+        progress=injected.progress,
     )
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
@@ -470,7 +473,7 @@ def _encode_locked(source: SourceLike, output: Path, work: Path, state: Any, dev
                           units_total=len(units), units_resumed=len(done_before))
     if not state.is_main_process:
         return result
-    manifest, skipped = _merge(work, output, len(units), manifest, dtype, replace=overwrite)
+    manifest, skipped = _merge(work, output, len(units), manifest, dtype, replace=s.overwrite)
     result.output = output
     result.count = manifest.count
     result.manifest = manifest
@@ -496,20 +499,10 @@ def _encode_units(
     ds = _UnitStream(units, mine, kind, image_size, augmentation, bad_files)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
-    amp_dtype = PRECISIONS[precision]
-    amp = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    amp = autocast(device, precision)
     pending: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}
     n = 0
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        except DataError as exc:
-            from xqtool.data.images import _one_line_data_error
-
-            raise _one_line_data_error(exc) from None
+    for batch in one_line_errors(loader):
         if batch["image"] is not None:
             with torch.inference_mode(), amp:
                 codes = tok.encode(batch["image"].to(device, non_blocking=True))

@@ -11,7 +11,10 @@ Inputs for :func:`evaluate_fid` (each side):
 * ``ref_stats=NAME``: clean-fid custom statistics made by :func:`make_fid_stats` (or by clean-fid's own
   ``make_custom_stats``), looked up in ``stats_dir`` / ``$XQTOOL_FID_STATS_DIR`` / clean-fid's stats folder.
 
-Every evaluation writes a JSON report (atomic) and returns it as a dict.
+Every evaluation writes a JSON report (atomic) and returns it as a dict. The entry points take a settings
+dataclass (:class:`FidSettings`, :class:`FidStatsSettings`, both :class:`FeatureOptions`) plus an optional
+:class:`~xqtool.tasks.injected.Injected` (``feature_extractor``). Statistics files are read and written by
+:mod:`xqtool.fid_stats`; the distances are :mod:`xqtool.metrics`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -32,24 +35,34 @@ from torch.utils.data import DataLoader, Dataset
 
 from xqtool import __version__
 from xqtool.errors import ConfigError, DataError, WeightsMissingError
+from xqtool.fid_stats import (
+    FeatureSet,
+    custom_stats_targets,
+    load_custom_stats,
+    save_custom_stats,
+    stats_from_npz,
+)
 from xqtool.fsutil import atomic_path, atomic_write_text, check_output, fresh_output_dir, output_lock
 from xqtool.metrics import (
     FID_MODES,
+    class_probs,
     extractor_name,
     feature_stats,
     fid_from_features,
     frechet_distance,
+    image_features,
     inception_extractor,
     inception_score,
     kernel_inception_distance,
     psnr,
+    run_extractor,
     ssim,
 )
+from xqtool.tasks.injected import Injected
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-STATS_ENV = "XQTOOL_FID_STATS_DIR"
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy"}
 
 NATIVE_PREPROCESSING = "RGB (alpha over white) at native resolution; no crop"
@@ -58,30 +71,6 @@ NATIVE_PREPROCESSING = "RGB (alpha over white) at native resolution; no crop"
 # ----------------------------------------------------------------------------------------------
 # Feature sets
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FeatureSet:
-    """Features (or only statistics) of one side of an FID comparison."""
-
-    kind: str  # folder | npz-images | stats | custom-stats | reconstructions | originals
-    path: str
-    count: int
-    mu: np.ndarray
-    sigma: np.ndarray
-    feats: Optional[np.ndarray] = None  # [N, F] (None for stats-only inputs)
-    probs: Optional[np.ndarray] = None  # [N, C] class probabilities (for IS)
-    sizes: List[str] = field(default_factory=list)  # distinct "HxW" input sizes (before the extractor)
-    preprocessing: str = ""
-
-    def describe(self) -> Dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "count": self.count,
-            "sizes": self.sizes,
-            "preprocessing": self.preprocessing,
-        }
 
 
 def _adm_text(size: int) -> str:
@@ -186,7 +175,6 @@ def extract_features(
 ) -> tuple[np.ndarray, Optional[np.ndarray], List[str]]:
     """Run `extractor` over a dataset of (image [3,h,w] in [0,255], "HxW") → (features [N,F], probs|None, sizes)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
-    classify = getattr(extractor, "classify", None) if want_probs else None
     feats, probs, sizes = [], [], set()
     it = iter(loader)
     while True:
@@ -201,48 +189,104 @@ def extract_features(
                     "pass --image-size S (ADM center crop) or use --mode clean"
                 ) from None
             raise
-        f = extractor(images)
-        f = f.detach().float().cpu() if isinstance(f, torch.Tensor) else torch.as_tensor(np.asarray(f)).float()
-        feats.append(f.reshape(images.shape[0], -1).numpy().astype(np.float64))
-        if classify is not None:
-            try:
-                probs.append(np.asarray(torch.as_tensor(classify(f)).float().cpu().numpy(), dtype=np.float64))
-            except NotImplementedError:
-                classify = None
-                probs = []
+        f = run_extractor(extractor, images)
+        feats.append(f.numpy().astype(np.float64))
+        p = class_probs(extractor, f) if want_probs else None
+        if p is not None:
+            probs.append(p)
         sizes.update(batch_sizes)
     if not feats:
         raise DataError("no images to evaluate")
-    return np.concatenate(feats), (np.concatenate(probs) if probs and classify is not None else None), sorted(sizes)
+    return np.concatenate(feats), (np.concatenate(probs) if len(probs) == len(feats) else None), sorted(sizes)
 
 
-def _npz_meta(z: Any) -> Dict[str, Any]:
-    if "xqtool_meta" in z.files:
-        try:
-            return json.loads(str(z["xqtool_meta"]))
-        except (ValueError, TypeError):
-            return {}
-    return {}
+@dataclass(kw_only=True)
+class FeatureOptions:
+    """How images are read and turned into features (shared by ``eval-fid`` and ``make-fid-stats``).
+
+    Attributes:
+        mode: clean-fid mode ``clean | legacy_tensorflow | legacy_pytorch`` (Inception preprocessing).
+        device: where the extractor runs; inception_weights: local Inception file or folder (never downloaded).
+        max_images: use only the first N images of each side (None = all).
+        image_size: ADM center crop of every image to S×S before feature extraction (None = native size).
+        stats_dir: folder of custom statistics (None = ``$XQTOOL_FID_STATS_DIR``, else clean-fid's folder).
+    """
+
+    mode: str = "clean"
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "cpu"
+    inception_weights: Optional[PathLike] = None
+    max_images: Optional[int] = None
+    image_size: Optional[int] = None
+    stats_dir: Optional[PathLike] = None
+
+    def extractor(self, injected: Injected) -> Any:
+        """The injected feature extractor, else clean-fid's Inception for `mode` (WeightsMissingError offline)."""
+        if injected.feature_extractor is not None:
+            return injected.feature_extractor
+        return inception_extractor(self.inception_weights, device=self.device, mode=self.mode)
+
+
+@dataclass(kw_only=True)
+class FidSettings(FeatureOptions):
+    """What ``xqtool eval-fid GEN REF`` compares and reports (see :func:`evaluate_fid`).
+
+    Attributes:
+        gen, ref: folder / images ``.npz`` / stats ``.npz`` (module docstring); exactly one of `ref`, `ref_stats`.
+        ref_stats: custom statistics NAME made by :func:`make_fid_stats`.
+        use_npz_stats: for an ``.npz`` with both images and mu/sigma, use the stored statistics.
+        kid / inception_score: also compute KID ([N, F] features on both sides needed) / the IS of GEN.
+        report_path: JSON report destination (None = do not write); overwrite: replace an earlier report.
+    """
+
+    gen: PathLike
+    ref: Optional[PathLike] = None
+    ref_stats: Optional[str] = None
+    use_npz_stats: bool = False
+    kid: bool = True
+    inception_score: bool = True
+    kid_subsets: int = 100
+    is_splits: int = 10
+    seed: int = 0
+    report_path: Optional[PathLike] = "fid_report.json"
+    overwrite: bool = False
+
+
+@dataclass(kw_only=True)
+class FidStatsSettings(FeatureOptions):
+    """What ``xqtool make-fid-stats SOURCE --name NAME`` saves (see :func:`make_fid_stats`).
+
+    Attributes:
+        source: folder of images or images ``.npz``; name: statistics name (letters, digits, '-', '_').
+        overwrite: replace existing statistics ``name`` (only ones xqtool wrote).
+    """
+
+    source: PathLike
+    name: str
+    overwrite: bool = False
 
 
 def load_feature_set(
     path: PathLike,
     extractor: Any,
+    options: Optional[FeatureOptions] = None,
     *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    max_images: Optional[int] = None,
-    image_size: Optional[int] = None,
     use_npz_stats: bool = False,
     want_probs: bool = True,
 ) -> FeatureSet:
-    """Features or statistics of a folder / images ``.npz`` / statistics ``.npz`` (see module docstring)."""
+    """Features or statistics of a folder / images ``.npz`` / statistics ``.npz`` (see module docstring).
+
+    `options` gives batch size, workers, ``max_images`` and the ADM crop ``image_size`` (defaults when None).
+    Raises DataError for a missing, unreadable or unsuitable input.
+    """
+    o = options or FeatureOptions()
     p = Path(path).expanduser()
     preprocess = getattr(extractor, "preprocess", None)
-    prep = _preprocessing_text(image_size, extractor)
+    prep = _preprocessing_text(o.image_size, extractor)
     if p.is_dir():
-        files = _list_images(p)[: max_images or None]
-        ds: Dataset = _ImageFiles(files, preprocess, image_size)
+        files = _list_images(p)[: o.max_images or None]
+        ds: Dataset = _ImageFiles(files, preprocess, o.image_size)
         kind = "folder"
     elif p.is_file() and p.suffix == ".npz":
         try:
@@ -252,147 +296,62 @@ def load_feature_set(
         has_stats = "mu" in z.files and "sigma" in z.files
         has_images = "arr_0" in z.files and z["arr_0"].ndim == 4
         if has_stats and (use_npz_stats or not has_images):
-            meta = _npz_meta(z)
-            return FeatureSet(
-                kind="stats",
-                path=str(p.resolve()),
-                count=int(meta.get("count", -1)),
-                mu=np.asarray(z["mu"], dtype=np.float64),
-                sigma=np.asarray(z["sigma"], dtype=np.float64),
-                preprocessing=str(meta.get("preprocessing", "unknown (precomputed statistics)")),
-                sizes=list(meta.get("sizes", [])),
-            )
+            return stats_from_npz(p, z)
         if not has_images:
             raise DataError(f"{p} has neither images 'arr_0' [N,H,W,3] nor statistics 'mu'/'sigma'")
         arr = z["arr_0"]
         if arr.dtype != np.uint8:
             raise DataError(f"{p}: 'arr_0' must be uint8 images [N, H, W, 3], got {arr.dtype}")
-        if max_images:
-            arr = arr[:max_images]
-        ds = _ImageArray(arr, preprocess, image_size)
+        if o.max_images:
+            arr = arr[: o.max_images]
+        ds = _ImageArray(arr, preprocess, o.image_size)
         kind = "npz-images"
     elif not p.exists():
         raise DataError(f"FID input not found: {p}")
     else:
         raise DataError(f"FID input {p} must be a folder of images or an .npz (images 'arr_0' or 'mu'/'sigma')")
     feats, probs, sizes = extract_features(
-        ds, extractor, batch_size=batch_size, num_workers=num_workers, want_probs=want_probs
+        ds, extractor, batch_size=o.batch_size, num_workers=o.num_workers, want_probs=want_probs
     )
     mu, sigma = feature_stats(feats)
     return FeatureSet(kind, str(p.resolve()), feats.shape[0], mu, sigma, feats, probs, sizes, prep)
 
 
-# ----------------------------------------------------------------------------------------------
-# Custom statistics (clean-fid layout)
-# ----------------------------------------------------------------------------------------------
+def make_fid_stats(settings: FidStatsSettings, injected: Optional[Injected] = None) -> Dict[str, Any]:
+    """Compute and save custom FID statistics ``settings.name`` of ``settings.source`` (folder or images ``.npz``).
 
-
-def stats_dir_default(stats_dir: Optional[PathLike] = None) -> Path:
-    """Where custom statistics live: `stats_dir`, else ``$XQTOOL_FID_STATS_DIR``, else clean-fid's stats folder."""
-    if stats_dir is not None:
-        return Path(stats_dir).expanduser()
-    env = os.environ.get(STATS_ENV)
-    if env:
-        return Path(env).expanduser()
-    import cleanfid
-
-    return Path(cleanfid.__file__).parent / "stats"
-
-
-def custom_stats_paths(name: str, mode: str, stats_dir: Optional[PathLike] = None) -> tuple[Path, Path]:
-    """clean-fid's file names for custom stats: ``{name}_{mode}_custom_na.npz`` and ``..._kid.npz`` (lowercase)."""
-    d = stats_dir_default(stats_dir)
-    base = f"{name}_{mode}_custom_na".lower()
-    return d / f"{base}.npz", d / f"{base}_kid.npz"
-
-
-def load_custom_stats(name: str, mode: str, stats_dir: Optional[PathLike] = None) -> FeatureSet:
-    """Load custom statistics ``name`` for ``mode`` (mu/sigma, and features for KID when present)."""
-    fid_path, kid_path = custom_stats_paths(name, mode, stats_dir)
-    if not fid_path.is_file():
-        raise DataError(
-            f"no custom FID statistics '{name}' for mode '{mode}' at {fid_path}: "
-            f"make them with `xqtool make-fid-stats DIR --name {name} --mode {mode}`"
-        )
-    with np.load(fid_path, allow_pickle=False) as z:
-        mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-        meta = _npz_meta(z)
-    feats = None
-    if kid_path.is_file():
-        with np.load(kid_path, allow_pickle=False) as z:
-            feats = np.asarray(z["feats"], np.float64) if "feats" in z.files else None
-    return FeatureSet(
-        kind="custom-stats",
-        path=str(fid_path),
-        count=int(meta.get("count", feats.shape[0] if feats is not None else -1)),
-        mu=mu,
-        sigma=sigma,
-        feats=feats,
-        sizes=list(meta.get("sizes", [])),
-        preprocessing=str(meta.get("preprocessing", "unknown (clean-fid custom statistics)")),
-    )
-
-
-def _check_meta_matches(fs: FeatureSet, meta_extractor: Optional[str], extractor: Any) -> None:
-    if meta_extractor and meta_extractor != extractor_name(extractor):
-        raise ConfigError(
-            f"statistics {fs.path} were made with '{meta_extractor}', not '{extractor_name(extractor)}': "
-            "use the same --mode (and extractor) on both sides"
-        )
-
-
-def make_fid_stats(
-    source: PathLike,
-    name: str,
-    *,
-    mode: str = "clean",
-    stats_dir: Optional[PathLike] = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: str = "cpu",
-    inception_weights: Optional[PathLike] = None,
-    max_images: Optional[int] = None,
-    image_size: Optional[int] = None,
-    force: bool = False,
-    feature_extractor: Any = None,
-) -> Dict[str, Any]:
-    """Compute and save custom FID statistics ``name`` of `source` (folder or images ``.npz``).
-
-    Writes clean-fid's files (``mu``/``sigma`` and ``feats`` for KID) atomically, plus an ``xqtool_meta`` JSON
-    entry (extractor, mode, count, preprocessing) that clean-fid ignores. Returns a summary dict.
+    Writes clean-fid's files through :func:`xqtool.fid_stats.save_custom_stats`, with an ``xqtool_meta`` entry
+    (extractor, mode, count, preprocessing). Uses ``injected.feature_extractor`` when given. Returns a summary
+    dict (name, mode, stats_path, kid_path and the meta entries). Raises ConfigError (bad mode or name),
+    DataError (statistics exist without ``overwrite``; a statistics-only source), OutputError.
     """
-    _check_mode(mode)
-    if not name or any(c in name for c in "/\\ "):
-        raise ConfigError(f"invalid statistics name '{name}': use letters, digits, '-' or '_'")
-    fid_path, kid_path = custom_stats_paths(name, mode, stats_dir)
-    if fid_path.exists() and not force:
-        raise DataError(f"statistics '{name}' already exist at {fid_path}: pass --overwrite to replace them")
-    for p in (fid_path, kid_path):
-        check_output(p, kind="make-fid-stats", is_dir=False, overwrite=True, ours=_is_xqtool_stats)
-    extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
-    fs = load_feature_set(
-        source, extractor, batch_size=batch_size, num_workers=num_workers, max_images=max_images,
-        image_size=image_size, want_probs=False,
-    )
+    s = settings
+    _check_mode(s.mode)
+    fid_path, kid_path = custom_stats_targets(s.name, s.mode, s.stats_dir, s.overwrite)
+    extractor = s.extractor(injected or Injected())
+    fs = load_feature_set(s.source, extractor, s, want_probs=False)
     if fs.feats is None:
-        raise DataError(f"{source} holds only statistics; make-stats needs images")
+        raise DataError(f"{s.source} holds only statistics; make-stats needs images")
     meta = {
         "count": fs.count,
         "extractor": extractor_name(extractor),
-        "mode": mode,
+        "mode": s.mode,
         "sizes": fs.sizes,
         "preprocessing": fs.preprocessing,
         "source": fs.path,
         "xqtool_version": __version__,
     }
-    fid_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(fid_path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, mu=fs.mu, sigma=fs.sigma, xqtool_meta=np.array(json.dumps(meta)))
-    with atomic_path(kid_path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, feats=fs.feats.astype(np.float32))
-    return {"name": name, "mode": mode, "stats_path": str(fid_path), "kid_path": str(kid_path), **meta}
+    save_custom_stats(fid_path, kid_path, fs, meta)
+    return {"name": s.name, "mode": s.mode, "stats_path": str(fid_path), "kid_path": str(kid_path), **meta}
+
+
+def _check_meta_matches(fs: FeatureSet, extractor: Any) -> None:
+    """ConfigError when stored statistics name another extractor than the one in use."""
+    if fs.extractor and fs.extractor != extractor_name(extractor):
+        raise ConfigError(
+            f"statistics {fs.path} were made with '{fs.extractor}', not '{extractor_name(extractor)}': "
+            "use the same --mode (and extractor) on both sides"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,20 +400,6 @@ def _backend(extractor: Any, mode: Optional[str], injected: bool) -> Dict[str, A
     }
 
 
-def _is_xqtool_stats(path: Path) -> bool:
-    """Statistics written by xqtool: ``mu``/``sigma`` with ``xqtool_meta``, or KID ``feats`` beside such a file."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "xqtool_meta" in z.files:
-                return True
-            if z.files != ["feats"]:
-                return False
-    except Exception:  # noqa: BLE001 - unreadable: not recognisably ours
-        return False
-    sibling = path.with_name(path.name.replace("_kid.npz", ".npz"))
-    return sibling != path and _is_xqtool_stats(sibling)
-
-
 def _is_report(path: Path) -> bool:
     """An earlier xqtool evaluation report (JSON object with ``metrics``)."""
     try:
@@ -495,105 +440,67 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def evaluate_fid(
-    gen: PathLike,
-    ref: Optional[PathLike] = None,
-    *,
-    ref_stats: Optional[str] = None,
-    stats_dir: Optional[PathLike] = None,
-    mode: str = "clean",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: str = "cpu",
-    inception_weights: Optional[PathLike] = None,
-    max_images: Optional[int] = None,
-    image_size: Optional[int] = None,
-    use_npz_stats: bool = False,
-    kid: bool = True,
-    inception_score: bool = True,
-    kid_subsets: int = 100,
-    is_splits: int = 10,
-    seed: int = 0,
-    report_path: Optional[PathLike] = "fid_report.json",
-    feature_extractor: Any = None,
-    overwrite: bool = False,
-) -> Dict[str, Any]:
-    """FID (+ KID, Inception Score of GEN) between GEN and REF (or custom stats ``ref_stats``).
+def evaluate_fid(settings: FidSettings, injected: Optional[Injected] = None) -> Dict[str, Any]:
+    """FID (+ KID, Inception Score of GEN) between ``settings.gen`` and ``settings.ref`` (or custom statistics
+    ``settings.ref_stats``), with ``injected.feature_extractor`` (tests) or clean-fid's Inception.
 
-    Args:
-        gen, ref: folder / images ``.npz`` / stats ``.npz`` (see module docstring); exactly one of `ref`,
-            `ref_stats` is required.
-        mode: clean-fid mode ``clean | legacy_tensorflow | legacy_pytorch`` (Inception preprocessing).
-        image_size: ADM center crop of every image to S×S before feature extraction (None = native size).
-        feature_extractor: inject any :class:`~xqtool.metrics.FeatureExtractor` (tests); default Inception.
-        report_path: JSON report destination (None = do not write); OutputError before any work when it exists
-            (``overwrite`` replaces only an earlier xqtool report) or is locked by another process.
+    The report path is checked before any work: OutputError when it exists (``overwrite`` replaces only an
+    earlier xqtool report) or is locked by another process. ConfigError for a bad mode, not exactly one
+    reference, or custom statistics made with another extractor.
+
     Returns:
         The report dict (``metrics``: fid, kid, inception_score, inception_score_std; ``backend``; ``gen``/``ref``
         descriptions with counts, sizes, preprocessing and paths; ``xqtool_version``; ...).
     """
-    _check_mode(mode)
-    check_report_path(report_path, overwrite, [gen] + ([ref] if ref is not None else []))
-    with output_lock(Path(str(report_path or "report")).expanduser(), enabled=report_path is not None):
-        return _evaluate_fid(gen, ref, ref_stats=ref_stats, stats_dir=stats_dir, mode=mode, batch_size=batch_size,
-                             num_workers=num_workers, device=device, inception_weights=inception_weights,
-                             max_images=max_images, image_size=image_size, use_npz_stats=use_npz_stats, kid=kid,
-                             inception_score=inception_score, kid_subsets=kid_subsets, is_splits=is_splits,
-                             seed=seed, report_path=report_path, feature_extractor=feature_extractor)
+    s = settings
+    _check_mode(s.mode)
+    check_report_path(s.report_path, s.overwrite, [s.gen] + ([s.ref] if s.ref is not None else []))
+    with output_lock(Path(str(s.report_path or "report")).expanduser(), enabled=s.report_path is not None):
+        return _evaluate_fid(s, injected or Injected())
 
 
-def _evaluate_fid(gen: PathLike, ref: Optional[PathLike], *, ref_stats: Optional[str], stats_dir: Optional[PathLike],
-                  mode: str, batch_size: int, num_workers: int, device: str, inception_weights: Optional[PathLike],
-                  max_images: Optional[int], image_size: Optional[int], use_npz_stats: bool, kid: bool,
-                  inception_score: bool, kid_subsets: int, is_splits: int, seed: int,
-                  report_path: Optional[PathLike], feature_extractor: Any) -> Dict[str, Any]:
-    if (ref is None) == (ref_stats is None):
+def _evaluate_fid(s: FidSettings, injected: Injected) -> Dict[str, Any]:
+    if (s.ref is None) == (s.ref_stats is None):
         raise ConfigError("give exactly one reference: REF (folder / .npz) or --ref-stats NAME")
-    extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
-    common = dict(
-        batch_size=batch_size, num_workers=num_workers, max_images=max_images, image_size=image_size,
-        use_npz_stats=use_npz_stats,
-    )
-    gen_set = load_feature_set(gen, extractor, want_probs=inception_score, **common)
-    if ref_stats is not None:
-        ref_set = load_custom_stats(ref_stats, mode, stats_dir)
-        with np.load(ref_set.path, allow_pickle=False) as z:
-            _check_meta_matches(ref_set, _npz_meta(z).get("extractor"), extractor)
+    extractor = s.extractor(injected)
+    gen_set = load_feature_set(s.gen, extractor, s, use_npz_stats=s.use_npz_stats, want_probs=s.inception_score)
+    if s.ref_stats is not None:
+        ref_set = load_custom_stats(s.ref_stats, s.mode, s.stats_dir)
+        _check_meta_matches(ref_set, extractor)
     else:
-        ref_set = load_feature_set(ref, extractor, want_probs=False, **common)
-    metrics = _distribution_metrics(
-        gen_set, ref_set, kid=kid, isc=inception_score, kid_subsets=kid_subsets, is_splits=is_splits, seed=seed
-    )
+        ref_set = load_feature_set(s.ref, extractor, s, use_npz_stats=s.use_npz_stats, want_probs=False)
+    metrics = _distribution_metrics(gen_set, ref_set, kid=s.kid, isc=s.inception_score, kid_subsets=s.kid_subsets,
+                                    is_splits=s.is_splits, seed=s.seed)
     notes = []
     if gen_set.count >= 0 and gen_set.count < 10000:
         notes.append(f"only {gen_set.count} generated images: FID is biased upwards for small sets (papers use 50k)")
     if gen_set.sizes and ref_set.sizes and set(gen_set.sizes) != set(ref_set.sizes):
-        what = f"statistics '{ref_stats}'" if ref_stats else "reference"
+        what = f"statistics '{s.ref_stats}'" if s.ref_stats else "reference"
         msg = (f"resolution mismatch: generated images are {', '.join(gen_set.sizes)} but the {what} were made at "
                f"{', '.join(ref_set.sizes)}: FID across resolutions is not comparable (use --image-size)")
         log.warning(msg)
         notes.append(msg)
     if "stats" in (gen_set.kind, ref_set.kind) and ref_set.kind != "custom-stats":
         notes.append("precomputed mu/sigma were used: they are only comparable if made with the same extractor/mode")
+    injected_fx = injected.feature_extractor is not None
     report = {
         "task": "fid",
         "metrics": metrics,
-        "backend": _backend(extractor, mode if feature_extractor is None else getattr(extractor, "mode", mode),
-                            feature_extractor is not None),
+        "backend": _backend(extractor, getattr(extractor, "mode", s.mode) if injected_fx else s.mode, injected_fx),
         "gen": gen_set.describe(),
-        "ref": ref_set.describe() | ({"name": ref_stats} if ref_stats else {}),
+        "ref": ref_set.describe() | ({"name": s.ref_stats} if s.ref_stats else {}),
         "image_counts": {"gen": gen_set.count, "ref": ref_set.count},
-        "resolution": {"gen": gen_set.sizes, "ref": ref_set.sizes, "center_crop": image_size},
+        "resolution": {"gen": gen_set.sizes, "ref": ref_set.sizes, "center_crop": s.image_size},
         "preprocessing": gen_set.preprocessing,
         "settings": {
-            "batch_size": batch_size, "max_images": max_images, "kid_subsets": kid_subsets,
-            "is_splits": is_splits, "seed": seed, "use_npz_stats": use_npz_stats, "device": str(device),
+            "batch_size": s.batch_size, "max_images": s.max_images, "kid_subsets": s.kid_subsets,
+            "is_splits": s.is_splits, "seed": s.seed, "use_npz_stats": s.use_npz_stats, "device": str(s.device),
         },
         "notes": notes,
         "xqtool_version": __version__,
         "created": _now(),
     }
-    return _write_report(report, report_path)
+    return _write_report(report, s.report_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,14 +599,12 @@ def _evaluate_rfid(
     tok = tok.to(device).eval()
     extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
     lp, lp_desc = _resolve_lpips(lpips, lpips_weights, lpips_model, device)
-    preprocess = getattr(extractor, "preprocess", None)
     S = int(tok.image_size)
     loader = make_loader(str(data), image_size=S, batch_size=batch_size, num_workers=num_workers,
                          bad_files=bad_files, seed=seed)
     f_real, f_fake, p_fake = [], [], []
     psnrs, ssims, lps, tokens_all = [], [], [], []
     n = 0
-    classify = getattr(extractor, "classify", None)
     for batch in loader:
         x = batch["image"]
         if max_images:
@@ -718,16 +623,12 @@ def _evaluate_rfid(
         if lp is not None:
             with torch.no_grad():
                 lps.append(lp(xq.to(device), yq.to(device)).float().cpu())
-        for src, dst, probs in ((xu, f_real, None), (yu, f_fake, p_fake)):
-            imgs = _apply_preprocess(src, preprocess)
-            f = extractor(imgs)
-            f = f.detach().float().cpu() if isinstance(f, torch.Tensor) else torch.as_tensor(np.asarray(f)).float()
-            dst.append(f.reshape(imgs.shape[0], -1).numpy().astype(np.float64))
-            if probs is not None and classify is not None:
-                try:
-                    probs.append(np.asarray(torch.as_tensor(classify(f)).float().cpu().numpy(), np.float64))
-                except NotImplementedError:
-                    classify = None
+        f_real.append(image_features(extractor, xu).numpy().astype(np.float64))
+        f = image_features(extractor, yu)
+        f_fake.append(f.numpy().astype(np.float64))
+        probs = class_probs(extractor, f)
+        if probs is not None:
+            p_fake.append(probs)
         if recon_dir is not None:
             _save_pngs(recon_dir, yu, start=n)
         n += x.shape[0]
@@ -739,7 +640,7 @@ def _evaluate_rfid(
                       *feature_stats(np.concatenate(f_real)), feats=np.concatenate(f_real), sizes=[f"{S}x{S}"])
     fake_feats = np.concatenate(f_fake)
     fake = FeatureSet("reconstructions", str(recon_dir or ""), n, *feature_stats(fake_feats), feats=fake_feats,
-                      probs=np.concatenate(p_fake) if p_fake and classify is not None else None, sizes=[f"{S}x{S}"])
+                      probs=np.concatenate(p_fake) if len(p_fake) == len(f_fake) else None, sizes=[f"{S}x{S}"])
     dist = _distribution_metrics(fake, real, kid=kid, isc=True, kid_subsets=kid_subsets, is_splits=10, seed=seed)
     ps, ss = torch.cat(psnrs), torch.cat(ssims)
     toks = torch.cat(tokens_all)  # [N, P, L]
@@ -790,15 +691,6 @@ def _evaluate_rfid(
     return _write_report(report, report_path)
 
 
-def _apply_preprocess(images_u8: torch.Tensor, preprocess: Optional[Callable]) -> torch.Tensor:
-    """uint8 ``[B,3,H,W]`` → float ``[B,3,h,w]`` in [0,255] through the extractor's per-image resize."""
-    if preprocess is None:
-        return images_u8.float()
-    out = [torch.from_numpy(np.ascontiguousarray(preprocess(im.permute(1, 2, 0).numpy()))).permute(2, 0, 1)
-           for im in images_u8]
-    return torch.stack(out).float()
-
-
 def _save_pngs(folder: Path, images_u8: torch.Tensor, start: int) -> None:
     from PIL import Image
 
@@ -808,13 +700,12 @@ def _save_pngs(folder: Path, images_u8: torch.Tensor, start: int) -> None:
 
 
 __all__ = [
-    "FeatureSet",
+    "FeatureOptions",
+    "FidSettings",
+    "FidStatsSettings",
     "evaluate_fid",
     "evaluate_rfid",
     "make_fid_stats",
     "load_feature_set",
-    "load_custom_stats",
-    "custom_stats_paths",
     "extract_features",
-    "stats_dir_default",
 ]

@@ -19,6 +19,7 @@ from xqtool.checkpoint import (
 from xqtool.fsutil import recover_dir
 from xqtool.config import TokenizerConfig, config_hash, load_tokenizer_config, tokenizer_config_from_args
 from xqtool.errors import CheckpointError, ConfigError
+from xqtool.metrics import count_parameters
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _load_cfg(path: Path, overrides: Optional[Iterable[str]]) -> TokenizerConfig
 
 def inspect_target(target: str, overrides: Optional[Iterable[str]] = None) -> InspectReport:
     """Resolve the config of a YAML file, xqtool checkpoint dir or official `.pt` and describe it."""
-    from xqtool.models.tokenizer import build_tokenizer, count_parameters
+    from xqtool.models.tokenizer import build_tokenizer
 
     path = Path(target)
     warnings: List[str] = []
@@ -251,10 +252,10 @@ def _var_parts(model: torch.nn.Module) -> Dict[str, int]:
               "transformer blocks": ("blocks.",), "shared AdaLN": ("shared_ada_lin",), "head": ("head",)}
     out: Dict[str, int] = {}
     for part, prefixes in groups.items():
-        n = sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefixes))
+        n = count_parameters(model, prefixes)
         if n:
             out[part] = n
-    out["total"] = sum(p.numel() for p in model.parameters())
+    out["total"] = count_parameters(model)
     return out
 
 

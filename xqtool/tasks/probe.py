@@ -23,9 +23,9 @@ import datetime as _dt
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from xqtool import __version__
 from xqtool.errors import ConfigError, DataError
 from xqtool.fsutil import atomic_path, atomic_write_text, check_output, fresh_output_dir, has_marker, output_lock
+from xqtool.tasks.injected import Injected
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ FEATURE_KINDS = ("semantic", "all", "quantized")
 
 
 @dataclass
-class ProbeSettings:
-    """Optimisation settings of the probe (defaults = spec §7)."""
+class ProbeOptim:
+    """Optimisation settings of the probe (defaults = spec §7); written into the report's ``settings``."""
 
     epochs: int = 10
     batch_size: int = 64
@@ -65,6 +66,40 @@ class ProbeSettings:
             raise ConfigError("--lr must be > 0")
         if any(not 0 < m <= 1 for m in self.milestones):
             raise ConfigError("--milestones are fractions of the epochs in (0, 1], e.g. 0.3,0.6,0.9")
+
+
+@dataclass(kw_only=True)
+class ProbeSettings:
+    """One ``xqtool probe`` run (see :func:`run_probe`).
+
+    Attributes:
+        ckpt: tokenizer checkpoint (xqtool dir or official ``.pt``; ``config`` optional YAML); not read when
+            a tokenizer is injected. prefer_ema: use EMA weights when the checkpoint has them.
+        train, val: labelled image sources (class-tree folders or WebDataset shards with ``cls``).
+        features: ``semantic | all | quantized``; optim: the optimisation settings.
+        cache_features: encode each image once and reuse the features every epoch.
+        num_classes: default = 1 + the largest label seen in train/val (required without the cache).
+        shuffle_labels: randomly permute the train labels (a control: val accuracy should fall to chance).
+        out_dir: output folder (None = write nothing); overwrite: replace an earlier probe output.
+    """
+
+    train: PathLike
+    val: PathLike
+    ckpt: Optional[PathLike] = None
+    config: Optional[PathLike] = None
+    prefer_ema: bool = True
+    features: str = "semantic"
+    optim: ProbeOptim = field(default_factory=ProbeOptim)
+    cache_features: bool = True
+    num_classes: Optional[int] = None
+    num_workers: int = 0
+    device: str = "cpu"
+    max_train_images: Optional[int] = None
+    max_val_images: Optional[int] = None
+    bad_files: str = "skip"
+    out_dir: Optional[PathLike] = "probe"
+    shuffle_labels: bool = False
+    overwrite: bool = False
 
 
 class LinearProbe(nn.Module):
@@ -156,89 +191,57 @@ def _save_classifier(path: Path, model: LinearProbe, meta: Dict[str, str]) -> No
         save_file(state, str(tmp), metadata=meta)
 
 
-def run_probe(
-    ckpt: Optional[PathLike],
-    train: PathLike,
-    val: PathLike,
-    *,
-    features: str = "semantic",
-    settings: Optional[ProbeSettings] = None,
-    config: Optional[PathLike] = None,
-    prefer_ema: bool = True,
-    cache_features: bool = True,
-    num_classes: Optional[int] = None,
-    num_workers: int = 0,
-    device: str = "cpu",
-    max_train_images: Optional[int] = None,
-    max_val_images: Optional[int] = None,
-    bad_files: str = "skip",
-    out_dir: Optional[PathLike] = "probe",
-    shuffle_labels: bool = False,
-    tokenizer: Any = None,
-    on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
-    overwrite: bool = False,
-) -> Dict[str, Any]:
+def run_probe(settings: ProbeSettings, injected: Optional[Injected] = None) -> Dict[str, Any]:
     """Train a linear probe on frozen tokenizer features; returns (and writes) the report.
 
-    `out_dir` is checked before any work: OutputError when it exists and is not empty (``overwrite`` replaces
-    only an earlier probe output), lies inside / contains the train or val data, or is locked by another process.
+    ``settings.out_dir`` is checked before any work: OutputError when it exists and is not empty (``overwrite``
+    replaces only an earlier probe output), lies inside / contains the train or val data, or is locked by another
+    process. Reads ``injected.tokenizer`` (used instead of loading ``settings.ckpt``) and ``injected.on_epoch``
+    (called with each epoch's record; the CLI prints a row).
 
-    Args:
-        ckpt: tokenizer checkpoint (xqtool dir or official ``.pt``); ignored when `tokenizer` is given.
-        train, val: labelled image sources (class-tree folders or WebDataset shards with ``cls``).
-        features: ``semantic | all | quantized``.
-        cache_features: encode each image once and reuse the features every epoch.
-        num_classes: default = 1 + the largest label seen in train/val (required without the cache).
-        shuffle_labels: randomly permute the train labels (a control: val accuracy should fall to chance).
-        on_epoch: callback receiving each epoch's record (the CLI prints a row).
     Returns:
         Report dict: ``history`` (epoch, lr, train_loss, train_top1, val_top1, val_top5), ``best_top1``,
         ``best_epoch``, ``best_path``, ``feature_dim``, ``num_classes``, counts, settings, checkpoint, config_hash.
+    Raises:
+        ConfigError: bad features kind or optimisation settings, ``--no-cache-features`` without num_classes,
+            labels beyond num_classes. DataError: unlabelled images, fewer than 2 classes, no training batches.
     """
-    if out_dir is None:
-        return _run_probe(ckpt, train, val, features=features, settings=settings, config=config,
-                          prefer_ema=prefer_ema, cache_features=cache_features, num_classes=num_classes,
-                          num_workers=num_workers, device=device, max_train_images=max_train_images,
-                          max_val_images=max_val_images, bad_files=bad_files, out_dir=None,
-                          shuffle_labels=shuffle_labels, tokenizer=tokenizer, on_epoch=on_epoch)
-    out = Path(out_dir)
-    replace = check_output(out, kind="probe", is_dir=True, overwrite=overwrite, sources=[train, val],
+    injected = injected or Injected()
+    if settings.out_dir is None:
+        return _run_probe(settings, injected, None)
+    out = Path(settings.out_dir)
+    replace = check_output(out, kind="probe", is_dir=True, overwrite=settings.overwrite,
+                           sources=[settings.train, settings.val],
                            ours=lambda p: has_marker(p, "probe") or (p / "probe_report.json").is_file())
     with output_lock(out), fresh_output_dir(out, "probe", replace=replace):
-        return _run_probe(ckpt, train, val, features=features, settings=settings, config=config,
-                          prefer_ema=prefer_ema, cache_features=cache_features, num_classes=num_classes,
-                          num_workers=num_workers, device=device, max_train_images=max_train_images,
-                          max_val_images=max_val_images, bad_files=bad_files, out_dir=out,
-                          shuffle_labels=shuffle_labels, tokenizer=tokenizer, on_epoch=on_epoch)
+        return _run_probe(settings, injected, out)
 
 
-def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, features: str,
-               settings: Optional[ProbeSettings], config: Optional[PathLike], prefer_ema: bool, cache_features: bool,
-               num_classes: Optional[int], num_workers: int, device: str, max_train_images: Optional[int],
-               max_val_images: Optional[int], bad_files: str, out_dir: Optional[PathLike], shuffle_labels: bool,
-               tokenizer: Any, on_epoch: Optional[Callable[[Dict[str, Any]], None]]) -> Dict[str, Any]:
+def _run_probe(r: ProbeSettings, injected: Injected, out: Optional[Path]) -> Dict[str, Any]:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     from xqtool.checkpoint import load_tokenizer
 
-    s = settings or ProbeSettings()
+    s = r.optim
     s.validate()
+    features, device, num_classes = r.features, r.device, r.num_classes
     if features not in FEATURE_KINDS:
         raise ConfigError(f"unknown --features '{features}': use one of {', '.join(FEATURE_KINDS)}")
-    if not cache_features and num_classes is None:
+    if not r.cache_features and num_classes is None:
         raise ConfigError("--no-cache-features needs --num-classes C")
     torch.manual_seed(s.seed)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(ckpt, config=config, map_location=device,
-                                                                  prefer_ema=prefer_ema)
+    tok = injected.tokenizer
+    if tok is None:
+        tok = load_tokenizer(r.ckpt, config=r.config, map_location=device, prefer_ema=r.prefer_ema)
     tok = tok.to(device).eval()
     tok.requires_grad_(False)
-    common = dict(kind=features, batch_size=s.batch_size, num_workers=num_workers, device=device,
-                  bad_files=bad_files)
-    xv, yv, bad_v = extract_dataset(tok, val, max_images=max_val_images, **common)
+    common = dict(kind=features, batch_size=s.batch_size, num_workers=r.num_workers, device=device,
+                  bad_files=r.bad_files)
+    xv, yv, bad_v = extract_dataset(tok, r.val, max_images=r.max_val_images, **common)
     bad_t = 0
-    if cache_features:
-        xt, yt, bad_t = extract_dataset(tok, train, max_images=max_train_images, **common)
+    if r.cache_features:
+        xt, yt, bad_t = extract_dataset(tok, r.train, max_images=r.max_train_images, **common)
     else:
         xt = yt = None
     if num_classes is None:
@@ -248,7 +251,7 @@ def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, feat
     if int(yv.max()) >= num_classes or (yt is not None and int(yt.max()) >= num_classes):
         raise ConfigError(f"labels go beyond --num-classes {num_classes}")
     gen = torch.Generator().manual_seed(s.seed)
-    if shuffle_labels and yt is not None:
+    if r.shuffle_labels and yt is not None:
         yt = yt[torch.randperm(yt.shape[0], generator=gen)]
 
     dim = int(xv.shape[1])
@@ -261,7 +264,6 @@ def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, feat
                                    decay_milestones=[m + 1 for m in milestones],
                                    decay_rate=s.decay_rate, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
                                    min_lr=s.min_lr)
-    out = Path(out_dir) if out_dir is not None else None
     meta = {"features": features, "feature_dim": str(dim), "num_classes": str(num_classes),
             "xqtool_version": __version__}
     history: List[Dict[str, Any]] = []
@@ -271,8 +273,7 @@ def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, feat
         model.train()
         lr = opt.param_groups[0]["lr"]
         tot_loss, tot_correct, n_train = 0.0, 0, 0
-        for xb, yb in _train_batches(tok, train, xt, yt, s, gen, features, num_workers, device, epoch,
-                                     max_train_images, bad_files, shuffle_labels):
+        for xb, yb in _train_batches(tok, r, xt, yt, gen, epoch):
             xb, yb = xb.to(device), yb.to(device)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
@@ -286,7 +287,7 @@ def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, feat
         for group in opt.param_groups:  # timm's multistep schedule has no floor; the spec's min_lr is one
             group["lr"] = max(group["lr"], s.min_lr)
         if n_train == 0:
-            raise DataError(f"no training batches from {train} (need >= 2 images)")
+            raise DataError(f"no training batches from {r.train} (need >= 2 images)")
         model.eval()
         with torch.no_grad():
             logits = torch.cat([model(xb.to(device)).cpu() for xb, _ in _batches(xv, yv, 1024, None)])
@@ -300,8 +301,8 @@ def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, feat
             if out is not None:
                 _save_classifier(out / "best.safetensors", model, {**meta, "epoch": str(epoch + 1),
                                                                     "val_top1": f"{top1:.6f}"})
-        if on_epoch is not None:
-            on_epoch(rec)
+        if injected.on_epoch is not None:
+            injected.on_epoch(rec)
     if out is not None:
         _save_classifier(out / "last.safetensors", model, {**meta, "epoch": str(s.epochs)})
     try:
@@ -322,14 +323,14 @@ def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, feat
         "num_classes": num_classes,
         "image_counts": {"train": int(xt.shape[0]) if xt is not None else n_train, "val": int(yv.shape[0]),
                          "skipped_bad_files": bad_t + bad_v},
-        "checkpoint": str(Path(ckpt).resolve()) if ckpt is not None and tokenizer is None else (
-            str(ckpt) if ckpt is not None else None),
+        "checkpoint": str(Path(r.ckpt).resolve()) if r.ckpt is not None and injected.tokenizer is None else (
+            str(r.ckpt) if r.ckpt is not None else None),
         "config_hash": chash,
-        "prefer_ema": prefer_ema,
-        "train": str(train),
-        "val": str(val),
-        "cache_features": cache_features,
-        "shuffle_labels": shuffle_labels,
+        "prefer_ema": r.prefer_ema,
+        "train": str(r.train),
+        "val": str(r.val),
+        "cache_features": r.cache_features,
+        "shuffle_labels": r.shuffle_labels,
         "settings": {**asdict(s), "decay_from_epoch_index": milestones, "optimizer": "timm adamw",
                      "scheduler": "timm multistep (per epoch)", "device": str(device)},
         "best_path": str((out / "best.safetensors").resolve()) if out is not None else None,
@@ -342,16 +343,18 @@ def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, feat
     return report
 
 
-def _train_batches(tok, train, xt, yt, s: ProbeSettings, gen, features, num_workers, device, epoch,
-                   max_images, bad_files, shuffle_labels) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def _train_batches(tok: Any, r: ProbeSettings, xt: Optional[torch.Tensor], yt: Optional[torch.Tensor],
+                   gen: torch.Generator, epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Cached: shuffled feature batches. Uncached: augmented images encoded on the fly."""
+    s = r.optim
     if xt is not None:
         yield from _batches(xt, yt, s.batch_size, gen)
         return
     from xqtool.data.images import make_loader
 
+    train, max_images = r.train, r.max_train_images
     loader = make_loader(str(train), image_size=int(tok.image_size), batch_size=s.batch_size, train=True,
-                         num_workers=num_workers, bad_files=bad_files, seed=s.seed + epoch)
+                         num_workers=r.num_workers, bad_files=r.bad_files, seed=s.seed + epoch)
     n = 0
     for batch in loader:
         x, y = batch["image"], batch["label"]
@@ -360,12 +363,12 @@ def _train_batches(tok, train, xt, yt, s: ProbeSettings, gen, features, num_work
         if x.shape[0] < 2:
             break
         _labels_ok(y, train)
-        if shuffle_labels:
+        if r.shuffle_labels:
             y = y[torch.randperm(y.shape[0], generator=gen)]
         n += x.shape[0]
-        yield probe_features(tok, x.to(device), features).clone(), y.long()
+        yield probe_features(tok, x.to(r.device), r.features).clone(), y.long()
         if max_images and n >= max_images:
             break
 
 
-__all__ = ["FEATURE_KINDS", "LinearProbe", "ProbeSettings", "probe_features", "extract_dataset", "run_probe"]
+__all__ = ["FEATURE_KINDS", "LinearProbe", "ProbeOptim", "ProbeSettings", "probe_features", "extract_dataset", "run_probe"]

@@ -17,17 +17,20 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from xqtool.errors import ConfigError
 from xqtool.fsutil import atomic_path, check_output, fresh_output_dir, output_lock
+from xqtool.metrics import to_uint8_hwc
+from xqtool.runtime import amp_dtype
+from xqtool.tasks.injected import Injected
 
 log = logging.getLogger(__name__)
 
-__all__ = ["plan_labels", "parse_classes", "sample_images", "SampleResult", "to_uint8", "png_names",
+__all__ = ["plan_labels", "parse_classes", "sample_images", "SampleSettings", "SampleResult", "png_names",
            "unseen_classes", "class_grid"]
 
 GRID_MAX_CLASSES = 16
@@ -122,20 +125,6 @@ def plan_labels(num_classes: int, classes: Optional[Sequence[int]] = None, per_c
     return [pool[i % len(pool)] for i in range(num_samples)]
 
 
-def to_uint8(images: torch.Tensor, truncate: bool = False) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3].
-
-    Default: rounded, round((x + 1)·127.5). ``truncate``: the reference's conversion (var.md §4, §7.12), in
-    float32 and in its order: image = (x + 1)/2 in [0, 1], then clamp(255·image, 0, 255) cast to uint8
-    (truncation toward zero), so ``--upstream-rng`` reproduces the original's pixel values.
-    """
-    if truncate:
-        x = ((images.float().clamp(-1, 1) + 1) / 2).mul(255).clamp(0, 255).to(torch.uint8)
-    else:
-        x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def _save_png(path: Path, arr: np.ndarray) -> None:
     from PIL import Image, PngImagePlugin
 
@@ -179,80 +168,103 @@ def check_var_tokenizer(info: Any, tokenizer: Any, what: str, ignore_fingerprint
     check_fingerprint(recorded, tokenizer, what, ignore_fingerprint)
 
 
-def sample_images(
-    var: Any,
-    tokenizer: Any,
-    labels: Sequence[int],
-    *,
-    cfg: float = 3.25,
-    top_k: int = 750,
-    top_p: float = 0.95,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 25,
-    out_dir: Optional[Union[str, Path]] = None,
-    npz: Optional[Union[str, Path]] = None,
-    grid: Optional[Union[str, Path]] = None,
-    use_cache: bool = True,
-    precision: str = "fp32",
-    upstream_rng: bool = False,
-    cpu: bool = False,
-    decode_batch: int = 1,
-    pack: bool = True,
-    console: Any = None,
-    overwrite: bool = False,
-    ignore_fingerprint: bool = False,
-    var_info: Any = None,
-) -> SampleResult:
-    """Sample ``len(labels)`` images. `var` / `tokenizer` are models or checkpoint paths (loaded frozen, eval).
+@dataclass(kw_only=True)
+class SampleSettings:
+    """One ``xqtool sample`` run (see :func:`sample_images`).
+
+    Attributes:
+        labels: the class of each image to sample (image i uses seed + i); see :func:`plan_labels`.
+        var_ckpt / tokenizer_ckpt: checkpoints, read unless the VAR / the tokenizer is injected.
+        cfg, top_k, top_p, temperature: sampling settings (var.md §4); seed: base seed.
+        batch_size: images sampled together; decode_batch: images decoded together (1: bytes independent of
+            the batch size and the number of processes, equal to ``xqtool decode`` of the same tokens).
+        out_dir / npz / grid: outputs (PNG folder, ``arr_0`` uint8 [N, H, W, 3] ``.npz``, class grid PNG);
+            at least one. overwrite: replace only earlier xqtool sample outputs.
+        precision: ``fp32 | bf16 | fp16``; upstream_rng: the reference's RNG and uint8 conversion (var.md §7.12).
+        cpu: run on the CPU; pack: CPU only, run the transformer's linears on oneDNN pre-packed weights.
+        ignore_fingerprint: accept a VAR trained on other tokenizer weights.
+    """
+
+    labels: Sequence[int]
+    var_ckpt: Optional[Union[str, Path]] = None
+    tokenizer_ckpt: Optional[Union[str, Path]] = None
+    ignore_fingerprint: bool = False
+    # sampling (var.md §4)
+    cfg: float = 3.25
+    top_k: int = 750
+    top_p: float = 0.95
+    temperature: float = 1.0
+    seed: int = 0
+    upstream_rng: bool = False
+    # outputs
+    out_dir: Optional[Union[str, Path]] = None
+    npz: Optional[Union[str, Path]] = None
+    grid: Optional[Union[str, Path]] = None
+    overwrite: bool = False
+    # execution
+    batch_size: int = 25
+    decode_batch: int = 1
+    use_cache: bool = True
+    precision: str = "fp32"
+    cpu: bool = False
+    pack: bool = True
+
+
+def sample_images(settings: SampleSettings, injected: Optional[Injected] = None) -> SampleResult:
+    """Sample ``len(settings.labels)`` images with a VAR and its tokenizer (loaded frozen, eval).
+
+    Reads ``injected.var`` / ``injected.tokenizer`` (used instead of loading the checkpoints), ``injected.var_info``
+    (the info dict of ``load_var`` for an injected VAR: enables the fingerprint check) and ``injected.console``
+    (live progress bar on the main process).
 
     Tokens never depend on the batch size; the sampler's running f_hat and the tokenizer decoder's float
     rounding can (kernels pick different blockings per batch size), so each image's f_hat is rebuilt from its
     tokens and decoded ``decode_batch`` (default 1) at a time: with 1 the PNG/npz bytes are identical whatever
-    ``batch_size`` or the number of processes, and equal to ``xqtool decode`` of the same tokens. ``pack`` (CPU only) runs the
-    transformer's linears on oneDNN pre-packed weights (``VAR.packed_linears``): faster, one extra weight copy.
+    ``batch_size`` or the number of processes, and equal to ``xqtool decode`` of the same tokens. ``pack`` (CPU
+    only) runs the transformer's linears on oneDNN pre-packed weights (``VAR.packed_linears``): faster, one extra
+    weight copy.
 
     Outputs are checked before sampling: OutputError when one exists (``overwrite`` replaces only earlier
     xqtool sample outputs), is locked by another process, or is a file where a folder is expected. A VAR
     checkpoint recording other tokenizer weights (fingerprint) is refused with TokenError unless
-    ``ignore_fingerprint``; `var_info` is the info dict of ``load_var`` when `var` is a loaded model.
+    ``ignore_fingerprint``. ConfigError when nothing is to be written or for a bad precision.
     """
     from accelerate import Accelerator
 
-    if out_dir is None and npz is None and grid is None:
+    s, injected = settings, injected or Injected()
+    if s.out_dir is None and s.npz is None and s.grid is None:
         raise ConfigError("nothing to write: give -o/--output DIR, --npz FILE and/or --grid FILE")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
-    accelerator = Accelerator(cpu=cpu)
+    amp_dtype(s.precision)
+    accelerator = Accelerator(cpu=s.cpu)
     from xqtool.distributed import check_launch, describe
 
     check_launch(accelerator.num_processes)
     if accelerator.is_main_process:
-        log.info("sample: %s", describe(accelerator, precision))
-    if isinstance(var, (str, Path)):
+        log.info("sample: %s", describe(accelerator, s.precision))
+    var, var_info, what = injected.var, injected.var_info, "the VAR"
+    if var is None:
         from xqtool.var_checkpoint import load_var
 
-        what = f"the VAR {var}"
-        var, var_info = load_var(var)
-    else:
-        what = "the VAR"
-    if isinstance(tokenizer, (str, Path)):
+        what = f"the VAR {s.var_ckpt}"
+        var, var_info = load_var(s.var_ckpt)
+    tokenizer = injected.tokenizer
+    if tokenizer is None:
         from xqtool.checkpoint import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer)
+        tokenizer = load_tokenizer(s.tokenizer_ckpt)
     if var_info is not None:
-        check_var_tokenizer(var_info, tokenizer, what, ignore_fingerprint)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    npz_path = Path(npz) if npz is not None else None
-    grid_path = Path(grid) if grid is not None else None
+        check_var_tokenizer(var_info, tokenizer, what, s.ignore_fingerprint)
+    out_dir = Path(s.out_dir) if s.out_dir is not None else None
+    npz_path = Path(s.npz) if s.npz is not None else None
+    grid_path = Path(s.grid) if s.grid is not None else None
     replace_dir = False
     if accelerator.is_main_process:
         if out_dir is not None:
-            replace_dir = check_output(out_dir, kind="sample", is_dir=True, overwrite=overwrite)
+            replace_dir = check_output(out_dir, kind="sample", is_dir=True, overwrite=s.overwrite)
         if npz_path is not None:
-            check_output(npz_path, kind="sample", is_dir=False, overwrite=overwrite, ours=_is_sample_npz)
+            check_output(npz_path, kind="sample", is_dir=False, overwrite=s.overwrite, ours=_is_sample_npz)
         if grid_path is not None:
-            check_output(grid_path, kind="sample", is_dir=False, overwrite=overwrite, ours=_is_xqtool_png)
+            check_output(grid_path, kind="sample", is_dir=False, overwrite=s.overwrite, ours=_is_xqtool_png)
     main = accelerator.is_main_process
     with contextlib.ExitStack() as guard:
         for p in (out_dir, npz_path, grid_path):
@@ -261,16 +273,11 @@ def sample_images(
         if out_dir is not None:
             guard.enter_context(fresh_output_dir(out_dir, "sample", replace=replace_dir, enabled=main))
         accelerator.wait_for_everyone()
-        return _sample_into(accelerator, var, tokenizer, labels, out_dir, npz_path, grid_path, cfg=cfg, top_k=top_k,
-                            top_p=top_p, temperature=temperature, seed=seed, batch_size=batch_size,
-                            use_cache=use_cache, precision=precision, upstream_rng=upstream_rng,
-                            decode_batch=decode_batch, pack=pack, console=console)
+        return _sample_into(s, accelerator, var, tokenizer, out_dir, npz_path, grid_path, injected.console)
 
 
-def _sample_into(accelerator: Any, var: Any, tokenizer: Any, labels: Sequence[int], out_dir: Optional[Path],
-                 npz_path: Optional[Path], grid_path: Optional[Path], *, cfg: float, top_k: int, top_p: float,
-                 temperature: float, seed: int, batch_size: int, use_cache: bool, precision: str,
-                 upstream_rng: bool, decode_batch: int, pack: bool, console: Any) -> SampleResult:
+def _sample_into(s: SampleSettings, accelerator: Any, var: Any, tokenizer: Any, out_dir: Optional[Path],
+                 npz_path: Optional[Path], grid_path: Optional[Path], console: Any) -> SampleResult:
     from xqtool.distributed import describe
     from xqtool.models.var_sampling import sample_tokens
 
@@ -280,7 +287,10 @@ def _sample_into(accelerator: Any, var: Any, tokenizer: Any, labels: Sequence[in
     from xqtool.tasks.train_var import check_tokenizer_fit
 
     check_tokenizer_fit(var.config, tokenizer, trained=True)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    amp = amp_dtype(s.precision)
+    labels, batch_size, seed = s.labels, s.batch_size, s.seed
+    knobs = dict(cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, use_cache=s.use_cache,
+                 amp_dtype=amp)
 
     n = len(labels)
     mine = np.array_split(np.arange(n), accelerator.num_processes)[accelerator.process_index]
@@ -300,7 +310,7 @@ def _sample_into(accelerator: Any, var: Any, tokenizer: Any, labels: Sequence[in
     # CPU: the transformer's linears run on oneDNN pre-packed weights for the whole loop (no-op elsewhere).
     # Besides speed, their rows do not depend on the number of rows, which keeps tokens batch-size independent.
     packing = contextlib.ExitStack()
-    if pack:
+    if s.pack:
         packing.enter_context(var.packed_linears(amp or torch.float32))
     t0 = time.perf_counter()
     done = 0
@@ -308,18 +318,15 @@ def _sample_into(accelerator: Any, var: Any, tokenizer: Any, labels: Sequence[in
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             lab = torch.tensor([labels[i] for i in idx], device=device)
-            if upstream_rng:
-                gen = torch.Generator(device=device).manual_seed(seed + int(idx[0]))
-                out = sample_tokens(var, tokenizer.quantizer, lab, cfg=cfg, top_k=top_k, top_p=top_p,
-                                    temperature=temperature, generator=gen, use_cache=use_cache, amp_dtype=amp)
-            else:
-                out = sample_tokens(var, tokenizer.quantizer, lab, cfg=cfg, top_k=top_k, top_p=top_p,
-                                    temperature=temperature, seeds=[seed + int(i) for i in idx],
-                                    use_cache=use_cache, amp_dtype=amp)
+            if s.upstream_rng:  # the reference's one generator per batch
+                rng: Dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(seed + int(idx[0]))}
+            else:  # image i draws from seed + i, whatever the batch
+                rng = {"seeds": [seed + int(i) for i in idx]}
+            out = sample_tokens(var, tokenizer.quantizer, lab, **knobs, **rng)
             with torch.no_grad():  # f_hat again from the tokens, one image at a time: batch-size invariant
-                step = max(int(decode_batch), 1)
-                images = np.concatenate([to_uint8(tokenizer.decode(out.tokens[j:j + step]), truncate=upstream_rng)
-                                         for j in range(0, len(idx), step)])
+                step = max(int(s.decode_batch), 1)
+                images = np.concatenate([to_uint8_hwc(tokenizer.decode(out.tokens[j:j + step]),
+                                                      truncate=s.upstream_rng) for j in range(0, len(idx), step)])
             if out_dir is not None:
                 for i, arr in zip(idx, images):
                     _save_png(out_dir / names[int(i)], arr)
@@ -361,4 +368,4 @@ def _sample_into(accelerator: Any, var: Any, tokenizer: Any, labels: Sequence[in
     total = n if accelerator.num_processes > 1 else done
     return SampleResult(count=total, seconds=seconds, images_per_s=done / max(seconds, 1e-9),
                         out_dir=out_dir, npz=npz_path, grid=grid_path, peak_mem_mb=peak,
-                        launch=describe(accelerator, precision), is_main=accelerator.is_main_process)
+                        launch=describe(accelerator, s.precision), is_main=accelerator.is_main_process)

@@ -195,6 +195,8 @@ def recon_grid(originals: Tensor, recons: Tensor, step: Optional[int] = None) ->
     import numpy as np
     from PIL import Image, ImageDraw
 
+    from xqtool.metrics import to_uint8_hwc
+
     n, _, h, w = originals.shape
     f = max(1, math.ceil(GRID_MIN_TILE / max(1, min(h, w))))
     th, tw = h * f, w * f
@@ -206,7 +208,7 @@ def recon_grid(originals: Tensor, recons: Tensor, step: Optional[int] = None) ->
     for r, (images, label) in enumerate(zip((originals, recons), labels)):
         y0 = r * (GRID_LABEL_H + th + GRID_PAD)
         draw.text((GRID_PAD + 2, y0 + 2), label, fill=(0, 0, 0))
-        u8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        u8 = to_uint8_hwc(images)
         for i in range(n):
             tile = Image.fromarray(u8[i]).resize((tw, th), Image.NEAREST)
             canvas.paste(tile, (GRID_PAD + i * (tw + GRID_PAD), y0 + GRID_LABEL_H))
@@ -219,16 +221,6 @@ def _save_grid(path: Path, originals: Tensor, recons: Tensor, step: Optional[int
 
     with atomic_path(path) as tmp:
         Image.fromarray(recon_grid(originals, recons, step)).save(tmp, format="PNG")
-
-
-def _extract(extractor: Callable[[Tensor], Tensor], images_u8: Tensor) -> Tensor:
-    pre = getattr(extractor, "preprocess", None)
-    if callable(pre):
-        import numpy as np
-
-        arrs = [pre(img.permute(1, 2, 0).cpu().numpy()) for img in images_u8]
-        images_u8 = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
-    return extractor(images_u8).float().cpu()
 
 
 def _flat_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -736,7 +728,8 @@ class TokenizerTrainer:
     @torch.no_grad()
     def validate(self, step: int) -> Dict[str, float]:
         """PSNR/SSIM/rFID and codebook usage on the held-out set (EMA weights when EMA is on); saves a grid PNG."""
-        from xqtool.metrics import code_histogram, codebook_usage_metrics, fid_from_features, psnr, ssim, to_uint8
+        from xqtool.metrics import (code_histogram, codebook_usage_metrics, fid_from_features, image_features, psnr,
+                                    ssim, to_uint8)
 
         acc, cfg = self.acc, self.cfg
         model = self.ema.module if self.ema is not None else self.unwrapped
@@ -768,8 +761,8 @@ class TokenizerTrainer:
             count += x.shape[0]
             hist += code_histogram(tokens, K, scales).to(hist.device)
             if self.feature_extractor is not None:
-                feats_r.append(_extract(self.feature_extractor, to_uint8(recon)))
-                feats_o.append(_extract(self.feature_extractor, to_uint8(x)))
+                feats_r.append(image_features(self.feature_extractor, to_uint8(recon)))
+                feats_o.append(image_features(self.feature_extractor, to_uint8(x)))
             if grid is None:
                 grid = (x[:8].cpu(), recon[:8].cpu())
         if was_training:
