@@ -131,7 +131,7 @@ def decode_tokens(
     if tokenizer is None:
         if ckpt is None:
             raise ConfigError("--tokenizer/-t is required: give the tokenizer checkpoint that encoded these tokens")
-        from xqtool.checkpoint import load_tokenizer
+        from xqtool.checkpoints import load_tokenizer
 
         tokenizer = load_tokenizer(ckpt, config=config, map_location=dev)
     tok = tokenizer.to(dev).eval()

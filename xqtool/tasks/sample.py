@@ -230,14 +230,14 @@ def sample_images(
     if accelerator.is_main_process:
         log.info("sample: %s", describe(accelerator, precision))
     if isinstance(var, (str, Path)):
-        from xqtool.var_checkpoint import load_var
+        from xqtool.checkpoints import load_var
 
         what = f"the VAR {var}"
         var, var_info = load_var(var)
     else:
         what = "the VAR"
     if isinstance(tokenizer, (str, Path)):
-        from xqtool.checkpoint import load_tokenizer
+        from xqtool.checkpoints import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
     if var_info is not None:
