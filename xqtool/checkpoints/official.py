@@ -198,7 +198,7 @@ def read_official_var(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any]
     if Path(path).suffix == ".safetensors":
         if not Path(path).is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
-        ckpt: Any = load_safetensors_checked(path)
+        ckpt: Any = load_safetensors_checked(path, finite=False)  # derived -inf masks are dropped below
     else:
         ckpt = safe_torch_load(path)
     if not isinstance(ckpt, Mapping):

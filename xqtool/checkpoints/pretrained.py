@@ -20,20 +20,17 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from xqtool.checkpoints.safe_io import load_state_strict, safe_torch_load
+from xqtool.checkpoints.safe_io import load_safetensors_checked, load_state_strict, safe_torch_load
 from xqtool.errors import CheckpointError, WeightsMissingError
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-#: file names looked up inside a weights directory / a hub snapshot, in order
+#: environment variable naming the DINOv2 weights of the ViT tokenizer backbones
 DINOV2_ENV_VAR = "XQTOOL_DINOV2_WEIGHTS"
-CLIP_ENV_VAR = "XQTOOL_CLIP_WEIGHTS"
-DINO_DISC_ENV_VAR = "XQTOOL_DINO_DISC_WEIGHTS"
-
+#: file names looked up inside a weights directory / a hub snapshot, in order
 WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 def model_name_of(model: nn.Module) -> str:
@@ -150,15 +147,14 @@ def weights_available(
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file, unwrapping ``model`` / ``state_dict``.
 
-    Read through :func:`~xqtool.checkpoints.safe_io.safe_torch_load` (pickles) or safetensors; CheckpointError
+    Read through :func:`~xqtool.checkpoints.safe_io.safe_torch_load` (pickles) or
+    :func:`~xqtool.checkpoints.safe_io.load_safetensors_checked`; CheckpointError
     ``cannot read weights file ...`` (one line) for an unreadable, unsafe or non-state_dict file.
     """
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
+            sd = load_safetensors_checked(path)
         else:
             sd = safe_torch_load(path)
     except Exception as exc:  # corrupt / pickled objects / not a weights file

@@ -132,9 +132,12 @@ def tensors_digest(state: Mapping[str, Tensor]) -> str:
 # ------------------------------------------------------------------------------------ safetensors
 
 
-def load_safetensors_checked(path: PathLike, device: str = "cpu") -> Dict[str, Tensor]:
+def load_safetensors_checked(path: PathLike, device: str = "cpu", finite: bool = True) -> Dict[str, Tensor]:
     """Read a safetensors file; CheckpointError (one line naming the file) when it is missing, truncated,
-    corrupt (xqtool's stored digest differs: a flipped bit) or holds a NaN/Inf weight (naming the tensor)."""
+    corrupt (xqtool's stored digest differs: a flipped bit) or, with `finite`, holds a NaN/Inf tensor (naming it).
+
+    ``finite=False`` is for official files whose derived buffers hold ``-inf`` masks: the caller drops those and
+    runs :func:`check_finite` on the rest."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -150,7 +153,8 @@ def load_safetensors_checked(path: PathLike, device: str = "cpu") -> Dict[str, T
     stored = meta.get(DIGEST_KEY)
     if stored and checksums_enabled() and tensors_digest(state) != stored:
         raise CheckpointError(f"{path} is corrupt: its weights do not match the checksum stored when it was written")
-    check_finite(state, str(path))
+    if finite:
+        check_finite(state, str(path))
     return state
 
 
