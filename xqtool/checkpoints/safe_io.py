@@ -91,15 +91,16 @@ def check_finite(state: Mapping[str, Tensor], source: str) -> None:
     """
     for name, value in state.items():
         if isinstance(value, Tensor) and value.is_floating_point() and value.numel():
-            bad = _non_finite(value)
+            bad = count_non_finite(value)
             if bad:
                 raise CheckpointError(
                     f"{source}: tensor '{name}' holds {bad} non-finite value(s) (NaN/Inf); the weights are unusable"
                 )
 
 
-def _non_finite(t: Tensor) -> int:
-    """Number of NaN/Inf entries of a floating tensor (numpy on the raw bits: fast on CPU, any float dtype)."""
+def count_non_finite(t: Tensor) -> int:
+    """Number of NaN/Inf entries of a floating tensor of any shape (numpy on the raw bits: fast on CPU, any float
+    dtype; other devices count with torch)."""
     import numpy as np
 
     t = t.detach()

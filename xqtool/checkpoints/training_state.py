@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xqtool.checkpoints.safe_io import load_state_strict
+from xqtool.checkpoints.safe_io import count_non_finite, load_state_strict
 from xqtool.errors import CheckpointError, ConfigError, DataError
 from xqtool.fsutil import _translate_os_errors, apply_umask, file_sha256
 
@@ -153,7 +153,7 @@ def first_nonfinite(named: Iterable[Tuple[str, Any]]) -> Optional[str]:
     """Name of the first floating tensor holding NaN/Inf in `named` (nested state dicts allowed), else None."""
     for name, value in named:
         if isinstance(value, Tensor):
-            if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            if value.is_floating_point() and value.numel() and count_non_finite(value):
                 return name
         elif isinstance(value, dict):
             hit = first_nonfinite((f"{name}.{k}", v) for k, v in value.items())
