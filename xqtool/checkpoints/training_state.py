@@ -8,6 +8,9 @@ travel as JSON in the safetensors metadata; nothing is ever unpickled, so a plan
 size and SHA-256 of every file, inside a temporary directory that is then renamed: a directory with the
 JSON is complete, and a damaged one (truncated, missing or altered file) is detected before anything is
 loaded. ``--resume auto`` falls back to the newest intact state and says which one was damaged.
+Unlike :func:`xqtool.checkpoints.safe_io.write_checkpoint_dir` (one process), every process writes its RNG file
+into the same temporary ``.step-NNNNNNN.tmp`` (a name each rank knows without communicating); the main process
+renames it.
 
 Errors: :class:`~xqtool.errors.CheckpointError` (one line, naming the state and the file).
 """
