@@ -202,7 +202,19 @@ def is_xqtool_dir(path: PathLike) -> bool:
     return path.is_dir() and (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file()
 
 
-def read_yaml_mapping(path: PathLike, empty: str = "is empty", not_mapping: str = "is not a YAML mapping") -> Dict[str, Any]:
+def locate_checkpoint(path: PathLike, kind: str) -> Path:
+    """Local path of the checkpoint `path` names (`kind` 'tokenizer' | 'var'): a local file or directory (first
+    restored if a crash mid-replacement left only its aside copy), a registry name or an ``hf://`` reference
+    (:func:`xqtool.hub.resolve_checkpoint`, whose CheckpointError / ModelNotCachedError it raises)."""
+    from xqtool.hub import resolve_checkpoint
+
+    if "://" not in str(path):
+        recover_dir(Path(path))
+    return resolve_checkpoint(path, kind=kind)
+
+
+def read_yaml_mapping(path: PathLike, empty: str = "is empty",
+                      not_mapping: str = "is not a YAML mapping") -> Dict[str, Any]:
     """The mapping in the YAML file `path`; CheckpointError ``"{path} {empty}"`` / ``"{path} {not_mapping}"`` /
     ``"cannot read {path}: ..."`` (unreadable or malformed) / ``"{path} is missing"``."""
     path = Path(path)

@@ -17,11 +17,10 @@ from torch import Tensor, nn
 
 from xqtool.checkpoints.official import fit_vit_config, map_official_tokenizer_keys, read_official_tokenizer
 from xqtool.checkpoints.safe_io import (CONFIG_FILE, EMA_FILE, MODEL_FILE, PathLike, check_state_fits, is_xqtool_dir,
-                                        load_safetensors_checked, load_state_strict, read_yaml_mapping,
-                                        write_checkpoint_dir)
+                                        load_safetensors_checked, load_state_strict, locate_checkpoint,
+                                        read_yaml_mapping, write_checkpoint_dir)
 from xqtool.config import TokenizerConfig, load_tokenizer_config, save_config_yaml, tokenizer_config_from_args
 from xqtool.errors import CheckpointError, ConfigError
-from xqtool.fsutil import recover_dir
 
 #: safetensors metadata of a tokenizer checkpoint's weights files
 TOKENIZER_METADATA = {"format": "pt", "xqtool": "1"}
@@ -93,12 +92,9 @@ def load_tokenizer(
     `path` may also be a registry name (``MSVR10P2-4096``) or ``hf://`` reference (:func:`xqtool.hub.resolve_checkpoint`).
     Raises CheckpointError for missing, foreign, corrupt or non-fitting files (one line naming the file).
     """
-    from xqtool.hub import resolve_checkpoint
     from xqtool.models.tokenizer import build_tokenizer
 
-    if "://" not in str(path):
-        recover_dir(Path(path))  # a crash mid-replacement left only the aside copy: restore it first
-    path = resolve_checkpoint(path, kind="tokenizer")
+    path = locate_checkpoint(path, "tokenizer")
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     cfg = _resolve_config(config)

@@ -16,11 +16,10 @@ import yaml
 
 from xqtool.checkpoints.official import read_official_var, var_config_from_state_dict
 from xqtool.checkpoints.safe_io import (CONFIG_FILE, MODEL_FILE, load_safetensors_checked, load_state_strict,
-                                        read_yaml_mapping, write_checkpoint_dir)
+                                        locate_checkpoint, read_yaml_mapping, write_checkpoint_dir)
 from xqtool.config import config_to_dict
 from xqtool.config_var import model_config_from_dict
 from xqtool.errors import CheckpointError, ConfigError
-from xqtool.fsutil import recover_dir
 from xqtool.models.var import VAR
 
 #: ``format`` of a VAR checkpoint's config.yaml and safetensors metadata
@@ -59,11 +58,8 @@ def load_var(path: Union[str, Path], map_location: str = "cpu", patch_nums: Opti
     (official), ``patch_nums``. `path` may also be a registry name (``VAR-d17``) or ``hf://`` reference
     (:func:`xqtool.hub.resolve_checkpoint`). Raises CheckpointError for missing, foreign or non-fitting files.
     """
-    from xqtool.hub import resolve_checkpoint
 
-    if "://" not in str(path):
-        recover_dir(Path(path))  # a crash mid-replacement left only the aside copy: restore it first
-    path = resolve_checkpoint(path, kind="var")
+    path = locate_checkpoint(path, "var")
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
             raise CheckpointError(f"{path} is a directory without {MODEL_FILE} (not an xqtool VAR checkpoint)")
