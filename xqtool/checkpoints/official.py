@@ -35,7 +35,7 @@ RECOMPUTED_KEYS = re.compile(r"(^|\.)lvl1LC$")
 DERIVED_KEYS = re.compile(r"^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias)$")
 
 
-def _args_dict(args: Any) -> Dict[str, Any]:
+def official_args(args: Any) -> Dict[str, Any]:
     """The official ``args`` entry (``argparse.Namespace`` or dict) as a dict; {} for anything else."""
     if isinstance(args, argparse.Namespace):
         return vars(args)
@@ -116,7 +116,7 @@ def read_official_tokenizer(path: PathLike, prefer_ema: bool = True) -> Tuple[Di
         raise CheckpointError(f"{path} does not look like an XQ-GAN tokenizer (no encoder/decoder/quantizer keys)")
     state = map_official_tokenizer_keys(state)
     check_finite(state, str(path))
-    return state, _args_dict(blob.get("args"))
+    return state, official_args(blob.get("args"))
 
 
 def fit_vit_config(cfg: TokenizerConfig, state: Mapping[str, Tensor], source: str = "checkpoint") -> TokenizerConfig:
@@ -180,7 +180,7 @@ def _patch_nums_from_meta(ckpt: Mapping[str, Any]) -> Optional[Tuple[int, ...]]:
         conf = trainer.get("config")
         if isinstance(conf, Mapping) and conf.get("patch_nums"):
             return tuple(int(p) for p in conf["patch_nums"])
-    args = _args_dict(ckpt.get("args"))
+    args = official_args(ckpt.get("args"))
     if args.get("patch_nums"):
         return tuple(int(p) for p in args["patch_nums"])
     pn = args.get("pn")
@@ -204,7 +204,7 @@ def read_official_var(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any]
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint dict")
     meta: Dict[str, Any] = {"patch_nums": _patch_nums_from_meta(ckpt), "epoch": ckpt.get("epoch")}
-    args = _args_dict(ckpt.get("args"))
+    args = official_args(ckpt.get("args"))
     if isinstance(args.get("product_quant"), int):
         meta["num_branches"] = int(args["product_quant"])
     trainer = ckpt.get("trainer")

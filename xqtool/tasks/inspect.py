@@ -8,7 +8,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from xqtool.checkpoints.official import TEACHER_PREFIXES, fit_vit_config, map_official_tokenizer_keys
+from xqtool.checkpoints.official import (TEACHER_PREFIXES, fit_vit_config, map_official_tokenizer_keys,
+                                         official_args)
 from xqtool.checkpoints.safe_io import CONFIG_FILE, EMA_FILE, is_xqtool_dir, one_line, read_yaml_mapping, safe_torch_load
 from xqtool.checkpoints.tokenizer import read_config_yaml
 from xqtool.fsutil import recover_dir
@@ -35,8 +36,7 @@ def _official_info(path: Path) -> tuple:
         raise CheckpointError(f"{path} is not an XQ-GAN checkpoint dict")
     if "trainer" in blob:
         raise CheckpointError(f"{path} is a VAR generator checkpoint, not a tokenizer")
-    args = blob.get("args")
-    args = vars(args) if hasattr(args, "__dict__") else dict(args or {})
+    args = official_args(blob.get("args"))
     warnings = []
     state = blob.get("ema") or blob.get("model") or {}
     teacher = sum(v.numel() for k, v in state.items() if k.startswith(TEACHER_PREFIXES))
