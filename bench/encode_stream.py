@@ -83,7 +83,7 @@ def main() -> None:
 
     import torch
 
-    from xqtool.checkpoint import save_tokenizer
+    from xqtool.checkpoints import save_tokenizer
     from xqtool.config import load_tokenizer_config
     from xqtool.models.tokenizer import build_tokenizer
 

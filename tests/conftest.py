@@ -80,7 +80,7 @@ def assert_same(x, y, where: str = "state") -> None:
 def assert_same_state(a: Path, b: Path) -> None:
     """Every tensor and value of two training states is identical (models, EMA, optimizers, schedulers,
     LeCam, data position, RNG), no key skipped."""
-    from xqtool.training_state import load_verified
+    from xqtool.checkpoints.training_state import load_verified
 
     sa, sb = load_verified(a), load_verified(b)
     assert sorted(sa.components) == sorted(sb.components)

@@ -15,7 +15,7 @@ from conftest import LAYOUTS
 from xqtool.errors import CheckpointError, ConfigError, WeightsMissingError
 from xqtool.models.cnn import CNNDecoder, CNNEncoder, cnn_ch_mult
 from xqtool.models.pos_embed import resample_pos_grid
-from xqtool.models.pretrained import load_backbone_weights, load_vit_tokenizer_weights, weights_available
+from xqtool.checkpoints.pretrained import load_backbone_weights, load_vit_tokenizer_weights, weights_available
 from xqtool.models.teachers import SemanticTeacher, teacher_weights_available
 from xqtool.models.vit import ViTDecoder, ViTEncoder, build_vit_backbone, unpatchify
 

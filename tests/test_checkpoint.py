@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import CONFIGS, LAYOUTS
-from xqtool.checkpoint import (
-    _check_fit,
+from xqtool.checkpoints import (
+    check_state_fits,
     load_tokenizer,
     map_official_tokenizer_keys,
     safe_torch_load,
@@ -43,7 +43,7 @@ def test_official_layout_maps_with_no_missing_or_unexpected_key(name: str) -> No
     own = model.state_dict()
     assert set(mapped) == set(own)
     assert all(tuple(mapped[k].shape) == tuple(own[k].shape) for k in own)
-    _check_fit(own, mapped, name)  # raises on any mismatch
+    check_state_fits(own, mapped, name)  # raises on any mismatch
 
 
 def test_full_size_official_file_loads_and_encodes(tmp_path) -> None:
@@ -140,7 +140,7 @@ def test_refuses_foreign_unsafe_and_corrupt_files(tmp_path, tiny_cnn_cfg) -> Non
 def test_tokenizer_and_var_directories_are_not_confused(tmp_path, tiny_cnn_cfg) -> None:
     from xqtool.config_var import load_var_config
     from xqtool.models.var import build_var
-    from xqtool.var_checkpoint import load_var, save_var
+    from xqtool.checkpoints import load_var, save_var
 
     save_tokenizer(tmp_path / "tok", build_tokenizer(tiny_cnn_cfg))
     var_cfg = load_var_config(Path(__file__).resolve().parents[1] / "configs" / "var" / "tiny.yaml")

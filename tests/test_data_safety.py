@@ -31,7 +31,7 @@ import torch
 from typer.testing import CliRunner
 
 from _data_fixtures import write_class_tree
-from xqtool.checkpoint import load_tokenizer, save_tokenizer, weights_fingerprint
+from xqtool.checkpoints import load_tokenizer, save_tokenizer, weights_fingerprint
 from xqtool.cli import app
 from xqtool.config import load_tokenizer_config
 from xqtool.errors import CheckpointError, OutputError, TokenError
@@ -216,7 +216,7 @@ def test_nan_weights_are_refused_on_load_naming_the_tensor_and_never_saved(env, 
     assert _snapshot(good) == before
     from xqtool.config_var import load_var_config
     from xqtool.models.var import VAR
-    from xqtool.var_checkpoint import save_var
+    from xqtool.checkpoints import save_var
 
     var = VAR(load_var_config(TINY_VAR).model)
     with torch.no_grad():
@@ -387,7 +387,7 @@ def test_disk_full_during_save_names_the_path_and_keeps_earlier_checkpoints(env,
         save_tokenizer(ck, env["tok_b"])
     from xqtool.config_var import load_var_config
     from xqtool.models.var import VAR
-    from xqtool.var_checkpoint import save_var
+    from xqtool.checkpoints import save_var
 
     with pytest.raises(OutputError, match=r"var-last.*no space left"):
         save_var(tmp_path / "var-last", VAR(load_var_config(TINY_VAR).model))
@@ -444,7 +444,7 @@ def artefacts(env, tmp_path_factory):
     from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.injected import Injected
     from xqtool.tasks.make_shards import make_shards
-    from xqtool.var_checkpoint import save_var
+    from xqtool.checkpoints import save_var
 
     base = tmp_path_factory.mktemp("pristine")
     tok = env["tok_a"]

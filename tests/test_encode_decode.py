@@ -27,7 +27,7 @@ TINY = "configs/tokenizer/tiny-cnn.yaml"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(tokenizer, checkpoint dir, image tree root, {key: label}) shared by the module."""
-    from xqtool.checkpoint import save_tokenizer
+    from xqtool.checkpoints import save_tokenizer
     from xqtool.config import load_tokenizer_config
     from xqtool.models.tokenizer import build_tokenizer
 

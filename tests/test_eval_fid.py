@@ -171,7 +171,7 @@ def test_rfid_of_perfect_reconstruction(tmp_path, sets):
 
 def _tiny_cnn_checkpoint(tmp_path):
     pytest.importorskip("xqtool.models.tokenizer")
-    from xqtool.checkpoint import save_tokenizer
+    from xqtool.checkpoints import save_tokenizer
     from xqtool.config import load_tokenizer_config
     from xqtool.models.tokenizer import build_tokenizer
 

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from xqtool.checkpoint import load_tokenizer, save_tokenizer
+from xqtool.checkpoints import load_tokenizer, save_tokenizer
 from xqtool.config import load_tokenizer_config
 from xqtool.errors import ConfigError
 from xqtool.models.tokenizer import build_tokenizer
 from xqtool.tasks.finetune import finetune_tokenizer
-from xqtool.tasks.lora import apply_tuning, freeze_codebook
+from xqtool.models.lora import apply_tuning, freeze_codebook
 from xqtool.tasks.train_tokenizer import sample_photo_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,12 +36,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN, ROOT
-from xqtool.checkpoint import load_tokenizer, save_tokenizer
+from xqtool.checkpoints import load_tokenizer, save_tokenizer
 from xqtool.losses import SemanticDistillLoss, semantic_scale
 from xqtool.models.teachers import SemanticTeacher
 from xqtool.models.var_sampling import sample_tokens
 from xqtool.tasks.train_var import var_loss
-from xqtool.var_checkpoint import load_var, save_var
+from xqtool.checkpoints import load_var, save_var
 
 TOK_CASES = ["tok-msvq-p2", "tok-msbq-p2", "tok-vq-p2-single"]
 ATOL = 2e-5

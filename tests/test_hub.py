@@ -12,11 +12,11 @@ import yaml
 
 from _hub_fixtures import add_hub_file, official_tokenizer_bytes, official_var_bytes
 from conftest import ROOT
-from xqtool.checkpoint import load_tokenizer, save_tokenizer
+from xqtool.checkpoints import load_tokenizer, save_tokenizer
 from xqtool.errors import CheckpointError
 from xqtool.hub import ModelNotCachedError, find_model, list_models, parse_reference
 from xqtool.models.tokenizer import build_tokenizer
-from xqtool.var_checkpoint import load_var
+from xqtool.checkpoints import load_var
 
 REPO = "qiuk6/XQ-GAN"
 C_MAIN = "a" * 40
@@ -230,7 +230,7 @@ def test_backbone_weights_hub_keyword_and_hf_reference(hub, tmp_path, monkeypatc
     import timm
 
     from xqtool.errors import WeightsMissingError
-    from xqtool.models.pretrained import load_backbone_weights, resolve_weights
+    from xqtool.checkpoints.pretrained import load_backbone_weights, resolve_weights
     from xqtool.models.teachers import teacher_weights_available
 
     dinov2 = "vit_base_patch14_dinov2.lvd142m"  # timm's Hub repository: timm/vit_base_patch14_dinov2.lvd142m
@@ -276,7 +276,7 @@ def test_inception_and_lpips_weights_by_hf_reference(hub) -> None:
 def test_hf_hub_cache_wins_over_hf_home_and_var_dirs_load_by_hf_reference(hub, tmp_path, monkeypatch) -> None:
     from xqtool.config_var import VARModelConfig
     from xqtool.models.var import VAR
-    from xqtool.var_checkpoint import save_var
+    from xqtool.checkpoints import save_var
 
     other = tmp_path / "elsewhere"
     cfg = VARModelConfig(depth=2, width=64, num_heads=2, num_classes=10, patch_nums=(1, 1, 2, 3), codebook_size=16,

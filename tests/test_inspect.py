@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import CONFIGS, ROOT, photo_crops, to_tensor
 from test_var_model import _official_d17_file
-from xqtool.checkpoint import save_tokenizer
+from xqtool.checkpoints import save_tokenizer
 from xqtool.cli import app
 from xqtool.config import config_to_dict, load_tokenizer_config
 from xqtool.data.tokens import TokenManifest, write_tokens
@@ -76,7 +76,7 @@ def test_tokenizer_config_and_checkpoints(tiny_tok, tmp_path: Path, tiny_vit_cfg
 def test_var_checkpoints_own_and_released_layout(tmp_path: Path) -> None:
     from xqtool.config_var import load_var_config
     from xqtool.models.var import build_var
-    from xqtool.var_checkpoint import save_var
+    from xqtool.checkpoints import save_var
 
     cfg = load_var_config(TINY_VAR)
     model = build_var(cfg.model)

@@ -79,7 +79,7 @@ def test_two_processes_train_like_one_process_with_the_global_batch(photos, two_
         assert _close(res1.last_val[k], res2["val"][k], rel=1e-4 if k == "val/rfid" else 1e-5), k
 
     # re-validate the EMA that the 2-process run saved, in this (1) process: PSNR of the first 8 val images
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer
     from xqtool.data.images import make_loader
     from xqtool.metrics import psnr
 
@@ -112,7 +112,7 @@ def _launch_held(photos: Path, out: Path, hold: int, log: str, resume: bool = Tr
 
 
 def _newest_state(out: Path) -> str:
-    from xqtool.training_state import list_states
+    from xqtool.checkpoints.training_state import list_states
 
     states = list_states(out)
     return states[-1].name if states else "(no complete state)"
@@ -219,7 +219,7 @@ def task_inputs(tmp_path_factory) -> Path:
     """tok/ (tiny CNN, random init), imgs/ (2 classes x 5 photos), shards/ (2 image shards), tokens.npy,
     token-shards/ and var/ (tiny VAR, random init)."""
     from _data_fixtures import write_class_tree
-    from xqtool.checkpoint import save_tokenizer
+    from xqtool.checkpoints import save_tokenizer
     from xqtool.config import load_tokenizer_config
     from xqtool.config_var import load_var_config
     from xqtool.models.tokenizer import build_tokenizer
@@ -227,7 +227,7 @@ def task_inputs(tmp_path_factory) -> Path:
     from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.injected import Injected
     from xqtool.tasks.make_shards import make_shards
-    from xqtool.var_checkpoint import save_var
+    from xqtool.checkpoints import save_var
 
     base = tmp_path_factory.mktemp("mp-tasks")
     torch.manual_seed(0)

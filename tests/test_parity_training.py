@@ -263,9 +263,9 @@ def test_shared_adaln_equals_per_block_linear_with_the_shared_weights() -> None:
 
 
 def test_lora_nested_official_checkpoint_merges_to_the_lora_models_output(tmp_path: Path) -> None:
-    from xqtool.checkpoint import load_tokenizer, save_tokenizer
+    from xqtool.checkpoints import load_tokenizer, save_tokenizer
     from xqtool.models.tokenizer import build_tokenizer
-    from xqtool.tasks.lora import apply_tuning, merge_lora
+    from xqtool.models.lora import apply_tuning, merge_lora
 
     torch.manual_seed(0)
     cfg = load_tokenizer_config(ROOT / "configs/tokenizer/tiny-vit.yaml")

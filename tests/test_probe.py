@@ -117,7 +117,7 @@ def test_probe_uncached_and_errors(tok, dataset, tmp_path):
 
 
 def test_cli_probe(tok, dataset, tmp_path):
-    from xqtool.checkpoint import save_tokenizer
+    from xqtool.checkpoints import save_tokenizer
 
     save_tokenizer(tmp_path / "tok", tok)
     train, val = dataset

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from _hub_fixtures import add_hub_file
-from xqtool.checkpoint import load_tokenizer, save_tokenizer
+from xqtool.checkpoints import load_tokenizer, save_tokenizer
 from xqtool.cli import app
 from xqtool.errors import CheckpointError
 from xqtool.models.tokenizer import build_tokenizer
@@ -106,7 +106,7 @@ def test_push_refuses_pickles_and_non_checkpoints_before_uploading(uploads, ckpt
 def test_push_var_directory(uploads, tmp_path) -> None:
     from xqtool.config_var import VARModelConfig
     from xqtool.models.var import VAR
-    from xqtool.var_checkpoint import save_var
+    from xqtool.checkpoints import save_var
 
     cfg = VARModelConfig(depth=2, width=64, num_heads=2, num_classes=10, patch_nums=(1, 1, 2, 3), codebook_size=16,
                          num_branches=2, branch_dim=4)

@@ -250,7 +250,7 @@ def _official_tiny_vit(path, width: int, heads: int, depth: int):
 
 
 def test_official_file_with_a_smaller_vit_loads_and_inspects_at_its_real_size(tmp_path) -> None:
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer
     from xqtool.metrics import count_parameters
     from xqtool.tasks.inspect import inspect_target
 
@@ -266,7 +266,7 @@ def test_official_file_with_a_smaller_vit_loads_and_inspects_at_its_real_size(tm
 
 
 def test_official_file_with_unknown_head_count_is_refused_in_one_line(tmp_path) -> None:
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer
     from xqtool.errors import CheckpointError
     from xqtool.tasks.inspect import inspect_target
 

@@ -76,7 +76,7 @@ def test_loss_falls_and_outputs(photos, tmp_path):
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
     last_ema = load_file(out / "last" / "ema.safetensors")
     assert all(torch.equal(ema[k], last_ema[k]) for k in ema)
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer
 
     tok = load_tokenizer(out / "best")
     assert all(torch.equal(v.cpu(), ema[k]) for k, v in tok.state_dict().items() if k in ema)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_same_state, photo_crops, to_tensor
-from xqtool.checkpoint import save_tokenizer
+from xqtool.checkpoints import save_tokenizer
 from xqtool.config import load_tokenizer_config
 from xqtool.config_var import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
@@ -312,10 +312,10 @@ def _run_killed(args, kill: str) -> subprocess.CompletedProcess:
     """The CLI in a subprocess that SIGKILLs itself at `kill`: 'step:N' (after optimizer step N) or 'write:N'
     (inside the N-th component write of a training-state save)."""
     what, n = kill.split(":")
-    hook = ("import xqtool.training_state as ts; w=ts._write_component; c=[0]\n"
+    hook = ("import xqtool.checkpoints.training_state as ts; w=ts._write_component; c=[0]\n"
             "def g(*a):\n c[0]+=1\n if c[0]=={n}: os.kill(os.getpid(), signal.SIGKILL)\n return w(*a)\n"
             "ts._write_component=g\n" if what == "write" else
-            "import xqtool.training_state as ts; S=ts.SampleBatches.__next__; c=[0]\n"
+            "import xqtool.checkpoints.training_state as ts; S=ts.SampleBatches.__next__; c=[0]\n"
             "def g(self):\n c[0]+=1\n if c[0]=={n}: os.kill(os.getpid(), signal.SIGKILL)\n return S(self)\n"
             "ts.SampleBatches.__next__=g\n").format(n=n)
     code = "import os, signal, sys\n" + hook + "from xqtool.cli import app\nsys.argv=['xqtool']+sys.argv[1:]\napp()\n"
@@ -390,7 +390,7 @@ def test_training_state_disk_full_is_one_line_and_keeps_the_earlier_state(tmp_pa
 
     from accelerate import Accelerator
 
-    from xqtool import training_state as ts
+    from xqtool.checkpoints import training_state as ts
     from xqtool.errors import OutputError
 
     acc = Accelerator(cpu=True)

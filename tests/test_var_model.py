@@ -17,7 +17,7 @@ from xqtool.models.var import VAR, build_var, level_index
 from xqtool.models.var_sampling import (cfg_weight, guide_logits, sample_tokens, top_k_filter, top_p_filter)
 from xqtool.quantize.factory import build_branch_quantizer
 from xqtool.quantize.product import ProductQuantizer
-from xqtool.var_checkpoint import load_var, save_var
+from xqtool.checkpoints import load_var, save_var
 
 LAYOUT = LAYOUTS / "VAR-d17-MSVR10P2-4096.json"
 DERIVED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")

@@ -76,7 +76,7 @@ def test_validation_pass_reports_held_out_loss_and_accuracy(tiny) -> None:
     """Validation every epoch (16 rows, batch 8 → 2 steps) and at the end; the numbers equal a hand computation on
     the final weights (log-softmax per branch, argmax)."""
     from xqtool.data.tokens import load_tokens
-    from xqtool.var_checkpoint import load_var
+    from xqtool.checkpoints import load_var
 
     root, tok = tiny
     cfg = load_var_config(ROOT / "configs/var/tiny.yaml", [

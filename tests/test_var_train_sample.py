@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import photo_crops, tiny_cnn_tokens, to_tensor
-from xqtool.checkpoint import save_tokenizer
+from xqtool.checkpoints import save_tokenizer
 from xqtool.cli import app
 from xqtool.config_var import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens

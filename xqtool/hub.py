@@ -13,7 +13,7 @@ Files come through ``huggingface_hub`` (``hf_hub_download``): its cache (``$HF_H
 download command of the installed ``huggingface_hub``. A cached file is checked before it is loaded: its size (when the
 registry knows it) and the content hash the cache names its blob after (sha256 for LFS files, git-sha1 otherwise), so a
 truncated or altered file is refused by name. Loading itself stays with ``weights_only=True`` and the official-layout
-checks of :mod:`xqtool.checkpoint` / :mod:`xqtool.var_checkpoint`.
+checks of :mod:`xqtool.checkpoints` / :mod:`xqtool.checkpoints.var`.
 
 Extra registry entries (own models, tests): a YAML file with a ``models:`` mapping, named by ``$XQTOOL_REGISTRY``
 (several separated by ``os.pathsep``) or passed as ``registry=``; its entries override the packaged ones by name.
@@ -21,12 +21,13 @@ Extra registry entries (own models, tests): a YAML file with a ``models:`` mappi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -285,21 +286,30 @@ def _hub_errors() -> Tuple[type, ...]:
                                               "HfHubHTTPError") if hasattr(errors, n))
 
 
-def _download(ref: HubRef, filename: str) -> Path:
-    from huggingface_hub import hf_hub_download
+@contextlib.contextmanager
+def _hub_call(ref: HubRef, failing: str) -> Iterator[bool]:
+    """Run one ``huggingface_hub`` download (yields whether it must stay offline), its errors as one line:
+    ModelNotCachedError (not cached, offline or unreachable), CheckpointError ``"{label}: {failing}: ..."``."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     offline = is_offline()
     try:
-        path = hf_hub_download(ref.repo, filename, revision=ref.revision, cache_dir=hub_cache_dir(),
-                               local_files_only=offline, library_name="xqtool")
+        yield offline
     except LocalEntryNotFoundError:
         raise _not_cached(ref, _WHY_OFFLINE if offline else _WHY_UNREACHABLE) from None
     except _hub_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{ref.label}: {type(exc).__name__}: {first[:200]}") from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{ref.label}: cannot fetch {filename}: {str(exc).splitlines()[0][:200]}") from None
+        raise CheckpointError(f"{ref.label}: {failing}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _download(ref: HubRef, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    with _hub_call(ref, f"cannot fetch {filename}") as offline:
+        path = hf_hub_download(ref.repo, filename, revision=ref.revision, cache_dir=hub_cache_dir(),
+                               local_files_only=offline, library_name="xqtool")
     return Path(path)
 
 
@@ -356,21 +366,12 @@ def fetch_checkpoint_dir(ref: HubRef) -> Path:
     ``allow_patterns``); each present file is verified like :func:`fetch_file`.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     prefix = f"{ref.path}/" if ref.path else ""
-    offline = is_offline()
-    try:
+    with _hub_call(ref, "cannot fetch the checkpoint") as offline:
         snap = snapshot_download(ref.repo, revision=ref.revision, cache_dir=hub_cache_dir(),
                                  allow_patterns=[prefix + f for f in XQTOOL_DIR_FILES],
                                  local_files_only=offline, library_name="xqtool")
-    except LocalEntryNotFoundError:
-        raise _not_cached(ref, _WHY_OFFLINE if offline else _WHY_UNREACHABLE) from None
-    except _hub_errors() as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{ref.label}: {type(exc).__name__}: {first[:200]}") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{ref.label}: cannot fetch the checkpoint: {str(exc).splitlines()[0][:200]}") from None
     folder = Path(snap) / ref.path if ref.path else Path(snap)
     missing = [f for f in XQTOOL_DIR_FILES[:2] if not (folder / f).is_file()]
     if missing:

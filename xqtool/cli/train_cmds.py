@@ -199,7 +199,7 @@ def finetune_cmd(
     """
     from xqtool.errors import ConfigError
     from xqtool.tasks.finetune import finetune_tokenizer
-    from xqtool.tasks.lora import TUNING_METHODS
+    from xqtool.models.lora import TUNING_METHODS
 
     for name, value in (("--enc", enc), ("--dec", dec)):
         if value is not None and value not in TUNING_METHODS:

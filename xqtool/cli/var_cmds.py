@@ -138,10 +138,9 @@ def sample_cmd(
 
     Example: [bold]xqtool sample --var runs/var-tiny/var-last -t runs/tiny-cnn/best --classes 0,1 --per-class 4 -o runs/samples --grid runs/samples/grid.png[/]
     """
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer, load_var
     from xqtool.tasks.injected import Injected
     from xqtool.tasks.sample import SampleSettings, parse_classes, plan_labels, sample_images, unseen_classes
-    from xqtool.var_checkpoint import load_var
 
     cpu = _cpu_flag(device)
     if output is None and npz is None and grid is None:

@@ -86,7 +86,7 @@ class TokenManifest:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, checkpoint: str = "", **kw: Any) -> "TokenManifest":
         """Manifest describing `tokenizer` (an XQTokenizer); extra fields via keyword."""
-        from xqtool.checkpoint import weights_fingerprint
+        from xqtool.checkpoints import weights_fingerprint
         from xqtool.config import config_hash, config_to_dict
 
         kw.setdefault("weights_fingerprint", weights_fingerprint(tokenizer))
@@ -354,7 +354,7 @@ def check_fingerprint(recorded: str, tokenizer: Any, what: str, ignore: bool = F
     """
     import logging
 
-    from xqtool.checkpoint import weights_fingerprint
+    from xqtool.checkpoints import weights_fingerprint
 
     log = logging.getLogger("xqtool")
     ours = weights_fingerprint(tokenizer)

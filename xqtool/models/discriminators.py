@@ -237,7 +237,7 @@ class DinoDiscriminator(nn.Module):
 
     def load_backbone(self, source: Optional[str]) -> None:
         """Load DINO ViT-S/16 weights from `source` (file/dir) or ``$XQTOOL_DINO_DISC_WEIGHTS`` or the cache."""
-        from xqtool.models.pretrained import load_backbone_weights
+        from xqtool.checkpoints.pretrained import load_backbone_weights
 
         load_backbone_weights(
             self.backbone,
@@ -324,18 +324,9 @@ def build_discriminator(
 
 def dino_disc_weights_available(source: Optional[str]) -> bool:
     """True when DINO discriminator weights can be found (path, env var, or cache) without network."""
-    try:
-        from xqtool.models.pretrained import weights_available  # type: ignore[attr-defined]
-    except Exception:  # pragma: no cover - helper not provided
-        weights_available = None
-    if weights_available is not None:
-        try:
-            return bool(weights_available(source, kind="dino_vits16", env_var=DINO_DISC_ENV))
-        except TypeError:
-            pass
-    path = source or os.environ.get(DINO_DISC_ENV)
-    return bool(path) and os.path.exists(str(path))
+    from xqtool.checkpoints.pretrained import weights_available
 
+    return weights_available(source, env_var=DINO_DISC_ENV)
 
 __all__ = [
     "DISC_TYPES",

@@ -2,7 +2,7 @@
 
 A teacher takes images in [-1, 1], maps them to [0, 1], applies ImageNet normalisation (also for CLIP, as the
 reference does) and returns the final-norm features of a frozen timm ViT created at 256 px / patch 16.
-Weights come from :func:`xqtool.models.pretrained.load_backbone_weights` (never downloaded).
+Weights come from :func:`xqtool.checkpoints.pretrained.load_backbone_weights` (never downloaded).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from xqtool.errors import ConfigError, WeightsMissingError
-from xqtool.models.pretrained import PathLike, load_backbone_weights, resolve_weights
+from xqtool.checkpoints.pretrained import PathLike, load_backbone_weights, resolve_weights
 from xqtool.models.vit import build_vit_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

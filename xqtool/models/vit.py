@@ -2,7 +2,7 @@
 
 Both wrap a timm ``VisionTransformer`` (``.model``) built with random init; parameter names are timm's, so the
 ``encoder.model.*`` / ``decoder.model.*`` keys equal the official checkpoint keys (spec §4.2). Pretrained weights are
-never fetched here: see :mod:`xqtool.models.pretrained`.
+never fetched here: see :mod:`xqtool.checkpoints.pretrained`.
 """
 
 from __future__ import annotations

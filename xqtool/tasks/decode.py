@@ -147,7 +147,7 @@ def decode_tokens(settings: DecodeSettings, injected: Optional[Injected] = None)
     if tokenizer is None:
         if s.ckpt is None:
             raise ConfigError("--tokenizer/-t is required: give the tokenizer checkpoint that encoded these tokens")
-        from xqtool.checkpoint import load_tokenizer
+        from xqtool.checkpoints import load_tokenizer
 
         tokenizer = load_tokenizer(s.ckpt, config=s.config, map_location=dev)
     tok = tokenizer.to(dev).eval()

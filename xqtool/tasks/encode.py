@@ -331,7 +331,7 @@ def _merge(work: Path, output: Path, n_units: int, manifest: TokenManifest, dtyp
 
 
 def _load_tok(ckpt: Union[str, Path], config: Optional[Union[str, Path]], device: torch.device) -> Any:
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer
 
     return load_tokenizer(ckpt, config=config, map_location=device)
 

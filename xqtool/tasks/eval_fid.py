@@ -585,7 +585,7 @@ def _evaluate_rfid(
     Returns:
         The report dict (``metrics``: rfid, kid, psnr, ssim, lpips, codebook usage/perplexity per branch).
     """
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer
     from xqtool.config import config_hash
     from xqtool.data.images import make_loader
     from xqtool.metrics import code_histogram, codebook_usage_metrics, from_uint8, to_uint8

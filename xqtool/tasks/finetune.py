@@ -21,14 +21,14 @@ import torch
 
 from xqtool.config import TokenizerConfig
 from xqtool.errors import CheckpointError
-from xqtool.tasks.lora import DEFAULT_LORA_TARGETS, apply_tuning, freeze_codebook, has_lora, merge_lora, save_adapters
+from xqtool.models.lora import DEFAULT_LORA_TARGETS, apply_tuning, freeze_codebook, has_lora, merge_lora, save_adapters
 from xqtool.tasks.train_tokenizer import TokenizerTrainer, TrainResult, _default_extractor
 
 log = logging.getLogger(__name__)
 
 
 def _load_base(path: os.PathLike, cfg: TokenizerConfig) -> Any:
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer
 
     try:
         return load_tokenizer(path, prefer_ema=True)
@@ -117,7 +117,7 @@ def finetune_tokenizer(
 
 def export_finetuned(trainer: TokenizerTrainer, directory: Path) -> tuple:
     """Write the merged tokenizer (raw + EMA) as a normal xqtool checkpoint and the LoRA adapters alone."""
-    from xqtool.checkpoint import save_model_dir
+    from xqtool.checkpoints import save_model_dir
 
     adapters = []
     if trainer.acc.is_main_process:

@@ -8,14 +8,10 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from xqtool.checkpoint import (
-    CONFIG_FILE,
-    EMA_FILE,
-    TEACHER_PREFIXES,
-    is_xqtool_dir,
-    read_config_yaml,
-    safe_torch_load,
-)
+from xqtool.checkpoints.official import (TEACHER_PREFIXES, fit_vit_config, map_official_tokenizer_keys,
+                                         official_args)
+from xqtool.checkpoints.safe_io import CONFIG_FILE, EMA_FILE, is_xqtool_dir, one_line, read_yaml_mapping, safe_torch_load
+from xqtool.checkpoints.tokenizer import read_config_yaml
 from xqtool.fsutil import recover_dir
 from xqtool.config import TokenizerConfig, config_hash, load_tokenizer_config, tokenizer_config_from_args
 from xqtool.errors import CheckpointError, ConfigError
@@ -41,8 +37,7 @@ def _official_info(path: Path) -> tuple:
         raise CheckpointError(f"{path} is not an XQ-GAN checkpoint dict")
     if "trainer" in blob:
         raise CheckpointError(f"{path} is a VAR generator checkpoint, not a tokenizer")
-    args = blob.get("args")
-    args = vars(args) if hasattr(args, "__dict__") else dict(args or {})
+    args = official_args(blob.get("args"))
     warnings = []
     state = blob.get("ema") or blob.get("model") or {}
     teacher = sum(v.numel() for k, v in state.items() if k.startswith(TEACHER_PREFIXES))
@@ -57,23 +52,10 @@ def _official_info(path: Path) -> tuple:
 
 def _check_yaml_file(path: Path) -> None:
     """CheckpointError in one line for an empty, unreadable or non-mapping YAML file (never a default config)."""
-    import yaml
-
-    from xqtool.checkpoint import one_line
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from None
-    if data is None:
-        raise CheckpointError(f"{path} is empty: nothing to inspect")
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a YAML mapping of config keys")
+    read_yaml_mapping(path, empty="is empty: nothing to inspect", not_mapping="is not a YAML mapping of config keys")
 
 
 def _load_cfg(path: Path, overrides: Optional[Iterable[str]]) -> TokenizerConfig:
-    from xqtool.checkpoint import one_line
-
     try:
         return load_tokenizer_config(path, overrides)
     except ConfigError as exc:
@@ -106,8 +88,6 @@ def inspect_target(target: str, overrides: Optional[Iterable[str]] = None) -> In
         args, warnings, state = _official_info(path)
         if not args:
             raise CheckpointError(f"{path} carries no config ('args'); inspect its YAML config instead")
-        from xqtool.checkpoint import fit_vit_config, map_official_tokenizer_keys
-
         cfg = fit_vit_config(tokenizer_config_from_args(args), map_official_tokenizer_keys(state), str(path))
         if overrides:
             from xqtool.config import config_to_dict
@@ -171,7 +151,7 @@ def inspect_any(target: str, overrides: Optional[Iterable[str]] = None, full: bo
             raise CheckpointError(f"not found: {path}")
         path = resolve_checkpoint(target)  # registry name or hf:// reference (Hub cache; offline-aware)
     if path.is_dir():
-        from xqtool.training_state import STATE_DIR, STATE_FILE, list_states
+        from xqtool.checkpoints.training_state import STATE_DIR, STATE_FILE, list_states
 
         if (path / STATE_FILE).is_file():
             return _inspect_state(path, path.parent.parent if path.parent.name == STATE_DIR else None)
@@ -289,7 +269,7 @@ def _inspect_var_config(path: Path, overrides: Optional[Iterable[str]], full: bo
 
 
 def _inspect_var_ckpt(path: Path, kind: str) -> Dict[str, Any]:
-    from xqtool.var_checkpoint import load_var
+    from xqtool.checkpoints import load_var
 
     model, info = load_var(path, device="meta")
     facts = _var_facts(model)
@@ -392,7 +372,7 @@ def _inspect_tokens(path: Path, kind: str) -> Dict[str, Any]:
 def _inspect_state(state_dir: Path, run_dir: Optional[Path]) -> Dict[str, Any]:
     import json
 
-    from xqtool.training_state import read_state
+    from xqtool.checkpoints.training_state import read_state
 
     state = read_state(state_dir)
     facts: Dict[str, Any] = {"state folder": str(state_dir)}
@@ -429,7 +409,7 @@ def _inspect_state(state_dir: Path, run_dir: Optional[Path]) -> Dict[str, Any]:
         facts[f"last {k}"] = v
     if run_dir is not None:
         facts["run folder"] = str(run_dir)
-        from xqtool.training_state import list_states
+        from xqtool.checkpoints.training_state import list_states
 
         facts["states"] = [p.name for p in list_states(run_dir)]
     return {"kind": "training state", "source": str(state_dir), "facts": facts, "warnings": warnings}

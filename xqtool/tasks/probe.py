@@ -183,7 +183,7 @@ def _topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> int:
 def _save_classifier(path: Path, model: LinearProbe, meta: Dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from xqtool.checkpoint import check_finite
+    from xqtool.checkpoints import check_finite
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     check_finite(state, f"refusing to save {path}")
@@ -221,7 +221,7 @@ def _run_probe(r: ProbeSettings, injected: Injected, out: Optional[Path]) -> Dic
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    from xqtool.checkpoint import load_tokenizer
+    from xqtool.checkpoints import load_tokenizer
 
     s = r.optim
     s.validate()

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import yaml
-
 from xqtool.errors import CheckpointError, ConfigError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -51,12 +49,9 @@ def _kind_and_config(ckpt_dir: Path) -> Tuple[str, Dict[str, Any]]:
     missing = [f for f in ("config.yaml", "model.safetensors") if not (ckpt_dir / f).is_file()]
     if missing:
         raise CheckpointError(f"{ckpt_dir} is not an xqtool checkpoint directory (no {', '.join(missing)})")
-    try:
-        conf = yaml.safe_load((ckpt_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"cannot read {ckpt_dir / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(conf, dict):
-        raise CheckpointError(f"{ckpt_dir / 'config.yaml'} is not a YAML mapping")
+    from xqtool.checkpoints.safe_io import read_yaml_mapping
+
+    conf = read_yaml_mapping(ckpt_dir / "config.yaml", empty="is not a YAML mapping")
     return ("var" if conf.get("format") == "xqtool-var" else "tokenizer"), conf
 
 

@@ -243,13 +243,13 @@ def sample_images(settings: SampleSettings, injected: Optional[Injected] = None)
         log.info("sample: %s", describe(accelerator, s.precision))
     var, var_info, what = injected.var, injected.var_info, "the VAR"
     if var is None:
-        from xqtool.var_checkpoint import load_var
+        from xqtool.checkpoints import load_var
 
         what = f"the VAR {s.var_ckpt}"
         var, var_info = load_var(s.var_ckpt)
     tokenizer = injected.tokenizer
     if tokenizer is None:
-        from xqtool.checkpoint import load_tokenizer
+        from xqtool.checkpoints import load_tokenizer
 
         tokenizer = load_tokenizer(s.tokenizer_ckpt)
     if var_info is not None:

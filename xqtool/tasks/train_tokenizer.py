@@ -17,7 +17,7 @@ weight is only computed once the GAN weight is non-zero.
 
 Robustness: non-finite steps are skipped and ``train.nan_patience`` in a row stop the run (status ``diverged``);
 no save ever writes NaN/Inf weights (EMA included); SIGINT/SIGTERM save, then stop (CLI exit 130/143);
-``--resume auto`` continues bit-exactly (see :mod:`xqtool.training_state`), and a batch-size change on resume
+``--resume auto`` continues bit-exactly (see :mod:`xqtool.checkpoints.training_state`), and a batch-size change on resume
 needs ``train.allow_batch_change``.
 """
 
@@ -43,7 +43,7 @@ from xqtool.ema import EMAModel, EMAState
 from xqtool.errors import ConfigError, DataError, WeightsMissingError, XQError
 from xqtool.fsutil import acquire_output_lock, atomic_path, atomic_write_text, check_run_dir, write_marker
 from xqtool.stopping import StopFlag
-from xqtool.training_state import (NonFiniteError, SampleBatches, apply_state, check_geometry, first_nonfinite,
+from xqtool.checkpoints.training_state import (NonFiniteError, SampleBatches, apply_state, check_geometry, first_nonfinite,
                                    has_states, list_states, resolve_resume, save_state_atomic)
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class TokenizerTrainer:
         m = self.cfg.model
         if m.enc_type != "dinov2":
             return
-        from xqtool.models.pretrained import load_vit_tokenizer_weights
+        from xqtool.checkpoints.pretrained import load_vit_tokenizer_weights
 
         for part, source, key in ((tok.encoder, m.encoder_weights, "model.encoder_weights"),
                                   (tok.decoder, m.decoder_weights, "model.decoder_weights")):
@@ -827,7 +827,7 @@ class TokenizerTrainer:
 
     def export_model(self, directory: Path) -> Path:
         """xqtool tokenizer checkpoint (raw weights + EMA + config) of the current model."""
-        from xqtool.checkpoint import save_tokenizer
+        from xqtool.checkpoints import save_tokenizer
 
         ema_state = self.ema.state_dict() if self.ema is not None else None
         bad = first_nonfinite(list(self.unwrapped.state_dict().items()) + [("ema." + k, v) for k, v in (ema_state or {}).items()])

@@ -12,7 +12,7 @@ Optimisation: AdamW (β = 0.9, 0.95) with the spec's no-weight-decay group, peak
 linear warm-up from ``warmup_start`` then the ``lin0`` decay to ``final_lr_ratio`` (spec §1.3), cosine WD
 schedule, grad-norm clipping, Accelerate for devices, precision, accumulation and multi-GPU.
 
-Checkpoints: ``RUN/checkpoints/step-NNNNNNN`` (:mod:`xqtool.training_state`: safetensors + JSON, never
+Checkpoints: ``RUN/checkpoints/step-NNNNNNN`` (:mod:`xqtool.checkpoints.training_state`: safetensors + JSON, never
 pickles; model, optimizer, scaler, RNG and the exact data position in samples) and the plain model
 ``RUN/var-last`` (model.safetensors + config.yaml). ``resume="auto"`` continues from the newest intact state;
 the batches after a resume are exactly the uninterrupted run's for ``.npy`` tokens, token shards and images
@@ -39,9 +39,9 @@ from xqtool.errors import ConfigError, DataError
 from xqtool.models.var import VAR
 from xqtool.runtime import fast_adamw_kwargs
 from xqtool.stopping import StopFlag
-from xqtool.training_state import (NonFiniteError, SampleBatches, apply_state, check_geometry, has_states,
+from xqtool.checkpoints.training_state import (NonFiniteError, SampleBatches, apply_state, check_geometry, has_states,
                                      resolve_resume, save_state_atomic)
-from xqtool.var_checkpoint import save_var
+from xqtool.checkpoints import save_var
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class _StreamBatches:
     """Batches from an iterable source (token shards or images encoded on the fly), resumable at any sample.
 
     The position (epoch, samples consumed in the epoch by this process) is kept by
-    :class:`~xqtool.training_state.SampleBatches`; `encode` turns a raw batch into (tokens, labels).
+    :class:`~xqtool.checkpoints.training_state.SampleBatches`; `encode` turns a raw batch into (tokens, labels).
     """
 
     def __init__(self, make_epoch: Any, local_batch: int, world: int, key: str, encode: Any = None) -> None:
@@ -425,7 +425,7 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
                ignore_fingerprint: bool) -> TrainVARResult:
     from xqtool.distributed import is_launch_main_process
 
-    from xqtool.checkpoint import weights_fingerprint
+    from xqtool.checkpoints import weights_fingerprint
     from xqtool.fsutil import check_run_dir, write_marker
     from accelerate import Accelerator
     from accelerate.utils import GradScalerKwargs, ProjectConfiguration, set_seed
@@ -464,7 +464,7 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
         if not cfg.data.tokenizer:
             raise ConfigError("no tokenizer: pass --tokenizer/-t (the frozen tokenizer the tokens come from; "
                               "config key data.tokenizer)")
-        from xqtool.checkpoint import load_tokenizer
+        from xqtool.checkpoints import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
@@ -494,7 +494,7 @@ def _train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: 
     fingerprint = weights_fingerprint(tokenizer)
     if loaded is not None and (run_dir / "var-last" / "config.yaml").is_file():
         from xqtool.data.tokens import check_fingerprint
-        from xqtool.var_checkpoint import read_var_config
+        from xqtool.checkpoints import read_var_config
 
         recorded = (read_var_config(run_dir / "var-last").get("tokenizer") or {}).get("weights_fingerprint", "")
         check_fingerprint(str(recorded or ""), tokenizer, f"the run {run_dir}", ignore_fingerprint)

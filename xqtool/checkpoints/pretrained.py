@@ -6,7 +6,8 @@ timm (torch hub) cache, read strictly offline → :class:`~xqtool.errors.Weights
 
 Original DINOv2 weights (patch 14, 37×37 grid) are adapted to a patch-16 / 16×16 model with timm's
 ``checkpoint_filter_fn`` (``resample_patch_embed`` for the kernel, ``resample_abs_pos_embed`` for the grid, bicubic
-with antialias; tokenizer spec §2.3). Files are read with ``safetensors`` or ``torch.load(weights_only=True)``.
+with antialias; tokenizer spec §2.3). Files are read with ``safetensors`` or the one safe ``torch.load``
+(:func:`xqtool.checkpoints.safe_io.safe_torch_load`) and loaded strictly.
 """
 
 from __future__ import annotations
@@ -19,19 +20,17 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from xqtool.checkpoints.safe_io import load_safetensors_checked, load_state_strict, safe_torch_load
 from xqtool.errors import CheckpointError, WeightsMissingError
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-#: file names looked up inside a weights directory / a hub snapshot, in order
+#: environment variable naming the DINOv2 weights of the ViT tokenizer backbones
 DINOV2_ENV_VAR = "XQTOOL_DINOV2_WEIGHTS"
-CLIP_ENV_VAR = "XQTOOL_CLIP_WEIGHTS"
-DINO_DISC_ENV_VAR = "XQTOOL_DINO_DISC_WEIGHTS"
-
+#: file names looked up inside a weights directory / a hub snapshot, in order
 WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 def model_name_of(model: nn.Module) -> str:
@@ -132,13 +131,11 @@ def weights_available(
     source: Optional[PathLike] = None,
     *,
     env_var: str,
-    kind: str = "",
     model_name: Optional[str] = None,
     use_cache: bool = True,
 ) -> bool:
     """True when weights can be found offline: existing ``source``, existing ``$env_var``, or (with a timm
     ``model_name``) the local hub cache. Never raises for missing paths and never reads the weights.
-    ``kind`` is a label only (kept for symmetry with :func:`load_backbone_weights`).
     """
     try:
         path, _ = resolve_weights(model_name or "", source, env_var, use_cache=use_cache and bool(model_name))
@@ -148,15 +145,18 @@ def weights_available(
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file (weights_only), unwrapping model/state_dict/ema."""
+    """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file, unwrapping ``model`` / ``state_dict``.
+
+    Read through :func:`~xqtool.checkpoints.safe_io.safe_torch_load` (pickles) or
+    :func:`~xqtool.checkpoints.safe_io.load_safetensors_checked`; CheckpointError
+    ``cannot read weights file ...`` (one line) for an unreadable, unsafe or non-state_dict file.
+    """
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
+            sd = load_safetensors_checked(path)
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = safe_torch_load(path)
     except Exception as exc:  # corrupt / pickled objects / not a weights file
         raise CheckpointError(f"cannot read weights file '{path}': {type(exc).__name__}: {exc}".splitlines()[0]) from None
     if not isinstance(sd, dict):
@@ -212,16 +212,7 @@ def load_backbone_weights(
             f"(a timm .pth/.safetensors file)"
         )
     sd = adapt_state_dict(read_state_dict(path), model)
-    try:
-        result = model.load_state_dict(sd, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
-        raise CheckpointError(f"{kind} weights '{path}' do not fit '{name}': {first}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{kind} weights '{path}' do not fit '{name}': missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
-        )
+    load_state_strict(model, sd, f"{kind} weights '{path}' do not fit '{name}'")
     logger.info("loaded %s weights for %s from %s (%s)", kind, name, path, origin)
     return str(path)
 

@@ -4,7 +4,8 @@ plus codebook freezing, LoRA merging and adapter export.
 The *backbone* of a part is ``tok.encoder.model`` / ``tok.decoder.model`` for ViT parts (timm
 VisionTransformer) and the whole ``tok.encoder`` / ``tok.decoder`` for CNN parts. Everything outside the
 backbone (latent tokens, level embeddings, ``to_pixel``, quant convs, quantizers) stays trainable unless
-frozen explicitly (``freeze_codebook``).
+frozen explicitly (``freeze_codebook``). Model surgery only (imports peft and ``xqtool.errors``); reading
+LoRA-wrapped official state dicts is :func:`xqtool.checkpoints.official.map_official_tokenizer_keys`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ travel as JSON in the safetensors metadata; nothing is ever unpickled, so a plan
 size and SHA-256 of every file, inside a temporary directory that is then renamed: a directory with the
 JSON is complete, and a damaged one (truncated, missing or altered file) is detected before anything is
 loaded. ``--resume auto`` falls back to the newest intact state and says which one was damaged.
+Unlike :func:`xqtool.checkpoints.safe_io.write_checkpoint_dir` (one process), every process writes its RNG file
+into the same temporary ``.step-NNNNNNN.tmp`` (a name each rank knows without communicating); the main process
+renames it.
 
 Errors: :class:`~xqtool.errors.CheckpointError` (one line, naming the state and the file).
 """
@@ -15,7 +18,6 @@ Errors: :class:`~xqtool.errors.CheckpointError` (one line, naming the state and 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from xqtool.checkpoints.safe_io import count_non_finite, load_state_strict
 from xqtool.errors import CheckpointError, ConfigError, DataError
+from xqtool.fsutil import _translate_os_errors, apply_umask, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +132,6 @@ def _read_component(path: Path) -> Any:
     return _unpack(json.loads(meta[SKELETON_KEY]), tensors)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ============================================================================ RNG
 def rng_state() -> Dict[str, Any]:
     """Python, NumPy, torch CPU (and CUDA) generator states of this process."""
@@ -160,7 +156,7 @@ def first_nonfinite(named: Iterable[Tuple[str, Any]]) -> Optional[str]:
     """Name of the first floating tensor holding NaN/Inf in `named` (nested state dicts allowed), else None."""
     for name, value in named:
         if isinstance(value, Tensor):
-            if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            if value.is_floating_point() and value.numel() and count_non_finite(value):
                 return name
         elif isinstance(value, dict):
             hit = first_nonfinite((f"{name}.{k}", v) for k, v in value.items())
@@ -208,8 +204,6 @@ def save_state_atomic(accelerator: Any, run_dir: Path, step: int, components: Ma
     bad = first_nonfinite(states.items())
     if bad is not None:
         raise NonFiniteError(f"refusing to save the training state of step {step}: {bad} holds NaN/Inf values")
-    from xqtool.fsutil import _translate_os_errors, apply_umask
-
     with _translate_os_errors(final), _removing_on_error(tmp):  # disk full: one line, earlier states intact
         if accelerator.is_main_process:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +217,7 @@ def save_state_atomic(accelerator: Any, run_dir: Path, step: int, components: Ma
                 _write_component(tmp / f"{name}.safetensors", state)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
             doc = {"format": STATE_FORMAT, "step": int(step), "world_size": accelerator.num_processes,
                    "components": sorted(states), **info, "files": files}
             (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
@@ -284,7 +278,7 @@ def load_verified(path: Path, rank: int = 0) -> LoadedState:
         p = path / name
         if "/" in name or name.startswith(".") or not p.is_file():
             raise CheckpointError(f"training state {path} is damaged: {name} is missing")
-        if p.stat().st_size != meta.get("size") or _sha256(p) != meta.get("sha256"):
+        if p.stat().st_size != meta.get("size") or file_sha256(p) != meta.get("sha256"):
             raise CheckpointError(f"training state {path} is damaged: {name} is truncated or altered")
     loaded = LoadedState(path=path, info=doc)
     try:
@@ -341,14 +335,14 @@ def apply_state(accelerator: Any, loaded: LoadedState, components: Mapping[str, 
         raise CheckpointError(f"training state {loaded.path} has no {', '.join(missing)} (saved by another setup)")
     for name, obj in components.items():
         state = loaded.components[name]
+        lead = f"training state {loaded.path}: {name} does not fit this run"
+        if isinstance(obj, nn.Module):
+            load_state_strict(accelerator.unwrap_model(obj), state, lead)
+            continue
         try:
-            if isinstance(obj, nn.Module):
-                accelerator.unwrap_model(obj).load_state_dict(state, strict=True)
-            else:
-                obj.load_state_dict(state)
+            obj.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"training state {loaded.path}: {name} does not fit this run "
-                                  f"({str(exc).splitlines()[0][:120]})") from None
+            raise CheckpointError(f"{lead} ({str(exc).splitlines()[0][:120]})") from None
     if loaded.rng is not None and int(loaded.info.get("world_size", 1)) == accelerator.num_processes:
         set_rng_state(loaded.rng)
 
