@@ -37,7 +37,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from xqtool.config import load_tokenizer_config
-    from xqtool.config_var import VARModelConfig
+    from xqtool.config import VARModelConfig
     from xqtool.models.tokenizer import build_tokenizer
     from xqtool.models.var import VAR
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import LAYOUTS
-from xqtool.config_var import VARModelConfig, var_preset
+from xqtool.config import VARModelConfig, var_preset
 from xqtool.errors import CheckpointError
 from xqtool.models.var import VAR, build_var, count_parameters, level_index
 from xqtool.models.var_sampling import (cfg_weight, guide_logits, sample_tokens, top_k_filter, top_p_filter)

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 
-from xqtool.config_var import MSVR_PATCH_NUMS, VAR_PATCH_NUMS, VARModelConfig, model_config_from_dict
+from xqtool.config import MSVR_PATCH_NUMS, VAR_PATCH_NUMS, VARModelConfig, var_model_config_from_dict
 from xqtool.config import config_to_dict
 from xqtool.errors import CheckpointError, ConfigError, OutputError
 from xqtool.fsutil import atomic_dir, recover_dir
@@ -236,7 +236,7 @@ def load_var(path: Union[str, Path], map_location: str = "cpu", patch_nums: Opti
             raise CheckpointError(f"{path} is a directory without model.safetensors (not an xqtool VAR checkpoint)")
         conf = read_var_config(path)
         try:
-            cfg = model_config_from_dict(conf["model"])
+            cfg = var_model_config_from_dict(conf["model"])
         except ConfigError as exc:
             raise CheckpointError(f"{path}/config.yaml: {exc}") from None
         sd = load_safetensors_checked(path / "model.safetensors", device=map_location)

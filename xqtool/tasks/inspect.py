@@ -267,7 +267,7 @@ def _var_facts(model: Any) -> Dict[str, Any]:
 
 def _inspect_var_config(path: Path, overrides: Optional[Iterable[str]], full: bool) -> Dict[str, Any]:
     from xqtool.config import config_to_dict
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.models.var import build_var
 
     cfg = load_var_config(path, list(overrides or []))
