@@ -297,9 +297,15 @@ def save_tokenizer(
     tokenizer: nn.Module,
     ema_state: Optional[Mapping[str, Tensor]] = None,
     extra_files: Optional[Mapping[str, str]] = None,
+    config: Optional[TokenizerConfig] = None,
 ) -> Path:
-    """Save an :class:`XQTokenizer` (and optionally its EMA weights) in xqtool's format."""
-    return save_model_dir(directory, tokenizer.state_dict(), tokenizer.config, ema_state, extra_files)
+    """Save an :class:`XQTokenizer` (and optionally its EMA weights) in xqtool's format.
+
+    ``config.yaml`` holds `config` (a trainer passes its whole run config) or else the tokenizer's own
+    ``model``/``quant`` sections.
+    """
+    conf = config if config is not None else tokenizer.config_dict()
+    return save_model_dir(directory, tokenizer.state_dict(), conf, ema_state, extra_files)
 
 
 def is_xqtool_dir(path: PathLike) -> bool:

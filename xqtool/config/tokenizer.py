@@ -321,6 +321,8 @@ def validate_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
     if q.product_quant < 1:
         raise ConfigError(f"quant.product_quant must be at least 1, got {q.product_quant}")
     if q.lfq:
+        if q.codebook_embed_dim > 30:
+            raise ConfigError(f"LFQ/BSQ codebook_embed_dim {q.codebook_embed_dim} too large (2**D codes); use D <= 30")
         if q.codebook_size != 2 ** q.codebook_embed_dim:
             raise ConfigError(
                 f"LFQ/BSQ needs codebook_size = 2**codebook_embed_dim, got {q.codebook_size} vs "
@@ -414,10 +416,15 @@ def tokenizer_config_from_args(args: Mapping[str, Any]) -> TokenizerConfig:
 
 def config_hash(cfg: TokenizerConfig) -> str:
     """12-hex fingerprint of the fields that decide which tokens a tokenizer produces (model + quant)."""
-    tree = config_to_dict(cfg)
+    return arch_hash(cfg.model, cfg.quant)
+
+
+def arch_hash(model: ModelConfig, quant: QuantConfig) -> str:
+    """:func:`config_hash` from the two sections alone (what a built tokenizer keeps)."""
+    tree = {"model": config_to_dict(model), "quant": config_to_dict(quant)}
     arch = {
-        section: {k: v for k, v in tree[section].items() if k not in _NON_ARCH_FIELDS.get(section, set())}
-        for section in ("model", "quant")
+        section: {k: v for k, v in values.items() if k not in _NON_ARCH_FIELDS[section]}
+        for section, values in tree.items()
     }
     blob = json.dumps(arch, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

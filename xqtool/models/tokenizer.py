@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from xqtool.config import TokenizerConfig, cnn_ch_mult, config_hash, validate_tokenizer_config
+from xqtool.config import ModelConfig, QuantConfig, TokenizerConfig, arch_hash, cnn_ch_mult, config_to_dict
 from xqtool.errors import TokenError
 from xqtool.quantize import ProductQuantizer, build_branch_quantizer
 
@@ -52,8 +52,7 @@ class TokenizerOutput:
     n_drop: int
 
 
-def _vit_overrides(cfg: TokenizerConfig) -> Dict[str, int]:
-    m = cfg.model
+def _vit_overrides(m: ModelConfig) -> Dict[str, int]:
     out: Dict[str, int] = {}
     if m.vit_embed_dim is not None:
         out["embed_dim"] = m.vit_embed_dim
@@ -65,13 +64,21 @@ def _vit_overrides(cfg: TokenizerConfig) -> Dict[str, int]:
 
 
 class XQTokenizer(nn.Module):
-    """Hierarchical XQ-GAN tokenizer built from a :class:`TokenizerConfig` (random init, no network)."""
+    """Hierarchical XQ-GAN tokenizer built from its two config sections (random init, no network).
 
-    def __init__(self, config: TokenizerConfig) -> None:
+    Args:
+        model_cfg: the ``model`` section (encoder/decoder architecture, spec §2).
+        quant_cfg: the ``quant`` section (product of multi-scale quantizers, spec §3).
+
+    Both are expected to come from a validated :class:`~xqtool.config.TokenizerConfig` (every bound is checked
+    there, once); the tokenizer keeps only these two sections, never the training settings.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, quant_cfg: QuantConfig) -> None:
         super().__init__()
-        validate_tokenizer_config(config)
-        self.config = config
-        m, q = config.model, config.quant
+        self.model_cfg = model_cfg
+        self.quant_cfg = quant_cfg
+        m, q = model_cfg, quant_cfg
         P, D = q.product_quant, q.codebook_embed_dim
         scales = tuple(q.v_patch_nums)
         side = scales[-1]
@@ -80,7 +87,7 @@ class XQTokenizer(nn.Module):
         if self.is_vit:
             from xqtool.models.vit import ViTDecoder, ViTEncoder
 
-            overrides = _vit_overrides(config)
+            overrides = _vit_overrides(m)
             self.encoder = ViTEncoder(
                 m.encoder_model,
                 image_size=m.image_size,
@@ -139,19 +146,19 @@ class XQTokenizer(nn.Module):
     # ------------------------------------------------------------------ facts
     @property
     def scales(self) -> tuple:
-        return tuple(self.config.quant.v_patch_nums)
+        return tuple(self.quant_cfg.v_patch_nums)
 
     @property
     def num_branches(self) -> int:
-        return self.config.quant.product_quant
+        return self.quant_cfg.product_quant
 
     @property
     def codebook_size(self) -> int:
-        return self.config.quant.codebook_size
+        return self.quant_cfg.codebook_size
 
     @property
     def embed_dim(self) -> int:
-        return self.config.quant.codebook_embed_dim
+        return self.quant_cfg.codebook_embed_dim
 
     @property
     def latent_side(self) -> int:
@@ -163,7 +170,7 @@ class XQTokenizer(nn.Module):
 
     @property
     def image_size(self) -> int:
-        return self.config.model.image_size
+        return self.model_cfg.image_size
 
     @property
     def last_layer(self) -> Tensor:
@@ -171,7 +178,12 @@ class XQTokenizer(nn.Module):
         return self.decoder.last_layer
 
     def config_hash(self) -> str:
-        return config_hash(self.config)
+        """12-hex fingerprint of the architecture (:func:`xqtool.config.config_hash` of its sections)."""
+        return arch_hash(self.model_cfg, self.quant_cfg)
+
+    def config_dict(self) -> Dict[str, Dict[str, object]]:
+        """The two sections this tokenizer was built from, as plain nested dicts (``{"model": …, "quant": …}``)."""
+        return {"model": config_to_dict(self.model_cfg), "quant": config_to_dict(self.quant_cfg)}
 
     def token_spec(self) -> Dict[str, object]:
         """What a token array from this tokenizer looks like (for manifests and checks)."""
@@ -278,7 +290,7 @@ class XQTokenizer(nn.Module):
         if self.perturbs and self.training and epoch is not None:
             from xqtool.quantize.perturb import perturb_latent, perturbation_schedule
 
-            c = self.config.quant
+            c = self.quant_cfg
             alpha, delta = perturbation_schedule(epoch, c.alpha, c.delta, c.anneal_start, c.anneal_end, c.end_ratio)
             parts = [
                 perturb_latent(branch, z, zq, alpha=alpha, beta=c.beta, delta=delta)
@@ -319,8 +331,9 @@ class XQTokenizer(nn.Module):
 
 
 def build_tokenizer(config: TokenizerConfig) -> XQTokenizer:
-    """Random-init tokenizer for `config` (no pretrained weights, no teachers, no network)."""
-    return XQTokenizer(config)
+    """Random-init tokenizer from the ``model`` and ``quant`` sections of a validated `config` (no pretrained
+    weights, no teachers, no network)."""
+    return XQTokenizer(config.model, config.quant)
 
 
 def count_parameters(module: nn.Module) -> int:

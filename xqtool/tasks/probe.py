@@ -305,9 +305,7 @@ def _run_probe(ckpt: Optional[PathLike], train: PathLike, val: PathLike, *, feat
     if out is not None:
         _save_classifier(out / "last.safetensors", model, {**meta, "epoch": str(s.epochs)})
     try:
-        from xqtool.config import config_hash
-
-        chash = config_hash(tok.config)
+        chash = tok.config_hash()
     except Exception:  # noqa: BLE001 - injected toy tokenizers
         chash = None
     report = {
