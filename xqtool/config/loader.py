@@ -175,13 +175,13 @@ def _build(cls: Type[T], data: Mapping[str, Any], where: str) -> T:
             kwargs[key] = _build(tp, value or {}, full)
         else:
             value = _coerce(value, tp, full)
-            choices = fields[key].metadata.get("choices")
-            if choices and value not in choices and isinstance(value, str):
-                same = [c for c in choices if str(c).lower() == value.lower()]  # 'No', 'BF16'
+            allowed = fields[key].metadata.get("choices")
+            if allowed and value not in allowed and isinstance(value, str):
+                same = [c for c in allowed if str(c).lower() == value.lower()]  # 'No', 'BF16'
                 value = same[0] if same else value
-            if choices and value not in choices:
+            if allowed and value not in allowed:
                 raise ConfigError(
-                    f"'{full}' must be one of {', '.join(map(str, choices))}; got {value!r}{_suggest(str(value), choices)}"
+                    f"'{full}' must be one of {', '.join(map(str, allowed))}; got {value!r}{_suggest(str(value), allowed)}"
                 )
             kwargs[key] = value
     return cls(**kwargs)
@@ -296,7 +296,12 @@ def load_yaml_dataclass(
 ) -> T:
     """Build dataclass `cls` from a YAML file or dict, applying dotted ``key=value`` overrides.
 
-    Sectioned dataclasses (fields that are dataclasses) accept both nested and flat keys.
+    Sectioned dataclasses (fields that are dataclasses) accept both nested and flat keys; top-level
+    `ignored_keys` are dropped. No bounds are checked here (each schema validates its own).
+
+    Raises:
+        ConfigError: missing/invalid YAML file, unknown key (with a did-you-mean), wrong type, value outside
+            a field's ``choices``.
     """
     data: Dict[str, Any] = {}
     if source is not None:
@@ -308,7 +313,7 @@ def load_yaml_dataclass(
 
 
 def save_config_yaml(cfg: Any) -> str:
-    """YAML text of a config (nested sections)."""
+    """YAML text of a config dataclass or a plain nested dict (sections in field order)."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 

@@ -305,8 +305,28 @@ def cnn_ch_mult(cfg: ModelConfig) -> Tuple[int, ...]:
 
 
 def validate_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
-    """Reject impossible combinations with a message that says what to change. Returns `cfg`."""
-    m, q, loss, t = cfg.model, cfg.quant, cfg.loss, cfg.train
+    """Check every bound and combination once, before any model is built; return `cfg`.
+
+    Raises:
+        ConfigError: one line naming the key and what to change (quant, then model, then loss/train
+            combinations, then the single-value ranges of :data:`TOKENIZER_RANGES`).
+    """
+    _check_quant(cfg.quant)
+    _check_model(cfg.model, side=cfg.quant.v_patch_nums[-1])
+    if cfg.loss.detail_guide != "none" and cfg.quant.product_quant < 2:
+        raise ConfigError("loss.detail_guide needs product_quant >= 2 (detail branch 0, semantic branch last)")
+    t = cfg.train
+    if t.global_batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("train.global_batch_size and train.grad_accum must be positive")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    check_config_ranges(cfg, TOKENIZER_RANGES)
+    return cfg
+
+
+def _check_quant(q: QuantConfig) -> None:
+    """Scales, codebook geometry, LFQ/BSQ, quantizer dropout (spec §3.4: codebook_drop in [0, 1), a dropout
+    sample keeps start_drop..S scales with start_drop >= 1)."""
     scales = tuple(q.v_patch_nums)
     if not scales:
         raise ConfigError("quant.v_patch_nums is empty: give at least one scale, e.g. [1, 2, 4, 8]")
@@ -340,10 +360,12 @@ def validate_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
         )
     if q.share_quant_resi < 0:
         raise ConfigError(f"quant.share_quant_resi must be >= 0, got {q.share_quant_resi}")
+
+
+def _check_model(m: ModelConfig, side: int) -> None:
+    """Encoder/decoder geometry against the latent side (the last scale), tuning methods, ViT sizes."""
     if m.image_size < 8:
         raise ConfigError(f"model.image_size must be at least 8, got {m.image_size}")
-
-    side = scales[-1]
     if m.enc_type == "dinov2" or m.dec_type == "dinov2":
         if m.image_size % m.vit_patch_size:
             raise ConfigError(
@@ -386,25 +408,20 @@ def validate_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
         raise ConfigError(
             f"model.vit_embed_dim={m.vit_embed_dim} is not divisible by model.vit_num_heads={m.vit_num_heads}"
         )
-    if loss.detail_guide != "none" and q.product_quant < 2:
-        raise ConfigError("loss.detail_guide needs product_quant >= 2 (detail branch 0, semantic branch last)")
-    if t.global_batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError("train.global_batch_size and train.grad_accum must be positive")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    check_config_ranges(cfg, TOKENIZER_RANGES)
-    return cfg
 
 
 def load_tokenizer_config(
     source: Union[str, Path, Mapping[str, Any], None] = None,
     overrides: Optional[Iterable[str]] = None,
-    validate: bool = True,
 ) -> TokenizerConfig:
-    """Load a tokenizer config from YAML (xqtool nested or official flat keys) plus overrides, then validate."""
+    """Load a tokenizer config from YAML (xqtool nested or official flat keys) plus ``key=value`` overrides.
+
+    The launcher switches of :data:`IGNORED_KEYS` are dropped; the result is validated
+    (:func:`validate_tokenizer_config`). Raises ConfigError (unknown key, wrong type, bound, combination).
+    """
     dropped = [entry.key for entry in IGNORED_KEYS if entry.section is None]
     cfg = load_yaml_dataclass(source, TokenizerConfig, overrides, ignored_keys=dropped)
-    return validate_tokenizer_config(cfg) if validate else cfg
+    return validate_tokenizer_config(cfg)
 
 
 def tokenizer_config_from_args(args: Mapping[str, Any]) -> TokenizerConfig:
