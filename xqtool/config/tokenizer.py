@@ -241,8 +241,15 @@ IGNORED_KEYS: Tuple[IgnoredKey, ...] = (
 
 
 def ignored_settings(cfg: TokenizerConfig) -> List[str]:
-    """One line per stored official key set to a value xqtool does not act on (empty when all are default)."""
+    """One line per stored official key set to a value xqtool does not act on (empty when all are default).
+
+    Also one line when RobustTok's ``alpha``/``beta`` are set with several scales (the perturbation is single-scale).
+    """
     out = []
+    q = cfg.quant
+    if q.alpha > 0 and q.beta > 0 and len(q.v_patch_nums) > 1:
+        out.append(f"quant.alpha={q.alpha!r}/quant.beta={q.beta!r} has no effect in xqtool with several scales "
+                   "(the RobustTok latent perturbation needs a single-scale quantizer, spec §3.6); ignored")
     for entry in IGNORED_KEYS:
         if entry.section is None or entry.default is ANY_VALUE:
             continue

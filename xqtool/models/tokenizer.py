@@ -14,7 +14,6 @@ Frozen teachers are never built here: they belong to training (``xqtool.models.t
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -24,8 +23,6 @@ from torch import Tensor, nn
 from xqtool.config import ModelConfig, QuantConfig, TokenizerConfig, arch_hash, cnn_ch_mult, config_to_dict
 from xqtool.errors import TokenError
 from xqtool.quantize import ProductQuantizer, build_branch_quantizer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,9 +136,7 @@ class XQTokenizer(nn.Module):
             for _ in range(P)
         ]
         self.quantizer = ProductQuantizer(branches, codebook_drop=q.codebook_drop, start_drop=q.start_drop)
-        self.perturbs = q.alpha > 0 and q.beta > 0 and len(scales) == 1
-        if q.alpha > 0 and q.beta > 0 and not self.perturbs:
-            logger.warning("RobustTok latent perturbation needs a single-scale quantizer; it is ignored here")
+        self.perturbs = q.alpha > 0 and q.beta > 0 and len(scales) == 1  # multi-scale: see config.ignored_settings
 
     # ------------------------------------------------------------------ facts
     @property
