@@ -15,7 +15,7 @@ Frozen teachers are never built here: they belong to training (``xqtool.models.t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,10 @@ class XQTokenizer(nn.Module):
 
     Both are expected to come from a validated :class:`~xqtool.config.TokenizerConfig` (every bound is checked
     there, once); the tokenizer keeps only these two sections, never the training settings.
+
+    Attributes (facts of the architecture): ``scales`` (coarse → fine), ``num_branches`` P, ``codebook_size`` K,
+    ``embed_dim`` D, ``latent_side`` H = W, ``tokens_per_branch`` L = Σ pn², ``image_size`` S, ``model_cfg``,
+    ``quant_cfg``.
     """
 
     def __init__(self, model_cfg: ModelConfig, quant_cfg: QuantConfig) -> None:
@@ -79,6 +83,13 @@ class XQTokenizer(nn.Module):
         P, D = q.product_quant, q.codebook_embed_dim
         scales = tuple(q.v_patch_nums)
         side = scales[-1]
+        self.scales: Tuple[int, ...] = scales
+        self.num_branches: int = P
+        self.codebook_size: int = q.codebook_size
+        self.embed_dim: int = D
+        self.latent_side: int = side
+        self.tokens_per_branch: int = sum(p * p for p in scales)
+        self.image_size: int = m.image_size
         self.is_vit = m.enc_type == "dinov2"
 
         if self.is_vit:
@@ -139,34 +150,6 @@ class XQTokenizer(nn.Module):
         self.perturbs = q.alpha > 0 and q.beta > 0 and len(scales) == 1  # multi-scale: see config.ignored_settings
 
     # ------------------------------------------------------------------ facts
-    @property
-    def scales(self) -> tuple:
-        return tuple(self.quant_cfg.v_patch_nums)
-
-    @property
-    def num_branches(self) -> int:
-        return self.quant_cfg.product_quant
-
-    @property
-    def codebook_size(self) -> int:
-        return self.quant_cfg.codebook_size
-
-    @property
-    def embed_dim(self) -> int:
-        return self.quant_cfg.codebook_embed_dim
-
-    @property
-    def latent_side(self) -> int:
-        return self.scales[-1]
-
-    @property
-    def tokens_per_branch(self) -> int:
-        return sum(p * p for p in self.scales)
-
-    @property
-    def image_size(self) -> int:
-        return self.model_cfg.image_size
-
     @property
     def last_layer(self) -> Tensor:
         """Decoder's last weight (the adaptive GAN weight differentiates against it)."""
