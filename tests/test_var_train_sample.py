@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 from conftest import photo_crops, to_tensor
 from xqtool.checkpoint import save_tokenizer
 from xqtool.cli import app
-from xqtool.config import load_tokenizer_config
-from xqtool.config import load_var_config
+from xqtool.config import load_tokenizer_config, load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import TokenError
 from xqtool.models.tokenizer import build_tokenizer

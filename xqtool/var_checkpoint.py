@@ -24,8 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 
-from xqtool.config import MSVR_PATCH_NUMS, VAR_PATCH_NUMS, VARModelConfig, var_model_config_from_dict
-from xqtool.config import config_to_dict
+from xqtool.config import MSVR_PATCH_NUMS, VAR_PATCH_NUMS, VARModelConfig, config_to_dict, var_model_config_from_dict
 from xqtool.errors import CheckpointError, ConfigError, OutputError
 from xqtool.fsutil import atomic_dir, recover_dir
 from xqtool.models.var import VAR
