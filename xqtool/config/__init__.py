@@ -37,15 +37,18 @@ from xqtool.config.var import (
     VARModelConfig,
     VARTrainConfig,
     load_var_config,
+    validate_var_config,
     validate_var_model_config,
     var_model_config_from_dict,
     var_preset,
 )
 
 __all__ = [
-    "IGNORED_KEYS", "MSVR_PATCH_NUMS", "PRESET_DEPTHS", "VAR_PATCH_NUMS", "DataConfig", "IgnoredKey", "LossConfig",
-    "ModelConfig", "QuantConfig", "TokenizerConfig", "TrainConfig", "VARConfig", "VARDataConfig", "VARModelConfig",
-    "VARTrainConfig", "arch_hash", "cnn_ch_mult", "config_hash", "config_to_dict", "ignored_settings", "load_tokenizer_config",
+    "IGNORED_KEYS", "MSVR_PATCH_NUMS", "PRESET_DEPTHS", "VAR_PATCH_NUMS",
+    "DataConfig", "IgnoredKey", "LossConfig", "ModelConfig", "QuantConfig", "TokenizerConfig", "TrainConfig",
+    "VARConfig", "VARDataConfig", "VARModelConfig", "VARTrainConfig",
+    "arch_hash", "cnn_ch_mult", "config_hash", "config_to_dict", "ignored_settings", "load_tokenizer_config",
     "load_var_config", "load_yaml_dataclass", "save_config_yaml", "tokenizer_config_from_args",
-    "validate_tokenizer_config", "validate_var_model_config", "var_model_config_from_dict", "var_preset",
+    "validate_tokenizer_config", "validate_var_config", "validate_var_model_config", "var_model_config_from_dict",
+    "var_preset",
 ]

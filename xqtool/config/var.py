@@ -166,7 +166,8 @@ VAR_RANGES: Dict[str, Range] = {
 
 
 def validate_var_model_config(cfg: VARModelConfig) -> VARModelConfig:
-    """Raise ConfigError on impossible architecture values; return `cfg`."""
+    """Raise ConfigError on impossible architecture values (depth, heads dividing the width, scales, branch
+    geometry, cond_drop_rate in [0, 1)); return `cfg`."""
     if cfg.depth < 1:
         raise ConfigError(f"model.depth must be >= 1, got {cfg.depth}")
     if cfg.embed_dim % cfg.heads:
@@ -187,10 +188,12 @@ def var_preset(name: str, **overrides: Any) -> VARModelConfig:
     return validate_var_model_config(VARModelConfig(depth=PRESET_DEPTHS[name], **overrides))
 
 
-def load_var_config(source: Union[str, Path, Mapping[str, Any], None],
-                    overrides: Optional[Iterable[str]] = None) -> VARConfig:
-    """Load a VAR YAML (nested or flat keys) with ``key=value`` overrides; validate the model section."""
-    cfg = load_yaml_dataclass(source, VARConfig, overrides)
+def validate_var_config(cfg: VARConfig) -> VARConfig:
+    """Check every bound once (model section, batch/accumulation, :data:`VAR_RANGES`); return `cfg`.
+
+    Raises:
+        ConfigError: one line naming the key and its allowed range.
+    """
     validate_var_model_config(cfg.model)
     if cfg.train.grad_accum < 1:
         raise ConfigError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
@@ -198,6 +201,12 @@ def load_var_config(source: Union[str, Path, Mapping[str, Any], None],
         raise ConfigError(f"train.global_batch_size must be >= 1, got {cfg.train.global_batch_size}")
     check_config_ranges(cfg, VAR_RANGES)
     return cfg
+
+
+def load_var_config(source: Union[str, Path, Mapping[str, Any], None],
+                    overrides: Optional[Iterable[str]] = None) -> VARConfig:
+    """Load a VAR YAML (nested or flat keys) with ``key=value`` overrides, then :func:`validate_var_config`."""
+    return validate_var_config(load_yaml_dataclass(source, VARConfig, overrides))
 
 
 def var_model_config_from_dict(data: Mapping[str, Any]) -> VARModelConfig:
