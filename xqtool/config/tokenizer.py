@@ -158,6 +158,7 @@ class TrainConfig:
     grad_accum: int = 1
     ema: bool = True
     ema_decay: float = 0.9999
+    # checkpoints, evaluation, logging (vis_every, cloud_save_path, vq_ckpt, no_local_save: see IGNORED_KEYS)
     ckpt_every: int = 10000
     eval_every: int = 10000
     log_every: int = 100
