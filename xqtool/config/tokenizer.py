@@ -433,7 +433,8 @@ def load_tokenizer_config(
 
 
 def tokenizer_config_from_args(args: Mapping[str, Any]) -> TokenizerConfig:
-    """Config from an official checkpoint's ``args`` (argparse Namespace as a dict); unknown keys are dropped."""
+    """Validated config from an official checkpoint's ``args`` (argparse Namespace as a dict); keys that are
+    not config fields are dropped. ConfigError when the kept values are invalid."""
     index = flat_index(TokenizerConfig)
     known = {k: v for k, v in args.items() if k in index}
     return load_tokenizer_config(known)

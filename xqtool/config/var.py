@@ -182,7 +182,8 @@ def validate_var_model_config(cfg: VARModelConfig) -> VARModelConfig:
 
 
 def var_preset(name: str, **overrides: Any) -> VARModelConfig:
-    """Preset architecture by name: d16, d17, d20, d24, d30 (MSVR10P2-4096 tokenizer geometry)."""
+    """Preset architecture by name: d16, d17, d20, d24, d30 (MSVR10P2-4096 tokenizer geometry; width 64·depth,
+    heads = depth, spec var.md §1.1). ConfigError for an unknown name or impossible `overrides`."""
     if name not in PRESET_DEPTHS:
         raise ConfigError(f"unknown VAR preset '{name}'; choose one of {', '.join(PRESET_DEPTHS)}")
     return validate_var_model_config(VARModelConfig(depth=PRESET_DEPTHS[name], **overrides))
@@ -210,5 +211,6 @@ def load_var_config(source: Union[str, Path, Mapping[str, Any], None],
 
 
 def var_model_config_from_dict(data: Mapping[str, Any]) -> VARModelConfig:
-    """Build a :class:`VARModelConfig` from a plain dict (e.g. a checkpoint's config.yaml section)."""
+    """Build a validated :class:`VARModelConfig` from a plain dict (e.g. a checkpoint's config.yaml ``model``
+    section). ConfigError for an unknown key, a wrong type or an impossible value."""
     return validate_var_model_config(load_yaml_dataclass(dict(data), VARModelConfig))
