@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _build(args: argparse.Namespace):
-    from xqtool.config import load_tokenizer_config
-    from xqtool.config_var import VARModelConfig
+    from xqtool.config import VARModelConfig, load_tokenizer_config
     from xqtool.models.tokenizer import build_tokenizer
     from xqtool.models.var import VAR
 

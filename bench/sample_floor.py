@@ -36,8 +36,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from xqtool.config import load_tokenizer_config
-    from xqtool.config_var import VARModelConfig
+    from xqtool.config import VARModelConfig, load_tokenizer_config
     from xqtool.models.tokenizer import build_tokenizer
     from xqtool.models.var import VAR
 

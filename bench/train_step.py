@@ -82,7 +82,7 @@ def _tokenizer_step(args: argparse.Namespace, tmp: Path) -> tuple[Callable[[], N
 
 # ---------------------------------------------------------------------------------------------- VAR
 def _var_step(args: argparse.Namespace, depth: int) -> tuple[Callable[[], None], Dict[str, Any]]:
-    from xqtool.config_var import VARModelConfig, VARTrainConfig
+    from xqtool.config import VARModelConfig, VARTrainConfig
     from xqtool.models.var import VAR
     from xqtool.quantize.factory import build_branch_quantizer
     from xqtool.quantize.product import ProductQuantizer

@@ -54,7 +54,7 @@ def official_tokenizer_bytes(cfg, seed: int = 0) -> tuple:
 
 def official_var_bytes(seed: int = 0, patch_nums=(1, 1, 2, 3), branches: int = 2) -> bytes:
     """A tiny random-weight VAR in the released ``ar-ckpt-last.pth`` layout (``trainer.var_wo_ddp``)."""
-    from xqtool.config_var import VARModelConfig
+    from xqtool.config import VARModelConfig
     from xqtool.models.var import VAR
 
     torch.manual_seed(seed)

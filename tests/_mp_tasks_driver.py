@@ -21,7 +21,7 @@ def tiny_features(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def run(base: Path, out: Path) -> None:
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.distributed import main_process_only
     from xqtool.metrics import TorchFeatureExtractor
     from xqtool.tasks.encode import EncodeSettings, encode_images

@@ -138,7 +138,7 @@ def test_refuses_foreign_unsafe_and_corrupt_files(tmp_path, tiny_cnn_cfg) -> Non
 
 
 def test_tokenizer_and_var_directories_are_not_confused(tmp_path, tiny_cnn_cfg) -> None:
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.models.var import build_var
     from xqtool.checkpoints import load_var, save_var
 

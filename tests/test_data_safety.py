@@ -214,7 +214,7 @@ def test_nan_weights_are_refused_on_load_naming_the_tensor_and_never_saved(env, 
     with pytest.raises(CheckpointError, match="decoder.conv_out.weight"):
         save_tokenizer(good, tok, ema_state=bad)
     assert _snapshot(good) == before
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.models.var import VAR
     from xqtool.checkpoints import save_var
 
@@ -230,7 +230,7 @@ def test_nan_weights_are_refused_on_load_naming_the_tensor_and_never_saved(env, 
 
 
 def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_path):
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.sample import SampleSettings, sample_images
     from xqtool.tasks.train_var import train_var
@@ -385,7 +385,7 @@ def test_disk_full_during_save_names_the_path_and_keeps_earlier_checkpoints(env,
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(OutputError, match=r"best.*no space left"):
         save_tokenizer(ck, env["tok_b"])
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.models.var import VAR
     from xqtool.checkpoints import save_var
 
@@ -439,7 +439,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def artefacts(env, tmp_path_factory):
     """One pristine artefact of every kind xqtool writes and reads back."""
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.models.var import VAR
     from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.injected import Injected

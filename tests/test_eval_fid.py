@@ -217,9 +217,7 @@ def test_cli_rfid_real_tokenizer_and_fake_inception_file(tmp_path, sets, monkeyp
     assert res.exit_code == 0, res.output
     assert "rfid" in res.output and "psnr" in res.output
     rep = json.loads(rp.read_text())
-    from xqtool.config import config_hash
-
-    assert rep["config_hash"] == config_hash(tok.config) and rep["checkpoint"] == str(ckpt.resolve())
+    assert rep["config_hash"] == tok.config_hash() and rep["checkpoint"] == str(ckpt.resolve())
     assert rep["backend"]["weights"] == str(weights) and rep["backend"]["mode"] == "clean"
     assert rep["image_counts"]["originals"] == 10 and len(list((tmp_path / "recon").glob("*.png"))) == 10
     m = rep["metrics"]

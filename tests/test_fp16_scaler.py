@@ -149,7 +149,7 @@ def _var_tokens(tmp_path: Path):
 def _var_run(tmp_path: Path, tok, name: str, precision: str, steps: int = 3):
     from safetensors.torch import load_file
 
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.tasks.train_var import train_var
 
     AcceleratorState._reset_state()  # each run is its own process in real use

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN, ROOT
 from xqtool.checkpoints import load_tokenizer, save_tokenizer
+from xqtool.config import load_tokenizer_config
 from xqtool.losses import SemanticDistillLoss, semantic_scale
 from xqtool.models.teachers import SemanticTeacher
 from xqtool.models.var_sampling import sample_tokens
@@ -195,7 +196,7 @@ def test_tokenizer_training_losses_match_reference(name: str, x: torch.Tensor, t
             assert abs(res.loss["entropy"].item() - out["train.entropy_loss_mean"].item()) > 1e-4
         assert_loss((res.recon - x).square().mean().item(), out["train.recon_mse"].item(), f"{name} recon_mse")
         # semantic distillation (teacher CLS token through the tokenizer's quant_conv, symmetric InfoNCE)
-        lc = tok.config.loss
+        lc = load_tokenizer_config(case.dir / "xqtool.yaml").loss  # the case's loss section (not in the model)
         teacher = teacher_from(case, tmp_path)
         loss_mod = SemanticDistillLoss(teacher.embed_dim, tok.embed_dim, normalize=lc.clip_norm)
         sem = loss_mod(res.semantic, teacher(x)["cls"], tok.quant_conv, n_drop=res.n_drop,

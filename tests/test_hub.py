@@ -274,7 +274,7 @@ def test_inception_and_lpips_weights_by_hf_reference(hub) -> None:
 
 
 def test_hf_hub_cache_wins_over_hf_home_and_var_dirs_load_by_hf_reference(hub, tmp_path, monkeypatch) -> None:
-    from xqtool.config_var import VARModelConfig
+    from xqtool.config import VARModelConfig
     from xqtool.models.var import VAR
     from xqtool.checkpoints import save_var
 

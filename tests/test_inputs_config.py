@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from xqtool.config import load_tokenizer_config
-from xqtool.config_var import load_var_config
+from xqtool.config import load_tokenizer_config, load_var_config
 from xqtool.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

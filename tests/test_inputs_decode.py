@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_cnn_tokens
-from xqtool.config_var import load_var_config
+from xqtool.config import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.models.var import build_var
 from xqtool.tasks.decode import DecodeSettings, decode_tokens

@@ -74,7 +74,7 @@ def test_tokenizer_config_and_checkpoints(tiny_tok, tmp_path: Path, tiny_vit_cfg
 
 
 def test_var_checkpoints_own_and_released_layout(tmp_path: Path) -> None:
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.models.var import build_var
     from xqtool.checkpoints import save_var
 
@@ -125,7 +125,7 @@ def test_token_file_and_token_shards(tiny_tok, tmp_path: Path) -> None:
 
 
 def test_training_state_of_a_var_run(tiny_tok, tmp_path: Path) -> None:
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.tasks.train_var import train_var
 
     root, tok = tiny_tok

@@ -220,8 +220,7 @@ def task_inputs(tmp_path_factory) -> Path:
     token-shards/ and var/ (tiny VAR, random init)."""
     from _data_fixtures import write_class_tree
     from xqtool.checkpoints import save_tokenizer
-    from xqtool.config import load_tokenizer_config
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_tokenizer_config, load_var_config
     from xqtool.models.tokenizer import build_tokenizer
     from xqtool.models.var import VAR
     from xqtool.tasks.encode import EncodeSettings, encode_images

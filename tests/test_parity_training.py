@@ -166,7 +166,7 @@ def test_tokenizer_grad_accum_equals_one_big_batch(photos: Path, tmp_path: Path)
 def test_var_grad_accum_equals_one_big_batch(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from xqtool.config_var import load_var_config
+    from xqtool.config import load_var_config
     from xqtool.data.tokens import TokenManifest, write_tokens
     from xqtool.models.tokenizer import build_tokenizer
     from xqtool.tasks.train_var import train_var
@@ -194,7 +194,7 @@ def test_var_grad_accum_equals_one_big_batch(tmp_path: Path) -> None:
 
 
 def _tiny_var(**kw):
-    from xqtool.config_var import VARModelConfig
+    from xqtool.config import VARModelConfig
     from xqtool.models.var import VAR
 
     cfg = VARModelConfig(depth=2, width=32, num_heads=2, num_classes=4, patch_nums=(1, 2, 3), codebook_size=8,

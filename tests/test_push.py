@@ -104,7 +104,7 @@ def test_push_refuses_pickles_and_non_checkpoints_before_uploading(uploads, ckpt
 
 
 def test_push_var_directory(uploads, tmp_path) -> None:
-    from xqtool.config_var import VARModelConfig
+    from xqtool.config import VARModelConfig
     from xqtool.models.var import VAR
     from xqtool.checkpoints import save_var
 

@@ -35,7 +35,7 @@ def test_training_forward_reaches_encoder(cfg_name, images32, request) -> None:
     tok = build_tokenizer(request.getfixturevalue(cfg_name)).train()
     out = tok(images32)
     assert out.recon.shape == images32.shape
-    assert out.n_drop == int(8 * tok.config.quant.codebook_drop)
+    assert out.n_drop == int(8 * tok.quant_cfg.codebook_drop)
     assert out.semantic.shape == (8, tok.embed_dim, tok.latent_side, tok.latent_side)
     loss = (out.recon - images32).pow(2).mean() + out.loss["vq"] + out.loss["commit"]
     loss.backward()

@@ -236,7 +236,7 @@ def test_fused_adamw_equals_plain_adamw():
 
 # ============================================================================================ VAR
 def _tiny_var(drop_path: float = 0.0):
-    from xqtool.config_var import VARModelConfig
+    from xqtool.config import VARModelConfig
     from xqtool.models.var import VAR
 
     torch.manual_seed(0)
@@ -288,7 +288,7 @@ def _var_logits_reference(m, labels: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 
 def test_var_step_equals_plain_step():
-    from xqtool.config_var import VARTrainConfig
+    from xqtool.config import VARTrainConfig
     from xqtool.tasks.train_var import build_optimizer, teacher_forcing_loss
 
     m, quant = _tiny_var(), _tiny_quantizer()

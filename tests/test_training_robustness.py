@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_same_state, photo_crops, to_tensor
 from xqtool.checkpoints import save_tokenizer
-from xqtool.config import load_tokenizer_config
-from xqtool.config_var import load_var_config
+from xqtool.config import load_tokenizer_config, load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import CheckpointError, ConfigError
 from xqtool.models.tokenizer import build_tokenizer

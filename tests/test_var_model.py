@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import LAYOUTS
-from xqtool.config_var import VARModelConfig, var_preset
+from xqtool.config import VARModelConfig, var_preset
 from xqtool.errors import CheckpointError
 from xqtool.metrics import count_parameters
 from xqtool.models.var import VAR, build_var, level_index

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import photo_crops, to_tensor
-from xqtool.config import load_tokenizer_config
-from xqtool.config_var import load_var_config
+from xqtool.config import load_tokenizer_config, load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.models.tokenizer import build_tokenizer
 from xqtool.tasks.train_var import _build_data, train_var

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import photo_crops, tiny_cnn_tokens, to_tensor
 from xqtool.checkpoints import save_tokenizer
 from xqtool.cli import app
-from xqtool.config_var import load_var_config
+from xqtool.config import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import TokenError
 from xqtool.tasks.sample import plan_labels

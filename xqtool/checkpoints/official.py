@@ -24,7 +24,7 @@ from torch import Tensor
 
 from xqtool.checkpoints.safe_io import PathLike, check_finite, load_safetensors_checked, safe_torch_load
 from xqtool.config import TokenizerConfig
-from xqtool.config_var import MSVR_PATCH_NUMS, VAR_PATCH_NUMS, VARModelConfig
+from xqtool.config import MSVR_PATCH_NUMS, VAR_PATCH_NUMS, VARModelConfig
 from xqtool.errors import CheckpointError
 
 # Prefixes of frozen teachers stored inside official tokenizer checkpoints (not needed for inference).

@@ -64,9 +64,15 @@ def save_tokenizer(
     tokenizer: nn.Module,
     ema_state: Optional[Mapping[str, Tensor]] = None,
     extra_files: Optional[Mapping[str, str]] = None,
+    config: Optional[TokenizerConfig] = None,
 ) -> Path:
-    """Save an :class:`XQTokenizer` (and optionally its EMA weights) in xqtool's format (see :func:`save_model_dir`)."""
-    return save_model_dir(directory, tokenizer.state_dict(), tokenizer.config, ema_state, extra_files)
+    """Save an :class:`XQTokenizer` (and optionally its EMA weights) in xqtool's format (see :func:`save_model_dir`).
+
+    ``config.yaml`` holds `config` (a trainer passes its whole run config) or else the tokenizer's own
+    ``model``/``quant`` sections.
+    """
+    conf = config if config is not None else tokenizer.config_dict()
+    return save_model_dir(directory, tokenizer.state_dict(), conf, ema_state, extra_files)
 
 
 def read_config_yaml(directory: PathLike) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ from xqtool.checkpoints.official import read_official_var, var_config_from_state
 from xqtool.checkpoints.safe_io import (CONFIG_FILE, MODEL_FILE, load_safetensors_checked, load_state_strict,
                                         locate_checkpoint, read_yaml_mapping, write_checkpoint_dir)
 from xqtool.config import config_to_dict
-from xqtool.config_var import model_config_from_dict
+from xqtool.config import var_model_config_from_dict
 from xqtool.errors import CheckpointError, ConfigError
 from xqtool.models.var import VAR
 
@@ -65,7 +65,7 @@ def load_var(path: Union[str, Path], map_location: str = "cpu", patch_nums: Opti
             raise CheckpointError(f"{path} is a directory without {MODEL_FILE} (not an xqtool VAR checkpoint)")
         conf = read_var_config(path)
         try:
-            cfg = model_config_from_dict(conf["model"])
+            cfg = var_model_config_from_dict(conf["model"])
         except ConfigError as exc:
             raise CheckpointError(f"{path}/{CONFIG_FILE}: {exc}") from None
         sd = load_safetensors_checked(path / MODEL_FILE, device=map_location)

@@ -87,11 +87,10 @@ class TokenManifest:
     def from_tokenizer(cls, tokenizer: Any, checkpoint: str = "", **kw: Any) -> "TokenManifest":
         """Manifest describing `tokenizer` (an XQTokenizer); extra fields via keyword."""
         from xqtool.checkpoints import weights_fingerprint
-        from xqtool.config import config_hash, config_to_dict
 
         kw.setdefault("weights_fingerprint", weights_fingerprint(tokenizer))
         return cls(
-            config_hash=config_hash(tokenizer.config),
+            config_hash=tokenizer.config_hash(),
             scales=[int(s) for s in tokenizer.scales],
             num_branches=int(tokenizer.num_branches),
             codebook_size=int(tokenizer.codebook_size),
@@ -99,7 +98,7 @@ class TokenManifest:
             image_size=int(tokenizer.image_size),
             dtype=token_dtype(tokenizer.codebook_size).name,
             checkpoint=str(checkpoint),
-            tokenizer_config=config_to_dict(tokenizer.config),
+            tokenizer_config=tokenizer.config_dict(),
             **kw,
         )
 
@@ -392,9 +391,7 @@ def check_manifest(manifest: TokenManifest, tokenizer: Any, ignore_fingerprint: 
     for name, theirs, ours in pairs:
         if theirs != ours:
             raise differ(name, theirs, ours)
-    from xqtool.config import config_hash
-
-    ours = config_hash(tokenizer.config)
+    ours = tokenizer.config_hash()
     if manifest.config_hash != ours:
         raise differ("config_hash", manifest.config_hash, ours)
     check_fingerprint(manifest.weights_fingerprint, tokenizer, what, ignore_fingerprint)

@@ -14,18 +14,15 @@ Frozen teachers are never built here: they belong to training (``xqtool.models.t
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from xqtool.config import TokenizerConfig, cnn_ch_mult, config_hash, validate_tokenizer_config
+from xqtool.config import ModelConfig, QuantConfig, TokenizerConfig, arch_hash, cnn_ch_mult, config_to_dict
 from xqtool.errors import TokenError
 from xqtool.quantize import ProductQuantizer, build_branch_quantizer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,8 +49,7 @@ class TokenizerOutput:
     n_drop: int
 
 
-def _vit_overrides(cfg: TokenizerConfig) -> Dict[str, int]:
-    m = cfg.model
+def _vit_overrides(m: ModelConfig) -> Dict[str, int]:
     out: Dict[str, int] = {}
     if m.vit_embed_dim is not None:
         out["embed_dim"] = m.vit_embed_dim
@@ -65,22 +61,41 @@ def _vit_overrides(cfg: TokenizerConfig) -> Dict[str, int]:
 
 
 class XQTokenizer(nn.Module):
-    """Hierarchical XQ-GAN tokenizer built from a :class:`TokenizerConfig` (random init, no network)."""
+    """Hierarchical XQ-GAN tokenizer built from its two config sections (random init, no network).
 
-    def __init__(self, config: TokenizerConfig) -> None:
+    Args:
+        model_cfg: the ``model`` section (encoder/decoder architecture, spec §2).
+        quant_cfg: the ``quant`` section (product of multi-scale quantizers, spec §3).
+
+    Both are expected to come from a validated :class:`~xqtool.config.TokenizerConfig` (every bound is checked
+    there, once); the tokenizer keeps only these two sections, never the training settings.
+
+    Attributes (facts of the architecture): ``scales`` (coarse → fine), ``num_branches`` P, ``codebook_size`` K,
+    ``embed_dim`` D, ``latent_side`` H = W, ``tokens_per_branch`` L = Σ pn², ``image_size`` S, ``model_cfg``,
+    ``quant_cfg``.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, quant_cfg: QuantConfig) -> None:
         super().__init__()
-        validate_tokenizer_config(config)
-        self.config = config
-        m, q = config.model, config.quant
+        self.model_cfg = model_cfg
+        self.quant_cfg = quant_cfg
+        m, q = model_cfg, quant_cfg
         P, D = q.product_quant, q.codebook_embed_dim
         scales = tuple(q.v_patch_nums)
         side = scales[-1]
+        self.scales: Tuple[int, ...] = scales
+        self.num_branches: int = P
+        self.codebook_size: int = q.codebook_size
+        self.embed_dim: int = D
+        self.latent_side: int = side
+        self.tokens_per_branch: int = sum(p * p for p in scales)
+        self.image_size: int = m.image_size
         self.is_vit = m.enc_type == "dinov2"
 
         if self.is_vit:
             from xqtool.models.vit import ViTDecoder, ViTEncoder
 
-            overrides = _vit_overrides(config)
+            overrides = _vit_overrides(m)
             self.encoder = ViTEncoder(
                 m.encoder_model,
                 image_size=m.image_size,
@@ -132,46 +147,21 @@ class XQTokenizer(nn.Module):
             for _ in range(P)
         ]
         self.quantizer = ProductQuantizer(branches, codebook_drop=q.codebook_drop, start_drop=q.start_drop)
-        self.perturbs = q.alpha > 0 and q.beta > 0 and len(scales) == 1
-        if q.alpha > 0 and q.beta > 0 and not self.perturbs:
-            logger.warning("RobustTok latent perturbation needs a single-scale quantizer; it is ignored here")
+        self.perturbs = q.alpha > 0 and q.beta > 0 and len(scales) == 1  # multi-scale: see config.ignored_settings
 
     # ------------------------------------------------------------------ facts
-    @property
-    def scales(self) -> tuple:
-        return tuple(self.config.quant.v_patch_nums)
-
-    @property
-    def num_branches(self) -> int:
-        return self.config.quant.product_quant
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.quant.codebook_size
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.quant.codebook_embed_dim
-
-    @property
-    def latent_side(self) -> int:
-        return self.scales[-1]
-
-    @property
-    def tokens_per_branch(self) -> int:
-        return sum(p * p for p in self.scales)
-
-    @property
-    def image_size(self) -> int:
-        return self.config.model.image_size
-
     @property
     def last_layer(self) -> Tensor:
         """Decoder's last weight (the adaptive GAN weight differentiates against it)."""
         return self.decoder.last_layer
 
     def config_hash(self) -> str:
-        return config_hash(self.config)
+        """12-hex fingerprint of the architecture (:func:`xqtool.config.config_hash` of its sections)."""
+        return arch_hash(self.model_cfg, self.quant_cfg)
+
+    def config_dict(self) -> Dict[str, Dict[str, object]]:
+        """The two sections this tokenizer was built from, as plain nested dicts (``{"model": …, "quant": …}``)."""
+        return {"model": config_to_dict(self.model_cfg), "quant": config_to_dict(self.quant_cfg)}
 
     def token_spec(self) -> Dict[str, object]:
         """What a token array from this tokenizer looks like (for manifests and checks)."""
@@ -278,7 +268,7 @@ class XQTokenizer(nn.Module):
         if self.perturbs and self.training and epoch is not None:
             from xqtool.quantize.perturb import perturb_latent, perturbation_schedule
 
-            c = self.config.quant
+            c = self.quant_cfg
             alpha, delta = perturbation_schedule(epoch, c.alpha, c.delta, c.anneal_start, c.anneal_end, c.end_ratio)
             parts = [
                 perturb_latent(branch, z, zq, alpha=alpha, beta=c.beta, delta=delta)
@@ -319,7 +309,8 @@ class XQTokenizer(nn.Module):
 
 
 def build_tokenizer(config: TokenizerConfig) -> XQTokenizer:
-    """Random-init tokenizer for `config` (no pretrained weights, no teachers, no network)."""
-    return XQTokenizer(config)
+    """Random-init tokenizer from the ``model`` and ``quant`` sections of a validated `config` (no pretrained
+    weights, no teachers, no network)."""
+    return XQTokenizer(config.model, config.quant)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor
 
-from xqtool.config_var import PRESET_DEPTHS, VARModelConfig, validate_var_model_config, var_preset
+from xqtool.config import PRESET_DEPTHS, VARModelConfig, validate_var_model_config, var_preset
 from xqtool.models.packed_linear import PackedLinear, packing_available
 
 __all__ = ["VAR", "KVCache", "build_var", "block_causal_mask", "level_index"]

@@ -38,6 +38,8 @@ class ProductQuantizer(nn.Module):
         start_drop: smallest number of kept scales for a dropout sample.
 
     Raises ConfigError when ``branches`` is empty or the branches differ in scales, side, dim or codebook size.
+    Bounds (codebook_drop in [0, 1), start_drop in 1..S) are checked once, by
+    :func:`xqtool.config.validate_tokenizer_config`; the constructor does not re-check them.
     """
 
     def __init__(self, branches: Sequence[BranchQuantizer], codebook_drop: float = 0.0, start_drop: int = 1) -> None:
@@ -57,11 +59,6 @@ class ProductQuantizer(nn.Module):
         self.codebook_size: int = first.codebook_size
         self.num_branches = len(branches)
         self.num_tokens: int = first.num_tokens
-        if not 0.0 <= float(codebook_drop) <= 1.0:
-            raise ConfigError(f"quant.codebook_drop must be in [0, 1], got {codebook_drop}")
-        S = len(self.scales)
-        if S > 1 and not 0 <= int(start_drop) <= S:
-            raise ConfigError(f"quant.start_drop must be in [0, {S}] (number of scales), got {start_drop}")
         self.codebook_drop = float(codebook_drop)
         self.start_drop = int(start_drop)
         offs, o = [], 0

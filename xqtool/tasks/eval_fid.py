@@ -586,7 +586,6 @@ def _evaluate_rfid(
         The report dict (``metrics``: rfid, kid, psnr, ssim, lpips, codebook usage/perplexity per branch).
     """
     from xqtool.checkpoints import load_tokenizer
-    from xqtool.config import config_hash
     from xqtool.data.images import make_loader
     from xqtool.metrics import code_histogram, codebook_usage_metrics, from_uint8, to_uint8
 
@@ -656,7 +655,7 @@ def _evaluate_rfid(
         **usage,  # codebook_usage [P], codebook_usage_per_scale [P][S], codes_used ..., see metrics.py
     }
     try:
-        chash = config_hash(tok.config)
+        chash = tok.config_hash()
     except Exception:  # noqa: BLE001 - injected toy tokenizers may have no config
         chash = None
     report = {

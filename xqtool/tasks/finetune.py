@@ -87,11 +87,10 @@ def finetune_tokenizer(
     rank = int(lora_rank or m.lora_rank)
     alpha = lora_alpha if lora_alpha is not None else m.lora_alpha
     targets = lora_targets or m.lora_targets or DEFAULT_LORA_TARGETS
-    base_cfg = tok.config
-    run_model = dataclasses.replace(base_cfg.model, enc_tuning_method=enc, dec_tuning_method=dec, lora_rank=rank,
+    run_model = dataclasses.replace(tok.model_cfg, enc_tuning_method=enc, dec_tuning_method=dec, lora_rank=rank,
                                     lora_alpha=alpha, lora_targets=targets)
-    run_cfg = dataclasses.replace(cfg, model=run_model, quant=base_cfg.quant)
-    if (m.image_size, cfg.quant.codebook_size) != (base_cfg.model.image_size, base_cfg.quant.codebook_size):
+    run_cfg = dataclasses.replace(cfg, model=run_model, quant=tok.quant_cfg)
+    if (m.image_size, cfg.quant.codebook_size) != (tok.model_cfg.image_size, tok.quant_cfg.codebook_size):
         log.warning("model/quant settings of the config differ from the checkpoint's: the checkpoint's are used")
     tok.train()
     torch.manual_seed(cfg.train.global_seed)  # LoRA init: the same fine-tune from the same source, every time

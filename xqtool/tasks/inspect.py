@@ -13,7 +13,7 @@ from xqtool.checkpoints.official import (TEACHER_PREFIXES, fit_vit_config, map_o
 from xqtool.checkpoints.safe_io import CONFIG_FILE, EMA_FILE, is_xqtool_dir, one_line, read_yaml_mapping, safe_torch_load
 from xqtool.checkpoints.tokenizer import read_config_yaml
 from xqtool.fsutil import recover_dir
-from xqtool.config import TokenizerConfig, config_hash, load_tokenizer_config, tokenizer_config_from_args
+from xqtool.config import TokenizerConfig, config_hash, ignored_settings, load_tokenizer_config, tokenizer_config_from_args
 from xqtool.errors import CheckpointError, ConfigError
 from xqtool.metrics import count_parameters
 
@@ -105,9 +105,7 @@ def inspect_target(target: str, overrides: Optional[Iterable[str]] = None) -> In
     }
     params["total"] = count_parameters(tok)
     rows = [{"scale": i, "side": pn, "tokens": pn * pn} for i, pn in enumerate(cfg.scales)]
-    q = cfg.quant
-    if q.alpha > 0 and q.beta > 0:
-        warnings.append("RobustTok latent perturbation (alpha/beta) is not implemented; training ignores it")
+    warnings.extend(ignored_settings(cfg))
     if cfg.loss.semantic_guide != "none" and not cfg.loss.semantic_weights:
         warnings.append(
             f"training needs {cfg.loss.semantic_guide} teacher weights (loss.semantic_weights or env var); "
@@ -247,8 +245,7 @@ def _var_facts(model: Any) -> Dict[str, Any]:
 
 
 def _inspect_var_config(path: Path, overrides: Optional[Iterable[str]], full: bool) -> Dict[str, Any]:
-    from xqtool.config import config_to_dict
-    from xqtool.config_var import load_var_config
+    from xqtool.config import config_to_dict, load_var_config
     from xqtool.models.var import build_var
 
     cfg = load_var_config(path, list(overrides or []))

@@ -306,9 +306,7 @@ def _run_probe(r: ProbeSettings, injected: Injected, out: Optional[Path]) -> Dic
     if out is not None:
         _save_classifier(out / "last.safetensors", model, {**meta, "epoch": str(s.epochs)})
     try:
-        from xqtool.config import config_hash
-
-        chash = config_hash(tok.config)
+        chash = tok.config_hash()
     except Exception:  # noqa: BLE001 - injected toy tokenizers
         chash = None
     report = {

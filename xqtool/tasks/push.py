@@ -122,9 +122,9 @@ def _report_metrics(path: Optional[Path]) -> Tuple[Dict[str, float], str]:
 
 def _architecture(kind: str, conf: Dict[str, Any]) -> List[Tuple[str, str]]:
     if kind == "var":
-        from xqtool.config_var import model_config_from_dict
+        from xqtool.config import var_model_config_from_dict
 
-        m = model_config_from_dict(conf["model"])
+        m = var_model_config_from_dict(conf["model"])
         return [("model", f"VAR depth {m.depth}, width {m.embed_dim}, {m.heads} heads"),
                 ("classes", str(m.num_classes)), ("scales", ",".join(map(str, m.patch_nums))),
                 ("tokens per image", f"{m.num_branches} branches x {m.seq_len}"),

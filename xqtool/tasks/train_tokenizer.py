@@ -838,7 +838,7 @@ class TokenizerTrainer:
             doc = {"step": self.pos.step, "val_step": self.pos.last_val_step, "val": self.last_val,
                    "train": {k: v for k, v in last_train.items() if k != "step"}}
             extra = {"train_state.json": json.dumps(doc, indent=1)}
-            save_tokenizer(directory, self.unwrapped, ema_state=ema_state, extra_files=extra)
+            save_tokenizer(directory, self.unwrapped, ema_state=ema_state, extra_files=extra, config=self.cfg)
         self.acc.wait_for_everyone()
         return directory
 

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xqtool.config import config_to_dict
-from xqtool.config_var import VARConfig
+from xqtool.config import VARConfig, config_to_dict
 from xqtool.errors import ConfigError, DataError
 from xqtool.models.var import VAR
 from xqtool.runtime import fast_adamw_kwargs

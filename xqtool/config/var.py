@@ -1,4 +1,4 @@
-"""VAR generator configuration: dataclasses, presets and YAML loading (spec var.md §1, §2).
+"""The VAR generator schema: dataclasses, presets, bounds and YAML loading (spec var.md §1, §2).
 
 A VAR config has three sections:
 
@@ -13,13 +13,13 @@ YAML files accept nested sections or flat keys; unknown keys are rejected with a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
-from xqtool.config import config_to_dict, load_yaml_dataclass
+from xqtool.config.loader import check_config_ranges, choices, load_yaml_dataclass
 from xqtool.errors import ConfigError
+from xqtool.validate import FRACTION, NON_NEGATIVE, POSITIVE, Range
 
 MSVR_PATCH_NUMS: Tuple[int, ...] = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
 VAR_PATCH_NUMS: Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -93,7 +93,7 @@ class VARDataConfig:
     hflip: bool = False                   # random horizontal flip of on-the-fly images (`hflip`, off upstream)
     val_tokens: Optional[str] = None      # held-out tokens (from `xqtool encode`) for the validation pass
     num_workers: int = 0
-    bad_files: str = field(default="skip", metadata={"choices": ("skip", "fail")})
+    bad_files: str = field(default="skip", metadata=choices("skip", "fail"))
 
 
 @dataclass
@@ -114,8 +114,8 @@ class VARTrainConfig:
     warmup_steps: Optional[int] = None    # overrides warmup_epochs when set
     warmup_start: float = 0.005           # `wp0`
     final_lr_ratio: float = 0.01          # `wpe`
-    schedule: str = field(default="lin0", metadata={"choices": ("lin0", "lin", "lin00", "cos", "constant")})
-    mixed_precision: str = field(default="bf16", metadata={"choices": ("no", "fp16", "bf16")})
+    schedule: str = field(default="lin0", metadata=choices("lin0", "lin", "lin00", "cos", "constant"))
+    mixed_precision: str = field(default="bf16", metadata=choices("no", "fp16", "bf16"))
     grad_accum: int = 1                   # `ac`
     val_every_epochs: int = 10            # validation on data.val_tokens every N epochs and at the end (§3)
     val_batch_size: int = 0               # 0 → round(1.5 · per-process batch), as upstream
@@ -126,7 +126,7 @@ class VARTrainConfig:
     log_every: int = 20
     results_dir: str = "runs/var"
     seed: int = 0
-    tracker: str = field(default="tensorboard", metadata={"choices": ("tensorboard", "wandb", "none")})
+    tracker: str = field(default="tensorboard", metadata=choices("tensorboard", "wandb", "none"))
 
 
 @dataclass
@@ -138,8 +138,36 @@ class VARConfig:
     train: VARTrainConfig = field(default_factory=VARTrainConfig)
 
 
+#: Numeric bounds of single values (dotted key -> rule).
+VAR_RANGES: Dict[str, Range] = {
+    "train.tblr": Range(lo=0, lo_open=True),
+    "train.weight_decay": NON_NEGATIVE,
+    "train.weight_decay_end": NON_NEGATIVE,
+    "train.beta1": Range(lo=0, hi=1, hi_open=True),
+    "train.beta2": Range(lo=0, hi=1, hi_open=True),
+    "train.label_smoothing": Range(lo=0, hi=1, hi_open=True),
+    "train.epochs": POSITIVE,
+    "train.max_steps": NON_NEGATIVE,
+    "train.warmup_epochs": NON_NEGATIVE,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.warmup_start": FRACTION,
+    "train.final_lr_ratio": NON_NEGATIVE,
+    "train.ckpt_every": NON_NEGATIVE,
+    "train.keep_last": NON_NEGATIVE,
+    "train.log_every": NON_NEGATIVE,
+    "train.seed": NON_NEGATIVE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.image_size": Range(lo=8),
+    "model.mlp_ratio": Range(lo=0, lo_open=True),
+    "model.drop_path_rate": Range(lo=0, hi=1, hi_open=True),
+    "model.p_drop": Range(lo=0, hi=1, hi_open=True),
+    "model.num_classes": POSITIVE,
+}
+
+
 def validate_var_model_config(cfg: VARModelConfig) -> VARModelConfig:
-    """Raise ConfigError on impossible architecture values; return `cfg`."""
+    """Raise ConfigError on impossible architecture values (depth, heads dividing the width, scales, branch
+    geometry, cond_drop_rate in [0, 1)); return `cfg`."""
     if cfg.depth < 1:
         raise ConfigError(f"model.depth must be >= 1, got {cfg.depth}")
     if cfg.embed_dim % cfg.heads:
@@ -154,32 +182,35 @@ def validate_var_model_config(cfg: VARModelConfig) -> VARModelConfig:
 
 
 def var_preset(name: str, **overrides: Any) -> VARModelConfig:
-    """Preset architecture by name: d16, d17, d20, d24, d30 (MSVR10P2-4096 tokenizer geometry)."""
+    """Preset architecture by name: d16, d17, d20, d24, d30 (MSVR10P2-4096 tokenizer geometry; width 64·depth,
+    heads = depth, spec var.md §1.1). ConfigError for an unknown name or impossible `overrides`."""
     if name not in PRESET_DEPTHS:
         raise ConfigError(f"unknown VAR preset '{name}'; choose one of {', '.join(PRESET_DEPTHS)}")
     return validate_var_model_config(VARModelConfig(depth=PRESET_DEPTHS[name], **overrides))
 
 
-def load_var_config(source: Union[str, Path, Mapping[str, Any], None],
-                    overrides: Optional[Iterable[str]] = None) -> VARConfig:
-    """Load a VAR YAML (nested or flat keys) with ``key=value`` overrides; validate the model section."""
-    cfg = load_yaml_dataclass(source, VARConfig, overrides)
+def validate_var_config(cfg: VARConfig) -> VARConfig:
+    """Check every bound once (model section, batch/accumulation, :data:`VAR_RANGES`); return `cfg`.
+
+    Raises:
+        ConfigError: one line naming the key and its allowed range.
+    """
     validate_var_model_config(cfg.model)
     if cfg.train.grad_accum < 1:
         raise ConfigError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     if cfg.train.global_batch_size < 1:
         raise ConfigError(f"train.global_batch_size must be >= 1, got {cfg.train.global_batch_size}")
-    from xqtool.validate import VAR_CONFIG_RULES, check_config_ranges
-
-    check_config_ranges(cfg, VAR_CONFIG_RULES)
+    check_config_ranges(cfg, VAR_RANGES)
     return cfg
 
 
-def model_config_from_dict(data: Mapping[str, Any]) -> VARModelConfig:
-    """Build a :class:`VARModelConfig` from a plain dict (e.g. a checkpoint's config.yaml section)."""
+def load_var_config(source: Union[str, Path, Mapping[str, Any], None],
+                    overrides: Optional[Iterable[str]] = None) -> VARConfig:
+    """Load a VAR YAML (nested or flat keys) with ``key=value`` overrides, then :func:`validate_var_config`."""
+    return validate_var_config(load_yaml_dataclass(source, VARConfig, overrides))
+
+
+def var_model_config_from_dict(data: Mapping[str, Any]) -> VARModelConfig:
+    """Build a validated :class:`VARModelConfig` from a plain dict (e.g. a checkpoint's config.yaml ``model``
+    section). ConfigError for an unknown key, a wrong type or an impossible value."""
     return validate_var_model_config(load_yaml_dataclass(dict(data), VARModelConfig))
-
-
-def var_config_to_dict(cfg: Any) -> dict:
-    """Plain nested dict of any VAR config dataclass."""
-    return config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
