@@ -3,6 +3,9 @@
 One thin function per subcommand lives in a module of this package; each module exposes
 ``register(app)``. No model logic here: commands parse options, load the config, call ONE task
 function and print a rich summary.
+
+May import ``tasks`` (the work), ``config`` and ``validate`` (options), ``errors``, ``runtime``,
+``distributed``, ``fsutil`` and the loaders of ``checkpoints``; nothing imports ``cli``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Training losses: GAN (hinge / vanilla / non-saturating, adaptive weight, LeCam), semantic
-distillation (InfoNCE against a frozen teacher), DiffAug, and LPIPS (``xqtool.losses.lpips``)."""
+distillation (InfoNCE against a frozen teacher), DiffAug, and LPIPS (``xqtool.losses.lpips``).
+
+Owns loss formulas and the frozen networks inside them (VGG of LPIPS). May import ``errors`` and ``hub``
+(LPIPS weights by name); never ``models``, ``tasks``, ``training`` or ``cli``.
+"""
 
 from xqtool.losses.diffaug import DiffAug, fade_blur_schedule
 from xqtool.losses.gan import (
