@@ -48,7 +48,8 @@ PEAKS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5
 # ---------------------------------------------------------------------------------------------- tokenizer
 def _tokenizer_step(args: argparse.Namespace, tmp: Path) -> tuple[Callable[[], None], Dict[str, Any]]:
     from xqtool.config import load_tokenizer_config
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer, sample_photo_folder
+    from xqtool.data.samples import sample_photo_folder
+    from xqtool.training import TokenizerTrainer
 
     train_dir, _ = sample_photo_folder(tmp / "photos", 256)
     prec = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision]
@@ -86,7 +87,13 @@ def _var_step(args: argparse.Namespace, depth: int) -> tuple[Callable[[], None],
     from xqtool.models.var import VAR
     from xqtool.quantize.factory import build_branch_quantizer
     from xqtool.quantize.product import ProductQuantizer
-    from xqtool.tasks import train_var as tv
+    try:
+        from xqtool.training import build as tv
+        from xqtool.training import var_trainer as tv_loss
+    except ImportError:  # older xqtool (for before/after comparisons)
+        from xqtool.tasks import train_var as tv  # type: ignore[no-redef]
+
+        tv_loss = tv
 
     dev = torch.device(args.device)
     from xqtool import runtime  # the process settings train-var applies
@@ -107,7 +114,7 @@ def _var_step(args: argparse.Namespace, depth: int) -> tuple[Callable[[], None],
     else:  # older xqtool (for before/after comparisons): what its train_var built
         optimizer = torch.optim.AdamW(tv.param_groups(model, tcfg.weight_decay), lr=tcfg.tblr,
                                       betas=(tcfg.beta1, tcfg.beta2), **({"fused": True} if dev.type == "cuda" else {}))
-    tf_loss = getattr(tv, "teacher_forcing_loss", None) or _old_teacher_forcing_loss
+    tf_loss = getattr(tv_loss, "teacher_forcing_loss", None) or _old_teacher_forcing_loss
     g = torch.Generator().manual_seed(0)
     L = sum(p * p for p in scales)
     tokens = torch.randint(0, 4096, (args.batch, 2, L), generator=g).to(dev)

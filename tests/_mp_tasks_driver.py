@@ -28,7 +28,7 @@ def run(base: Path, out: Path) -> None:
     from xqtool.tasks.eval_fid import evaluate_rfid
     from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
     from xqtool.tasks.sample import SampleSettings, sample_images
-    from xqtool.tasks.train_var import train_var
+    from xqtool.training import train_var
 
     out.mkdir(parents=True, exist_ok=True)
     tok = base / "tok"

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from xqtool.config import load_tokenizer_config
-from xqtool.tasks.train_tokenizer import train_tokenizer
+from xqtool.training import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import xqtool.cli
-from xqtool.tasks.train_tokenizer import recon_grid, sample_photo_folder
+from xqtool.data.samples import sample_photo_folder
+from xqtool.training.reporting import recon_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -155,7 +155,7 @@ def test_messages_name_flags_and_only_possible_fixes(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from xqtool.errors import ConfigError
-    from xqtool.tasks.train_var import check_tokenizer_fit
+    from xqtool.training.var_data import check_tokenizer_fit
 
     runner = CliRunner()
     r = runner.invoke(app, ["train-var", str(ROOT / "configs/var/tiny.yaml"), "--tokens", "x.npy"])

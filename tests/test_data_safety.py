@@ -233,7 +233,7 @@ def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_p
     from xqtool.config import load_var_config
     from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.sample import SampleSettings, sample_images
-    from xqtool.tasks.train_var import train_var
+    from xqtool.training import train_var
 
     fa, fb = weights_fingerprint(env["tok_a"]), weights_fingerprint(env["tok_b"])
     assert fa != fb and fa == weights_fingerprint(load_tokenizer(env["A"]))

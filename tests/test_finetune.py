@@ -14,8 +14,8 @@ from xqtool.config import load_tokenizer_config
 from xqtool.errors import ConfigError
 from xqtool.models.tokenizer import build_tokenizer
 from xqtool.tasks.finetune import finetune_tokenizer
+from xqtool.data.samples import sample_photo_folder
 from xqtool.models.lora import apply_tuning, freeze_codebook
-from xqtool.tasks.train_tokenizer import sample_photo_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["train.global_batch_size=4", "train.warmup_steps=0", "train.log_every=1", "train.tracker=none",

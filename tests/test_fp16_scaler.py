@@ -72,7 +72,7 @@ def _tokenizer_run(photos: Path, out: Path, precision: str):
 
     Returns (gradients seen by the generator optimizer at each step, final generator weights, trainer).
     """
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+    from xqtool.training import TokenizerTrainer
 
     cfg = load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=[
         "model.ch=8", "quant.codebook_size=16", "quant.codebook_embed_dim=4", "train.global_batch_size=4",
@@ -116,7 +116,7 @@ def test_tokenizer_fp16_loss_scaling_is_transparent(photos: Path, tmp_path: Path
 def test_tokenizer_fp16_overflow_skips_the_step_and_halves_the_scale(photos: Path, tmp_path: Path,
                                                                      cpu_grad_scaler) -> None:
     made, _ = cpu_grad_scaler
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+    from xqtool.training import TokenizerTrainer
 
     cfg = load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=[
         "model.ch=8", "quant.codebook_size=16", "quant.codebook_embed_dim=4", "train.global_batch_size=4",
@@ -150,7 +150,7 @@ def _var_run(tmp_path: Path, tok, name: str, precision: str, steps: int = 3):
     from safetensors.torch import load_file
 
     from xqtool.config import load_var_config
-    from xqtool.tasks.train_var import train_var
+    from xqtool.training import train_var
 
     AcceleratorState._reset_state()  # each run is its own process in real use
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def test_var_fp16_overflow_skips_the_step(tmp_path: Path, cpu_grad_scaler) -> No
 
 
 def test_var_loss_scale_is_capped_at_32768() -> None:
-    from xqtool.tasks.train_var import MAX_LOSS_SCALE, cap_loss_scale
+    from xqtool.training.var_trainer import MAX_LOSS_SCALE, cap_loss_scale
 
     assert MAX_LOSS_SCALE == 32768.0
     high = torch.amp.GradScaler("cpu", init_scale=2.0**16)

@@ -41,8 +41,9 @@ from xqtool.config import load_tokenizer_config
 from xqtool.losses import SemanticDistillLoss, semantic_scale
 from xqtool.models.teachers import SemanticTeacher
 from xqtool.models.var_sampling import sample_tokens
-from xqtool.tasks.train_var import var_loss
 from xqtool.checkpoints import load_var, save_var
+from xqtool.training.schedules import robusttok_perturbation
+from xqtool.training.var_trainer import var_loss
 
 TOK_CASES = ["tok-msvq-p2", "tok-msbq-p2", "tok-vq-p2-single"]
 ATOL = 2e-5
@@ -186,7 +187,7 @@ def test_tokenizer_training_losses_match_reference(name: str, x: torch.Tensor, t
             want_ent = out.get("train.entropy_loss_boolmask", out["train.entropy_loss"])[b].item()
             assert_loss(lo["entropy"].item(), want_ent, f"{name} branch {b} entropy", ENTROPY_RTOL)
         # the model's training forward: the mean over branches, and the l2 reconstruction term
-        res = tok(x, epoch=epoch)
+        res = tok(x, perturbation=robusttok_perturbation(tok.quant_cfg, epoch))
         assert res.n_drop == 0
         assert_loss(res.loss["vq"].item(), out["train.vq_loss_mean"].item(), f"{name} vq mean")
         assert_loss(res.loss["commit"].item(), out["train.commit_loss_mean"].item(), f"{name} commit mean")

@@ -14,7 +14,8 @@ from xqtool.config import load_tokenizer_config
 from xqtool.data.images import open_image_source
 from xqtool.metrics import TorchFeatureExtractor, code_histogram, codebook_usage_metrics
 from xqtool.tasks.eval_fid import evaluate_rfid
-from xqtool.tasks.train_tokenizer import TokenizerTrainer, sample_photo_folder
+from xqtool.data.samples import sample_photo_folder
+from xqtool.training import TokenizerTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = 6

@@ -126,7 +126,7 @@ def test_token_file_and_token_shards(tiny_tok, tmp_path: Path) -> None:
 
 def test_training_state_of_a_var_run(tiny_tok, tmp_path: Path) -> None:
     from xqtool.config import load_var_config
-    from xqtool.tasks.train_var import train_var
+    from xqtool.training import train_var
 
     root, tok = tiny_tok
     tokens = tok.encode(to_tensor(photo_crops(8, 32, seed=4)))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from _mp import ROOT, TESTS, finish, mp_env, one_thread, torchrun, wait_for
-from xqtool.tasks.train_tokenizer import sample_photo_folder
+from xqtool.data.samples import sample_photo_folder
 
 DRIVER = TESTS / "_mp_tok_driver.py"
 BATCH, STEPS, LR = 8, 6, 2e-4

@@ -41,7 +41,7 @@ def _tok_cfg(photos: Path, *extra: str):
 
 
 def test_adaptive_gan_weight_reaches_the_generator_only_from_disc_start(photos: Path, tmp_path: Path) -> None:
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+    from xqtool.training import TokenizerTrainer
 
     torch.manual_seed(0)
     cfg = _tok_cfg(photos, "loss.disc_type=patchgan", "loss.disc_start=3", "loss.disc_weight=0.5",
@@ -134,7 +134,7 @@ def test_batchnorm_local_normalises_each_group_of_eight() -> None:
 def test_tokenizer_grad_accum_equals_one_big_batch(photos: Path, tmp_path: Path) -> None:
     """grad_accum 2 × 2 images gives the gradients of one 4-image batch at every optimizer step (compared on the
     gradients: AdamW turns a gradient at round-off level into a full ±lr step, so weights are not comparable)."""
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+    from xqtool.training import TokenizerTrainer
 
     runs = []
     for accum in (1, 2):
@@ -169,7 +169,7 @@ def test_var_grad_accum_equals_one_big_batch(tmp_path: Path) -> None:
     from xqtool.config import load_var_config
     from xqtool.data.tokens import TokenManifest, write_tokens
     from xqtool.models.tokenizer import build_tokenizer
-    from xqtool.tasks.train_var import train_var
+    from xqtool.training import train_var
 
     torch.manual_seed(0)
     tok = build_tokenizer(load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml")).eval()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xqtool.lr_schedule import disc_warmup_epochs, epoch_lr
+from xqtool.training.schedules import disc_warmup_epochs, epoch_lr
 from xqtool.quantize import ProductQuantizer, build_branch_quantizer
 from xqtool.quantize.vq import VectorQuantizer
 
@@ -161,7 +161,7 @@ def test_trainer_follows_the_per_epoch_schedule(tmp_path) -> None:
 
     from conftest import photo_crops
     from xqtool.config import load_tokenizer_config
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+    from xqtool.training import TokenizerTrainer
 
     root = Path(__file__).resolve().parents[1]
     photos = tmp_path / "photos"
@@ -193,7 +193,7 @@ def test_ignored_official_keys_warn_once_each_when_not_default(tmp_path, caplog)
     from pathlib import Path
 
     from xqtool.config import ignored_settings, load_tokenizer_config
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+    from xqtool.training import TokenizerTrainer
 
     root = Path(__file__).resolve().parents[1]
     assert ignored_settings(load_tokenizer_config(root / "configs/tokenizer/MSBR10P2-4096.yaml")) == []
@@ -216,7 +216,7 @@ def test_detail_guidance_on_the_class_token_is_refused(tmp_path) -> None:
 
     from xqtool.config import load_tokenizer_config
     from xqtool.errors import ConfigError
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+    from xqtool.training import TokenizerTrainer
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_tokenizer_config(root / "configs/tokenizer/tiny-cnn.yaml",

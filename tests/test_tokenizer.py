@@ -10,6 +10,7 @@ from xqtool.config import load_tokenizer_config
 from xqtool.errors import TokenError
 from xqtool.metrics import count_parameters
 from xqtool.models.tokenizer import build_tokenizer
+from xqtool.training.schedules import robusttok_perturbation
 
 
 @pytest.mark.parametrize("cfg_name", ["tiny_cnn_cfg", "tiny_vit_cfg"])
@@ -74,7 +75,7 @@ def test_robusttok_perturbation_reaches_only_the_decoder_of_the_first_samples(im
     torch.manual_seed(1)
     clean = tok(images32)
     torch.manual_seed(1)
-    perturbed = tok(images32, epoch=0)
+    perturbed = tok(images32, perturbation=robusttok_perturbation(cfg.quant, 0))
     changed = (clean.recon - perturbed.recon).abs().flatten(1).sum(1) > 0
     assert changed[:4].all() and not changed[4:].any()
     assert torch.equal(clean.indices, perturbed.indices)  # losses/tokens come from the clean quantization

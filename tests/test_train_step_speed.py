@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xqtool.config import load_tokenizer_config
-from xqtool.tasks.train_tokenizer import TokenizerTrainer, sample_photo_folder
+from xqtool.data.samples import sample_photo_folder
+from xqtool.training import TokenizerTrainer
+from xqtool.training.schedules import robusttok_perturbation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +83,7 @@ def _reference_generator_step(tr: TokenizerTrainer, x: torch.Tensor, step: int) 
     """The generator objective of spec §5.1 differentiated as one graph, adaptive weight by plain autograd."""
     lc = tr.cfg.loss
     tok = tr.unwrapped
-    out = tok(x, epoch=0)
+    out = tok(x, perturbation=robusttok_perturbation(tr.cfg.quant, 0))
     recon = out.recon.float()
     rec = F.mse_loss(recon, x)
     p = _lpips_reference(tr.lpips, recon, x).mean()
@@ -94,7 +96,7 @@ def _reference_generator_step(tr: TokenizerTrainer, x: torch.Tensor, step: int) 
     loss = loss + lc.sem_loss_weight * s_loss
     disc = tr.disc
     disc.requires_grad_(False)
-    logits_fake = disc(tr._disc_input(recon, tr._blur(step)))
+    logits_fake = disc(tr.objective.disc_input(recon, tr.objective.blur(step)))
     disc.requires_grad_(True)
     g_adv = -logits_fake.mean()  # hinge generator loss
     last = tok.last_layer
@@ -289,7 +291,8 @@ def _var_logits_reference(m, labels: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 def test_var_step_equals_plain_step():
     from xqtool.config import VARTrainConfig
-    from xqtool.tasks.train_var import build_optimizer, teacher_forcing_loss
+    from xqtool.training.build import build_optimizer
+    from xqtool.training.var_trainer import teacher_forcing_loss
 
     m, quant = _tiny_var(), _tiny_quantizer()
     m.train()
@@ -301,7 +304,7 @@ def test_var_step_equals_plain_step():
     t = VARTrainConfig(tblr=1e-3, weight_decay=0.05)
 
     # reference: explicit formulas, F.cross_entropy, plain-loop AdamW over the spec's two groups
-    from xqtool.tasks.train_var import param_groups
+    from xqtool.training.build import param_groups
 
     x = quant.var_input(tokens).float()
     logits = _var_logits_reference(m, labels, x)
@@ -331,7 +334,7 @@ def test_var_step_equals_plain_step():
 
 def test_var_training_step_makes_no_autograd_copies():
     """No zero-filled slice/select gradients and no clones for in-place products in the VAR step."""
-    from xqtool.tasks.train_var import teacher_forcing_loss
+    from xqtool.training.var_trainer import teacher_forcing_loss
 
     m, quant = _tiny_var(), _tiny_quantizer()
     m.train()

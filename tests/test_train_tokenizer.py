@@ -16,7 +16,9 @@ from conftest import assert_same_state
 from xqtool.config import load_tokenizer_config
 from xqtool.errors import ConfigError, WeightsMissingError
 from xqtool.metrics import TorchFeatureExtractor
-from xqtool.tasks.train_tokenizer import TokenizerTrainer, lr_factor, sample_photo_folder, train_tokenizer
+from xqtool.data.samples import sample_photo_folder
+from xqtool.training import TokenizerTrainer, train_tokenizer
+from xqtool.training.schedules import warmup_cosine_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -48,10 +50,10 @@ def _cfg(photos: Path, *extra: str, base: str = "tiny-vit"):
 
 
 def test_lr_schedule():
-    assert lr_factor(0, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(0.1)
-    assert lr_factor(10, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(1.0)
-    assert lr_factor(99, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(0.1, abs=1e-3)
-    assert lr_factor(50, total=100, warmup=0, kind="constant", base=1.0, min_lr=0.1) == 1.0
+    assert warmup_cosine_factor(0, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(10, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(1.0)
+    assert warmup_cosine_factor(99, total=100, warmup=10, kind="cosine", base=1.0, min_lr=0.1) == pytest.approx(0.1, abs=1e-3)
+    assert warmup_cosine_factor(50, total=100, warmup=0, kind="constant", base=1.0, min_lr=0.1) == 1.0
 
 
 def test_loss_falls_and_outputs(photos, tmp_path):
@@ -135,8 +137,8 @@ def test_exact_resume(photos, tmp_path):
 def test_nan_patience_stops_and_keeps_last_good(photos, tmp_path):
     cfg = _cfg(photos, "train.nan_patience=2", "train.ckpt_every=1", "train.eval_every=100", "train.best_metric=psnr")
     trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=10, progress=False)
-    real = trainer._rec_loss
-    trainer._rec_loss = lambda x, r: real(x, r) * (float("nan") if trainer.pos.step >= 2 else 1.0)
+    real = trainer.objective.rec_loss
+    trainer.objective.rec_loss = lambda x, r: real(x, r) * (float("nan") if trainer.pos.step >= 2 else 1.0)
     res = trainer.run()
     assert res.status == "diverged" and res.step == 2
     assert "nan_patience" in res.message and "step-0000002" in res.message

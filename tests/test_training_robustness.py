@@ -20,7 +20,7 @@ from xqtool.config import load_tokenizer_config, load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import CheckpointError, ConfigError
 from xqtool.models.tokenizer import build_tokenizer
-from xqtool.tasks.train_var import train_var
+from xqtool.training import train_var
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAR = ROOT / "configs" / "var" / "tiny.yaml"
@@ -53,7 +53,7 @@ def var_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    from xqtool.tasks.train_tokenizer import sample_photo_folder
+    from xqtool.data.samples import sample_photo_folder
 
     root = tmp_path_factory.mktemp("photos13") / "p"
     sample_photo_folder(root, 32)
@@ -85,7 +85,7 @@ def _cli(args, monkeypatch=None, module: str = "", step: int = 0, sig=None):
 
     if sig is not None:
         if module == "var":
-            import xqtool.tasks.train_var as m
+            import xqtool.training as m
 
             real = m.train_var
 
@@ -94,7 +94,7 @@ def _cli(args, monkeypatch=None, module: str = "", step: int = 0, sig=None):
                 return real(*a, **k)
             monkeypatch.setattr(m, "train_var", patched)
         else:
-            import xqtool.tasks.train_tokenizer as m
+            import xqtool.training as m
 
             real = m.train_tokenizer
 
@@ -120,7 +120,7 @@ def test_var_nan_is_skipped_then_stops_nonzero_and_nothing_nonfinite_is_saved(va
 
 
 def test_tokenizer_never_exports_nonfinite_weights(photos, tmp_path):
-    from xqtool.tasks.train_tokenizer import TokenizerTrainer
+    from xqtool.training import TokenizerTrainer
 
     cfg = load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=[
         "train.global_batch_size=4", "train.warmup_steps=0", "train.tracker=none", "loss.disc_type=none",
@@ -215,7 +215,7 @@ def test_var_batch_change_is_refused_or_remapped_exactly(var_data, tmp_path, mon
 
 
 def test_tokenizer_batch_change_is_refused_naming_both_values(photos, tmp_path):
-    from xqtool.tasks.train_tokenizer import train_tokenizer
+    from xqtool.training import train_tokenizer
 
     base = ["train.warmup_steps=0", "train.tracker=none", "loss.disc_type=none", "train.ckpt_every=100",
             "train.eval_every=100", "train.best_metric=psnr", "data.max_val_images=4",

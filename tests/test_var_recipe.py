@@ -14,7 +14,8 @@ from conftest import photo_crops, to_tensor
 from xqtool.config import load_tokenizer_config, load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.models.tokenizer import build_tokenizer
-from xqtool.tasks.train_var import _build_data, train_var
+from xqtool.training import train_var
+from xqtool.training.var_data import build_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_on_the_fly_images_are_lanczos_288_then_random_crop_256(tmp_path: Path, 
     cfg = load_var_config(ROOT / "configs/var/tiny.yaml", [f"data.images={src}", f"data.hflip={hflip}",
                                                             "train.global_batch_size=1"])
     captured = SimpleNamespace(image_size=256, encode=lambda x: x)  # the "tokens" are the images themselves
-    data, _ = _build_data(cfg, captured, 1, 1, 0, 1, torch.device("cpu"))
+    data, _ = build_data(cfg, captured, 1, 1, 0, 1, torch.device("cpu"))
     flips = []
     for micro in range(12):
         x, _ = data.next_batch()

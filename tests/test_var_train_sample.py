@@ -20,7 +20,9 @@ from xqtool.config import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import TokenError
 from xqtool.tasks.sample import plan_labels
-from xqtool.tasks.train_var import lr_factor, param_groups, train_var
+from xqtool.training import train_var
+from xqtool.training.build import param_groups
+from xqtool.training.schedules import var_lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAR = ROOT / "configs" / "var" / "tiny.yaml"
@@ -81,8 +83,8 @@ def test_token_manifest_mismatch_is_refused(tiny_data, tmp_path: Path) -> None:
 
 
 def test_schedule_groups_and_labels() -> None:
-    assert lr_factor(0, 10, 100) == pytest.approx(0.005)
-    assert lr_factor(10, 10, 100) == 1.0 and lr_factor(99, 10, 100) == pytest.approx(0.01)
+    assert var_lr_factor(0, 10, 100) == pytest.approx(0.005)
+    assert var_lr_factor(10, 10, 100) == 1.0 and var_lr_factor(99, 10, 100) == pytest.approx(0.01)
     from xqtool.models.var import VAR
     from test_var_model import tiny_cfg
 

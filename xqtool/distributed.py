@@ -22,6 +22,7 @@ This module holds the few pieces that make a multi-process run behave like one r
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -186,6 +187,16 @@ def mean_across(*tensors: Tensor) -> Sequence[Tensor]:
         dist.all_reduce(r, op=dist.ReduceOp.SUM)
         out.append(r / world)
     return out
+
+
+def all_finite(acc: Any, value: "float | Tensor") -> bool:
+    """True when `value` (a number or a tensor, all elements) is finite on every process of the Accelerator
+    `acc`, so that all processes take the same branch (skip or step)."""
+    ok = bool(torch.isfinite(value.detach()).all()) if isinstance(value, Tensor) else math.isfinite(value)
+    flag = torch.tensor([0.0 if ok else 1.0], device=acc.device)
+    if acc.num_processes > 1:
+        flag = acc.reduce(flag, reduction="sum")
+    return bool(flag.item() == 0)
 
 
 def mean_logs(logs: Dict[str, float], device: Any = "cpu") -> Dict[str, float]:

@@ -171,7 +171,7 @@ def train_tokenizer_cmd(
 
     Multi-GPU: [bold]accelerate launch -m xqtool train-tokenizer cfg.yaml --resume auto[/]
     """
-    from xqtool.tasks.train_tokenizer import train_tokenizer
+    from xqtool.training import train_tokenizer
 
     _logging()
     cfg = run.load_config(config)

@@ -68,7 +68,7 @@ def train_var_cmd(
     Example: [bold]xqtool train-var configs/var/tiny.yaml --tokens tokens.npy -t runs/tiny-cnn/best -o runs/var-tiny --max-steps 100[/]
     """
     from xqtool.config import load_var_config
-    from xqtool.tasks.train_var import train_var
+    from xqtool.training import train_var
 
     cpu = _cpu_flag(device)
     overrides = list(set_ or [])

@@ -96,3 +96,12 @@ def ensure_demo_images(root: Path, size: int = 64) -> Tuple[Path, Path]:
         return root / "train", root / "val"
     logger.info("writing scikit-image demo images to %s", root)
     return write_demo_images(root, size=size)
+
+
+def sample_photo_folder(root: Path, image_size: int) -> Tuple[Path, Path]:
+    """Demo dataset for training at `image_size` px: photo crops of ``max(2·image_size, 64)`` px under
+    ``root/{train,val}`` (written once); returns both dirs.
+
+    Used when ``data.data_path`` is null, so demos and tests run offline on real images.
+    """
+    return ensure_demo_images(root, size=max(2 * image_size, 64))

@@ -25,6 +25,17 @@ from xqtool.errors import TokenError
 from xqtool.quantize import ProductQuantizer, build_branch_quantizer
 
 
+@dataclass(frozen=True)
+class LatentPerturbation:
+    """RobustTok latent perturbation for one training forward (spec §3.6): the first ⌊B·beta⌋ samples get
+    codes replaced by random near neighbours (``delta`` candidates, strength ``alpha``). The training schedule
+    (:func:`xqtool.training.schedules.robusttok_perturbation`) decides the values per epoch."""
+
+    alpha: float
+    beta: float
+    delta: int
+
+
 @dataclass
 class TokenizerOutput:
     """Training forward result.
@@ -256,22 +267,21 @@ class XQTokenizer(nn.Module):
         return [self.decode_fhat(f) for f in maps]
 
     # ------------------------------------------------------------------ training
-    def forward(self, images: Tensor, epoch: Optional[int] = None) -> TokenizerOutput:
+    def forward(self, images: Tensor, perturbation: Optional[LatentPerturbation] = None) -> TokenizerOutput:
         """Training forward: encode, quantize (with quantizer dropout in train mode), decode.
 
-        With RobustTok settings (``quant.alpha``/``quant.beta`` > 0, single scale) and `epoch` given, the
-        decoder sees the annealed latent perturbation of spec §3.6 (losses use the clean quantization).
+        With a `perturbation` (RobustTok, single-scale quantizer, training mode) the decoder sees perturbed
+        latents (spec §3.6); losses and tokens use the clean quantization.
         """
         latents = self.encode_latents(images)
         q = self.quantizer(latents)
         decoder_input = q.quantized
-        if self.perturbs and self.training and epoch is not None:
-            from xqtool.quantize.perturb import perturb_latent, perturbation_schedule
+        if perturbation is not None and self.perturbs and self.training:
+            from xqtool.quantize.perturb import perturb_latent
 
-            c = self.quant_cfg
-            alpha, delta = perturbation_schedule(epoch, c.alpha, c.delta, c.anneal_start, c.anneal_end, c.end_ratio)
             parts = [
-                perturb_latent(branch, z, zq, alpha=alpha, beta=c.beta, delta=delta)
+                perturb_latent(branch, z, zq, alpha=perturbation.alpha, beta=perturbation.beta,
+                               delta=perturbation.delta)
                 for branch, z, zq in zip(self.quantizer.quantizes, latents, q.branch_outputs)
             ]
             decoder_input = torch.cat(parts, dim=1)

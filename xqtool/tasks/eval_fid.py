@@ -50,13 +50,10 @@ from xqtool.metrics import (
     feature_stats,
     fid_from_features,
     frechet_distance,
-    image_features,
     inception_extractor,
     inception_score,
     kernel_inception_distance,
-    psnr,
     run_extractor,
-    ssim,
 )
 from xqtool.tasks.injected import Injected
 
@@ -587,7 +584,8 @@ def _evaluate_rfid(
     """
     from xqtool.checkpoints import load_tokenizer
     from xqtool.data.images import make_loader
-    from xqtool.metrics import code_histogram, codebook_usage_metrics, from_uint8, to_uint8
+    from xqtool.evaluation import ReconstructionEvaluator
+    from xqtool.metrics import from_uint8
 
     _check_mode(mode)
     if lpips not in ("auto", "on", "off"):
@@ -601,56 +599,34 @@ def _evaluate_rfid(
     S = int(tok.image_size)
     loader = make_loader(str(data), image_size=S, batch_size=batch_size, num_workers=num_workers,
                          bad_files=bad_files, seed=seed)
-    f_real, f_fake, p_fake = [], [], []
-    psnrs, ssims, lps, tokens_all = [], [], [], []
-    n = 0
-    for batch in loader:
-        x = batch["image"]
-        if max_images:
-            x = x[: max(0, max_images - n)]
-        if x.shape[0] == 0:
-            break
-        x = x.to(device)
-        with torch.inference_mode():
-            tokens = tok.encode(x)
-            y = tok.decode(tokens)
-        tokens_all.append(tokens.cpu())
-        xu, yu = to_uint8(x).cpu(), to_uint8(y).cpu()
-        xq, yq = from_uint8(xu), from_uint8(yu)
-        psnrs.append(psnr(xq, yq))
-        ssims.append(ssim(xq, yq))
+    ev = ReconstructionEvaluator(tok, device=device, uint8_metrics=True, extractor=extractor, limit=max_images)
+    p_fake, lps = [], []
+    for b in ev.batches(batch["image"] for batch in loader):
         if lp is not None:
             with torch.no_grad():
-                lps.append(lp(xq.to(device), yq.to(device)).float().cpu())
-        f_real.append(image_features(extractor, xu).numpy().astype(np.float64))
-        f = image_features(extractor, yu)
-        f_fake.append(f.numpy().astype(np.float64))
-        probs = class_probs(extractor, f)
+                lps.append(lp(from_uint8(b.x_u8).to(device), from_uint8(b.recon_u8).to(device)).float().cpu())
+        probs = class_probs(extractor, b.feats_fake)
         if probs is not None:
             p_fake.append(probs)
         if recon_dir is not None:
-            _save_pngs(recon_dir, yu, start=n)
-        n += x.shape[0]
-        if max_images and n >= max_images:
-            break
+            _save_pngs(recon_dir, b.recon_u8, start=ev.seen - b.x.shape[0])
+    n = ev.seen
     if n < 2:
         raise DataError(f"rFID needs at least 2 images, {data} gave {n}")
+    real_feats = torch.cat(ev.feats_real).numpy().astype(np.float64)
     real = FeatureSet("originals", str(Path(str(data)).resolve()) if Path(str(data)).exists() else str(data), n,
-                      *feature_stats(np.concatenate(f_real)), feats=np.concatenate(f_real), sizes=[f"{S}x{S}"])
-    fake_feats = np.concatenate(f_fake)
+                      *feature_stats(real_feats), feats=real_feats, sizes=[f"{S}x{S}"])
+    fake_feats = torch.cat(ev.feats_fake).numpy().astype(np.float64)
     fake = FeatureSet("reconstructions", str(recon_dir or ""), n, *feature_stats(fake_feats), feats=fake_feats,
-                      probs=np.concatenate(p_fake) if len(p_fake) == len(f_fake) else None, sizes=[f"{S}x{S}"])
+                      probs=np.concatenate(p_fake) if len(p_fake) == len(ev.feats_fake) else None, sizes=[f"{S}x{S}"])
     dist = _distribution_metrics(fake, real, kid=kid, isc=True, kid_subsets=kid_subsets, is_splits=10, seed=seed)
-    ps, ss = torch.cat(psnrs), torch.cat(ssims)
-    toks = torch.cat(tokens_all)  # [N, P, L]
-    scales = getattr(tok, "scales", None)  # None (toy tokenizers): all positions as one group
-    usage = codebook_usage_metrics(code_histogram(toks, int(tok.codebook_size), scales))
+    usage = ev.usage()
     metrics = {
         "rfid": dist["fid"],
         "kid": dist["kid"],
         "inception_score": dist["inception_score"],
-        "psnr": float(ps.mean()),
-        "ssim": float(ss.mean()),
+        "psnr": float(torch.cat(ev.psnr).mean()),
+        "ssim": float(torch.cat(ev.ssim).mean()),
         "lpips": float(torch.cat(lps).mean()) if lps else None,
         **usage,  # codebook_usage [P], codebook_usage_per_scale [P][S], codes_used ..., see metrics.py
     }

@@ -2,7 +2,7 @@
 
 Flow: load the checkpoint (EMA weights preferred) → apply the encoder / decoder tuning methods
 (``full`` | ``lora`` | ``frozen``) and optionally freeze the codebook → train with
-:func:`xqtool.tasks.train_tokenizer.train_tokenizer` (its optimizer is built afterwards, from parameters
+:class:`xqtool.training.tokenizer_trainer.TokenizerTrainer` (its optimizer is built afterwards, from parameters
 that require grad, so LoRA parameters are trained and frozen ones are not even in the optimizer) →
 export ``OUT/export`` as a normal xqtool checkpoint with LoRA merged (raw + EMA weights) and each LoRA
 adapter alone in ``OUT/export/adapter_{encoder,decoder}`` (peft ``save_pretrained``).
@@ -22,7 +22,8 @@ import torch
 from xqtool.config import TokenizerConfig
 from xqtool.errors import CheckpointError
 from xqtool.models.lora import DEFAULT_LORA_TARGETS, apply_tuning, freeze_codebook, has_lora, merge_lora, save_adapters
-from xqtool.tasks.train_tokenizer import TokenizerTrainer, TrainResult, _default_extractor
+from xqtool.training.build import rfid_extractor
+from xqtool.training.tokenizer_trainer import TokenizerTrainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def finetune_tokenizer(
         result.export_dir, result.adapter_dirs = export_finetuned(trainer, Path(trainer.out) / "export")
 
     if "feature_extractor" not in train_kwargs:
-        train_kwargs["feature_extractor"] = _default_extractor(run_cfg)
+        train_kwargs["feature_extractor"] = rfid_extractor(run_cfg)
     trainer = TokenizerTrainer(
         run_cfg, output_dir=output_dir, resume=resume, max_steps=max_steps, tokenizer=tok, on_finish=on_finish,
         **train_kwargs,

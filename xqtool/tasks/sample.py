@@ -284,7 +284,7 @@ def _sample_into(s: SampleSettings, accelerator: Any, var: Any, tokenizer: Any, 
     device = accelerator.device
     var = var.to(device).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
-    from xqtool.tasks.train_var import check_tokenizer_fit
+    from xqtool.training.var_data import check_tokenizer_fit
 
     check_tokenizer_fit(var.config, tokenizer, trained=True)
     amp = amp_dtype(s.precision)
