@@ -140,7 +140,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_scale_rule: str = field(default="batch/128", metadata=choices("batch/128", "none"))
     lr_scheduler: str = field(default="cosine", metadata=choices("cosine", "constant", "none"))
-    # "epoch": the reference's timm schedule stepped once per epoch (spec §5.6, xqtool/lr_schedule.py);
+    # "epoch": the reference's timm schedule stepped once per epoch (spec §5.6, xqtool/training/schedules.py);
     # "step": xqtool's per-step schedule (linear warm-up over warmup_steps from ~0, then per-step cosine).
     lr_schedule: str = field(default="epoch", metadata=choices("epoch", "step"))
     warmup_epochs: int = 1
