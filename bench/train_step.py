@@ -48,8 +48,12 @@ PEAKS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5
 # ---------------------------------------------------------------------------------------------- tokenizer
 def _tokenizer_step(args: argparse.Namespace, tmp: Path) -> tuple[Callable[[], None], Dict[str, Any]]:
     from xqtool.config import load_tokenizer_config
-    from xqtool.data.samples import sample_photo_folder
-    from xqtool.training import TokenizerTrainer
+
+    try:
+        from xqtool.data.samples import sample_photo_folder
+        from xqtool.training import TokenizerTrainer
+    except ImportError:  # xqtool before the training/ package (for before/after comparisons)
+        from xqtool.tasks.train_tokenizer import TokenizerTrainer, sample_photo_folder  # type: ignore[no-redef]
 
     train_dir, _ = sample_photo_folder(tmp / "photos", 256)
     prec = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision]
