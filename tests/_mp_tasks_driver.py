@@ -25,7 +25,8 @@ def run(base: Path, out: Path) -> None:
     from xqtool.distributed import main_process_only
     from xqtool.metrics import TorchFeatureExtractor
     from xqtool.tasks.encode import EncodeSettings, encode_images
-    from xqtool.tasks.eval_fid import evaluate_rfid
+    from xqtool.tasks.eval_fid import RfidSettings, evaluate_rfid
+    from xqtool.tasks.injected import Injected
     from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
     from xqtool.tasks.sample import SampleSettings, sample_images
     from xqtool.training import train_var
@@ -50,8 +51,9 @@ def run(base: Path, out: Path) -> None:
             (out / f"{name}.json").write_text(json.dumps({"launch": res.launch, "history": res.history}))
     # eval-fid --rfid and probe run in one process (rank 0 reads everything, the others return)
     if main_process_only("eval-fid"):
-        rep = evaluate_rfid(tok, base / "imgs", feature_extractor=TorchFeatureExtractor(tiny_features, name="tiny"),
-                            lpips="off", kid=False, batch_size=4, report_path=out / "rfid.json")
+        rep = evaluate_rfid(RfidSettings(tokenizer=tok, data=base / "imgs", lpips="off", kid=False, batch_size=4,
+                                         report_path=out / "rfid.json"),
+                            Injected(feature_extractor=TorchFeatureExtractor(tiny_features, name="tiny")))
         probe = run_probe(ProbeSettings(ckpt=tok, train=base / "imgs", val=base / "imgs", features="all",
                                         out_dir=out / "probe", optim=ProbeOptim(epochs=2, batch_size=4)))
         (out / "probe.json").write_text(json.dumps({"best_top1": probe["best_top1"],

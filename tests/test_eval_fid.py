@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from xqtool.cli import app
 from xqtool.metrics import PSNR_CAP_DB, TorchFeatureExtractor
-from xqtool.tasks.eval_fid import FidSettings, FidStatsSettings, evaluate_fid, evaluate_rfid, make_fid_stats
+from xqtool.tasks.eval_fid import (FidSettings, FidStatsSettings, RfidSettings, evaluate_fid, evaluate_rfid,
+                                     make_fid_stats)
 from xqtool.tasks.injected import Injected
 
 runner = CliRunner()
@@ -157,9 +158,10 @@ class _PerfectTokenizer(nn.Module):
 def test_rfid_of_perfect_reconstruction(tmp_path, sets):
     a, _ = sets
     _write_folder(tmp_path / "data", a)
-    rep = evaluate_rfid(None, tmp_path / "data", tokenizer=_PerfectTokenizer(), feature_extractor=_extractor(),
-                        lpips_model=lambda x, y: (x - y).abs().mean((1, 2, 3)), batch_size=16,
-                        report_path=tmp_path / "r.json", max_images=40)
+    rep = evaluate_rfid(RfidSettings(tokenizer=None, data=tmp_path / "data", batch_size=16,
+                                     report_path=tmp_path / "r.json", max_images=40),
+                        Injected(tokenizer=_PerfectTokenizer(), feature_extractor=_extractor(),
+                                 lpips=lambda x, y: (x - y).abs().mean((1, 2, 3))))
     m = rep["metrics"]
     assert m["rfid"] == pytest.approx(0.0, abs=1e-6)
     assert m["psnr"] == PSNR_CAP_DB and m["ssim"] == pytest.approx(1.0)

@@ -13,7 +13,8 @@ import torch
 from xqtool.config import load_tokenizer_config
 from xqtool.data.images import open_image_source
 from xqtool.metrics import TorchFeatureExtractor, code_histogram, codebook_usage_metrics
-from xqtool.tasks.eval_fid import evaluate_rfid
+from xqtool.tasks.eval_fid import RfidSettings, evaluate_rfid
+from xqtool.tasks.injected import Injected
 from xqtool.data.samples import sample_photo_folder
 from xqtool.training import TokenizerTrainer
 
@@ -66,8 +67,9 @@ def test_train_validation_and_rfid_report_the_same_usage(tmp_path):
                                allow_random_weights=True, progress=False)
     val = trainer.validate(0)
     model = (trainer.ema.module if trainer.ema is not None else trainer.unwrapped).eval()
-    rep = evaluate_rfid(None, photos / "val", tokenizer=model, feature_extractor=_fx(), lpips="off",
-                        batch_size=4, max_images=N_VAL, kid=False, report_path=tmp_path / "r.json")
+    rep = evaluate_rfid(RfidSettings(tokenizer=None, data=photos / "val", lpips="off", batch_size=4, max_images=N_VAL,
+                                     kid=False, report_path=tmp_path / "r.json"),
+                        Injected(tokenizer=model, feature_extractor=_fx()))
     m = rep["metrics"]
     # independent reference: the same images, encoded here, counted with numpy
     images = torch.stack([s["image"] for s in open_image_source(photos / "val", image_size=32)][:N_VAL])

@@ -126,7 +126,8 @@ def eval_fid(
 
       [bold]xqtool eval-fid make-stats imagenet/val --name imagenet256-val --image-size 256[/]
     """
-    from xqtool.tasks.eval_fid import FidSettings, FidStatsSettings, evaluate_fid, evaluate_rfid, make_fid_stats
+    from xqtool.tasks.eval_fid import (FidSettings, FidStatsSettings, RfidSettings, evaluate_fid, evaluate_rfid,
+                                        make_fid_stats)
     from xqtool.distributed import main_process_only
 
     if not main_process_only("eval-fid"):
@@ -147,11 +148,10 @@ def eval_fid(
             raise ConfigError("--rfid needs --tokenizer/-t CKPT (the tokenizer to evaluate)")
         if ref is not None or ref_stats is not None:
             raise ConfigError("--rfid scores DATA against its own reconstructions: give only DATA, no REF/--ref-stats")
-        out = evaluate_rfid(tokenizer, gen, config=config, prefer_ema=ema, mode=mode, batch_size=batch_size,
-                            num_workers=num_workers, device=device, inception_weights=inception_weights,
-                            lpips=lpips, lpips_weights=lpips_weights, max_images=max_images, bad_files=bad_files.value,
-                            kid=kid, seed=seed, save_recon=save_recon,
-                            report_path=report if report is not None else "rfid_report.json", overwrite=overwrite)
+        out = evaluate_rfid(RfidSettings(
+            tokenizer=tokenizer, data=gen, config=config, prefer_ema=ema, lpips=lpips, lpips_weights=lpips_weights,
+            bad_files=bad_files.value, kid=kid, seed=seed, save_recon=save_recon, overwrite=overwrite,
+            report_path=report if report is not None else "rfid_report.json", **features))
         _print_report(out, f"Reconstruction metrics ({out['image_counts']['originals']} images)")
         return
     if tokenizer is not None:

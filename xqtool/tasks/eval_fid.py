@@ -264,6 +264,39 @@ class FidStatsSettings(FeatureOptions):
     overwrite: bool = False
 
 
+@dataclass(kw_only=True)
+class RfidSettings(FeatureOptions):
+    """What ``xqtool eval-fid --rfid TOKENIZER DATA`` reconstructs and reports (see :func:`evaluate_rfid`).
+
+    Attributes:
+        tokenizer: xqtool checkpoint dir, official ``.pt`` or model name (unused when ``Injected.tokenizer`` is set).
+        data: any image source the data layer accepts (folder, class tree, list file, WebDataset shards).
+        config: YAML config for an official checkpoint without usable ``args``; prefer_ema: EMA weights when saved.
+        lpips: ``auto`` (compute when weights are found), ``on`` (error when missing) or ``off``; lpips_weights: file.
+        bad_files: ``skip`` (count and report) or ``error``.
+        kid / kid_subsets / seed: KID on both feature sets (subset draws seeded).
+        save_recon: optional folder for the reconstructions as PNG (``<index>.png``).
+        report_path: JSON report destination (None = do not write); overwrite: replace earlier xqtool outputs.
+    ``image_size`` and ``stats_dir`` of :class:`FeatureOptions` are not used (images are cropped to the
+    tokenizer's size).
+    """
+
+    tokenizer: Optional[PathLike]
+    data: PathLike
+    config: Optional[PathLike] = None
+    prefer_ema: bool = True
+    batch_size: int = 32
+    lpips: str = "auto"
+    lpips_weights: Optional[PathLike] = None
+    bad_files: str = "skip"
+    kid: bool = True
+    kid_subsets: int = 100
+    seed: int = 0
+    save_recon: Optional[PathLike] = None
+    report_path: Optional[PathLike] = "rfid_report.json"
+    overwrite: bool = False
+
+
 def load_feature_set(
     path: PathLike,
     extractor: Any,
@@ -505,10 +538,10 @@ def _evaluate_fid(s: FidSettings, injected: Injected) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_lpips(lpips: str, lpips_weights: Optional[PathLike], lpips_model: Any, device: str):
+def _resolve_lpips(lpips: str, lpips_weights: Optional[PathLike], injected_lpips: Any, device: str):
     """→ (module or None, description)."""
-    if lpips_model is not None:
-        return lpips_model, "injected"
+    if injected_lpips is not None:
+        return injected_lpips, "injected"
     if lpips == "off":
         return None, "disabled"
     from xqtool.losses.lpips import LPIPS
@@ -523,83 +556,59 @@ def _resolve_lpips(lpips: str, lpips_weights: Optional[PathLike], lpips_model: A
     return net.to(device), f"LPIPS-VGG16 ({net.source})"
 
 
-def evaluate_rfid(ckpt: PathLike, data: PathLike, *, overwrite: bool = False, **kwargs: Any) -> Dict[str, Any]:
-    """Reconstruction metrics of a tokenizer on `data`; keyword arguments as :func:`_evaluate_rfid`.
-
-    Outputs are checked before any work: OutputError when the report file or the ``save_recon`` folder exists
-    (``overwrite`` replaces only earlier xqtool outputs), lies inside the data, or is locked by another process.
-    """
-    report_path = kwargs.get("report_path", "rfid_report.json")
-    check_report_path(report_path, overwrite, [data])
-    save_recon = kwargs.get("save_recon")
-    with contextlib.ExitStack() as guard:
-        if report_path is not None:
-            guard.enter_context(output_lock(Path(report_path).expanduser()))
-        if save_recon:
-            replace = check_output(Path(save_recon), kind="rfid-recon", is_dir=True, overwrite=overwrite,
-                                   sources=[data])
-            guard.enter_context(output_lock(Path(save_recon)))
-            guard.enter_context(fresh_output_dir(Path(save_recon), "rfid-recon", replace=replace))
-        return _evaluate_rfid(ckpt, data, **kwargs)
-
-
-def _evaluate_rfid(
-    ckpt: PathLike,
-    data: PathLike,
-    *,
-    config: Optional[PathLike] = None,
-    prefer_ema: bool = True,
-    mode: str = "clean",
-    batch_size: int = 32,
-    num_workers: int = 0,
-    device: str = "cpu",
-    inception_weights: Optional[PathLike] = None,
-    lpips: str = "auto",
-    lpips_weights: Optional[PathLike] = None,
-    max_images: Optional[int] = None,
-    bad_files: str = "skip",
-    kid: bool = True,
-    kid_subsets: int = 100,
-    seed: int = 0,
-    save_recon: Optional[PathLike] = None,
-    report_path: Optional[PathLike] = "rfid_report.json",
-    feature_extractor: Any = None,
-    lpips_model: Any = None,
-    tokenizer: Any = None,
-) -> Dict[str, Any]:
-    """Reconstruct `data` through a tokenizer and score against the originals in one pass.
+def evaluate_rfid(s: RfidSettings, injected: Optional[Injected] = None) -> Dict[str, Any]:
+    """Reconstruct ``s.data`` through a tokenizer and score against the originals in one pass.
 
     Originals and reconstructions are both quantised to uint8 (``round(127.5 x + 127.5)``, clamped) before
     every metric, exactly as if both were saved as PNG. Images come from ``xqtool.data.images.make_loader``
-    (ADM center crop to the tokenizer's image size).
+    (ADM center crop to the tokenizer's image size); the loop is :class:`xqtool.evaluation.ReconstructionEvaluator`,
+    the one training validation uses.
 
-    Args:
-        ckpt: xqtool checkpoint dir or official ``.pt`` (ignored when `tokenizer` is given).
-        data: any image source the data layer accepts (folder, class tree, list file, WebDataset shards).
-        lpips: ``auto`` (compute when weights are found), ``on`` (error when missing) or ``off``.
-        save_recon: optional folder to write the reconstructions as PNG (``<index>.png``).
-        feature_extractor / lpips_model / tokenizer: injections for tests.
+    `injected` may give ``tokenizer``, ``feature_extractor`` and ``lpips`` (a callable ``(x, y) -> [B]`` on images
+    in [-1, 1]) instead of loading them.
+
     Returns:
         The report dict (``metrics``: rfid, kid, psnr, ssim, lpips, codebook usage/perplexity per branch).
+    Raises:
+        OutputError: the report file or the ``save_recon`` folder exists (``overwrite`` replaces only earlier
+            xqtool outputs), lies inside the data, or is locked by another process — checked before any work.
+        ConfigError: bad ``mode`` / ``lpips``; DataError: fewer than 2 readable images; WeightsMissingError:
+            Inception (or LPIPS with ``lpips=on``) weights missing.
     """
+    injected = injected or Injected()
+    check_report_path(s.report_path, s.overwrite, [s.data])
+    with contextlib.ExitStack() as guard:
+        if s.report_path is not None:
+            guard.enter_context(output_lock(Path(s.report_path).expanduser()))
+        if s.save_recon:
+            replace = check_output(Path(s.save_recon), kind="rfid-recon", is_dir=True, overwrite=s.overwrite,
+                                   sources=[s.data])
+            guard.enter_context(output_lock(Path(s.save_recon)))
+            guard.enter_context(fresh_output_dir(Path(s.save_recon), "rfid-recon", replace=replace))
+        return _evaluate_rfid(s, injected)
+
+
+def _evaluate_rfid(s: RfidSettings, injected: Injected) -> Dict[str, Any]:
     from xqtool.checkpoints import load_tokenizer
     from xqtool.data.images import make_loader
     from xqtool.evaluation import ReconstructionEvaluator
     from xqtool.metrics import from_uint8
 
-    _check_mode(mode)
-    if lpips not in ("auto", "on", "off"):
-        raise ConfigError(f"--lpips must be auto, on or off, not '{lpips}'")
-    recon_dir = Path(save_recon) if save_recon else None
-    tok = tokenizer if tokenizer is not None else load_tokenizer(ckpt, config=config, map_location=device,
-                                                                  prefer_ema=prefer_ema)
+    _check_mode(s.mode)
+    if s.lpips not in ("auto", "on", "off"):
+        raise ConfigError(f"--lpips must be auto, on or off, not '{s.lpips}'")
+    device, data = s.device, s.data
+    recon_dir = Path(s.save_recon) if s.save_recon else None
+    tok = injected.tokenizer
+    if tok is None:
+        tok = load_tokenizer(s.tokenizer, config=s.config, map_location=device, prefer_ema=s.prefer_ema)
     tok = tok.to(device).eval()
-    extractor = feature_extractor or inception_extractor(inception_weights, device=device, mode=mode)
-    lp, lp_desc = _resolve_lpips(lpips, lpips_weights, lpips_model, device)
+    extractor = s.extractor(injected)
+    lp, lp_desc = _resolve_lpips(s.lpips, s.lpips_weights, injected.lpips, device)
     S = int(tok.image_size)
-    loader = make_loader(str(data), image_size=S, batch_size=batch_size, num_workers=num_workers,
-                         bad_files=bad_files, seed=seed)
-    ev = ReconstructionEvaluator(tok, device=device, uint8_metrics=True, extractor=extractor, limit=max_images)
+    loader = make_loader(str(data), image_size=S, batch_size=s.batch_size, num_workers=s.num_workers,
+                         bad_files=s.bad_files, seed=s.seed)
+    ev = ReconstructionEvaluator(tok, device=device, uint8_metrics=True, extractor=extractor, limit=s.max_images)
     p_fake, lps = [], []
     for b in ev.batches(batch["image"] for batch in loader):
         if lp is not None:
@@ -619,7 +628,7 @@ def _evaluate_rfid(
     fake_feats = torch.cat(ev.feats_fake).numpy().astype(np.float64)
     fake = FeatureSet("reconstructions", str(recon_dir or ""), n, *feature_stats(fake_feats), feats=fake_feats,
                       probs=np.concatenate(p_fake) if len(p_fake) == len(ev.feats_fake) else None, sizes=[f"{S}x{S}"])
-    dist = _distribution_metrics(fake, real, kid=kid, isc=True, kid_subsets=kid_subsets, is_splits=10, seed=seed)
+    dist = _distribution_metrics(fake, real, kid=s.kid, isc=True, kid_subsets=s.kid_subsets, is_splits=10, seed=s.seed)
     usage = ev.usage()
     metrics = {
         "rfid": dist["fid"],
@@ -637,12 +646,12 @@ def _evaluate_rfid(
     report = {
         "task": "rfid",
         "metrics": metrics,
-        "backend": _backend(extractor, mode if feature_extractor is None else getattr(extractor, "mode", mode),
-                            feature_extractor is not None),
-        "checkpoint": str(Path(ckpt).resolve()) if ckpt is not None and tokenizer is None else (
-            str(ckpt) if ckpt is not None else None),
+        "backend": _backend(extractor, s.mode if injected.feature_extractor is None else getattr(extractor, "mode", s.mode),
+                            injected.feature_extractor is not None),
+        "checkpoint": str(Path(s.tokenizer).resolve()) if s.tokenizer is not None and injected.tokenizer is None else (
+            str(s.tokenizer) if s.tokenizer is not None else None),
         "config_hash": chash,
-        "prefer_ema": prefer_ema,
+        "prefer_ema": s.prefer_ema,
         "data": real.path,
         "image_counts": {"originals": n, "reconstructions": n, "skipped_bad_files": len(loader.bad_files)},
         "bad_files": dict(list(loader.bad_files.items())[:50]),
@@ -655,15 +664,15 @@ def _evaluate_rfid(
             "ssim": "Gaussian 11x11 sigma 1.5, per channel, mean over images",
             "lpips": lp_desc,
         },
-        "settings": {"batch_size": batch_size, "max_images": max_images, "seed": seed, "device": str(device),
-                     "mode": mode, "bad_files": bad_files},
+        "settings": {"batch_size": s.batch_size, "max_images": s.max_images, "seed": s.seed, "device": str(device),
+                     "mode": s.mode, "bad_files": s.bad_files},
         "recon_dir": str(recon_dir.resolve()) if recon_dir else None,
         "notes": ([f"only {n} images: rFID is biased upwards for small sets (papers use 50k ImageNet val)"]
                   if n < 10000 else []),
         "xqtool_version": __version__,
         "created": _now(),
     }
-    return _write_report(report, report_path)
+    return _write_report(report, s.report_path)
 
 
 def _save_pngs(folder: Path, images_u8: torch.Tensor, start: int) -> None:
@@ -678,6 +687,7 @@ __all__ = [
     "FeatureOptions",
     "FidSettings",
     "FidStatsSettings",
+    "RfidSettings",
     "evaluate_fid",
     "evaluate_rfid",
     "make_fid_stats",

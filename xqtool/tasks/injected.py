@@ -1,7 +1,7 @@
 """Objects a task entry point uses instead of building them itself.
 
 Every task entry point (``run_probe``, ``sample_images``, ``evaluate_fid``, ``make_fid_stats``, ``encode_images``,
-``decode_tokens``) takes a settings dataclass (what the CLI options say) plus one :class:`Injected`: pre-built
+``decode_tokens``, ``evaluate_rfid``) takes a settings dataclass (what the CLI options say) plus one :class:`Injected`: pre-built
 models and extractors (tests, notebooks, the trainer) and progress callbacks (the CLI's progress bars and tables).
 A field left ``None`` means "build / load it from the settings" or "no callback". Each task reads only the fields
 its docstring names; the others are ignored.
@@ -22,6 +22,7 @@ class Injected:
         var: a built VAR model used instead of loading the settings' VAR checkpoint.
         var_info: the info dict of ``load_var`` for an injected `var` (enables the fingerprint check).
         feature_extractor: a :class:`xqtool.metrics.FeatureExtractor` used instead of clean-fid's Inception.
+        lpips: a callable ``(x, y) -> [B]`` on images in [-1, 1] used instead of LPIPS-VGG16 (``evaluate_rfid``).
         progress: called with the number of items (images / views) just processed.
         on_start: called once with the number of items to process now (None when unknown).
         on_epoch: called with each epoch's record (probe).
@@ -32,6 +33,7 @@ class Injected:
     var: Any = None
     var_info: Any = None
     feature_extractor: Any = None
+    lpips: Any = None
     progress: Optional[Callable[[int], None]] = None
     on_start: Optional[Callable[[Optional[int]], None]] = None
     on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None
