@@ -87,7 +87,10 @@ def _tokenizer_step(args: argparse.Namespace, tmp: Path) -> tuple[Callable[[], N
 
 # ---------------------------------------------------------------------------------------------- VAR
 def _var_step(args: argparse.Namespace, depth: int) -> tuple[Callable[[], None], Dict[str, Any]]:
-    from xqtool.config import VARModelConfig, VARTrainConfig
+    try:
+        from xqtool.config import VARModelConfig, VARTrainConfig
+    except ImportError:  # xqtool before the config package
+        from xqtool.config_var import VARModelConfig, VARTrainConfig  # type: ignore[no-redef]
     from xqtool.models.var import VAR
     from xqtool.quantize.factory import build_branch_quantizer
     from xqtool.quantize.product import ProductQuantizer
