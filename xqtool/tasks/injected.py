@@ -1,8 +1,9 @@
 """Objects a task entry point uses instead of building them itself.
 
-Every task entry point (``run_probe``, ``sample_images``, ``evaluate_fid``, ``make_fid_stats``, ``encode_images``,
-``decode_tokens``, ``evaluate_rfid``) takes a settings dataclass (what the CLI options say) plus one :class:`Injected`: pre-built
-models and extractors (tests, notebooks, the trainer) and progress callbacks (the CLI's progress bars and tables).
+Every task entry point (``run_probe``, ``sample_images``, ``evaluate_fid``, ``evaluate_rfid``, ``make_fid_stats``,
+``encode_images``, ``decode_tokens``) takes a settings dataclass (what the CLI options say) plus one
+:class:`Injected`: pre-built models and extractors (tests, notebooks, the trainer) and progress callbacks (the
+CLI's progress bars and tables).
 A field left ``None`` means "build / load it from the settings" or "no callback". Each task reads only the fields
 its docstring names; the others are ignored.
 """
