@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,16 @@ def test_refuses_foreign_unsafe_and_corrupt_files(tmp_path, tiny_cnn_cfg) -> Non
     with pytest.raises(CheckpointError):
         safe_torch_load(evil)
     assert not os.path.exists("/tmp/xqtool_pwned")
+    # an unsupported pickle (protocol 4): one complete reason, torch's protocol warning not passed on
+    odd = tmp_path / "odd.pt"
+    with open(odd, "wb") as fh:
+        pickle.dump(collections.Counter(a=1), fh, protocol=4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError) as err:
+            safe_torch_load(odd)
+    assert not [w for w in seen if "pickle protocol" in str(w.message)]
+    assert "(Unsupported operand" in str(err.value) and str(err.value).endswith(")"), str(err.value)
 
     save_tokenizer(tmp_path / "ok", build_tokenizer(tiny_cnn_cfg))
     good = tmp_path / "good.pt"

@@ -125,6 +125,10 @@ def test_existing_outputs_are_refused_and_overwrite_replaces_only_xqtool_outputs
     raw = foreign.read_bytes()
     _one_error(_invoke("encode", imgs, "-o", foreign, "-t", env["A"], "--overwrite"), "not an xqtool")
     assert foreign.read_bytes() == raw
+    # ... and without --overwrite the refusal does not suggest a flag that would not help
+    res = _invoke("encode", imgs, "-o", foreign, "-t", env["A"])
+    _one_error(res, "not an xqtool")
+    assert "pass --overwrite" not in res.output and foreign.read_bytes() == raw
 
 
 def test_output_inside_or_containing_the_source_is_refused(env, tmp_path):

@@ -258,3 +258,41 @@ def test_cli_fid_make_stats_alias_and_errors(tmp_path, sets, monkeypatch):
     assert res.exit_code == 2 and "Inception weights" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["eval-fid", str(tmp_path / "b"), "--mode", "nope"])
     assert res.exit_code == 2
+
+
+def test_cli_missing_inputs_are_named_before_any_weights_are_looked_for(tmp_path, monkeypatch):
+    """A typo in the data path is the error, not the (also missing) Inception weights that would be loaded first."""
+    monkeypatch.delenv("XQTOOL_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    missing = tmp_path / "nope"
+    for args in (["eval-fid", "--rfid", "-t", str(tmp_path / "any-tokenizer"), str(missing)],
+                 ["eval-fid", str(missing), str(tmp_path / "nope2")]):
+        res = runner.invoke(app, [*args, "-o", str(tmp_path / "r.json")])
+        assert res.exit_code == 2, res.output
+        assert "not found" in res.output and str(missing) in res.output and "Inception" not in res.output
+
+
+def test_inception_search_skips_world_writable_tmp_and_hides_torch_notices(tmp_path, monkeypatch):
+    """clean-fid's /tmp download is not loaded implicitly (a TorchScript file is code); a broken file gives torch's
+    first sentence, without its deprecation warning."""
+    import warnings
+
+    from xqtool.errors import WeightsMissingError
+    from xqtool.metrics import InceptionExtractor, resolve_inception_weights
+
+    monkeypatch.delenv("XQTOOL_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(WeightsMissingError) as err:
+        resolve_inception_weights(None, "clean")
+    assert "/tmp," not in str(err.value) and "/tmp " not in str(err.value)
+    broken = tmp_path / "inception-2015-12-05.pt"
+    broken.write_bytes(b"not a zip archive at all")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(WeightsMissingError) as err:
+            InceptionExtractor(broken, "clean", "cpu")
+    assert not [w for w in seen if "jit" in str(w.message)]
+    assert str(err.value).startswith(f"cannot load TorchScript Inception from {broken}: ")
+    assert "If you are seeing this error" not in str(err.value)

@@ -376,12 +376,12 @@ def check_output(
     if is_dir and _is_empty_dir(p):
         return False
     recognise = ours or (lambda q: has_marker(q, kind))
+    if not recognise(p):  # said first: --overwrite would not help
+        raise OutputError(f"{p} exists and is not an xqtool {kind} output: choose another output (--overwrite only "
+                          "replaces xqtool's own outputs)")
     if not overwrite:
         raise OutputError(f"{p} already exists{' and is not empty' if is_dir else ''}: pass --overwrite to replace "
                           f"it, or choose another output")
-    if not recognise(p):
-        raise OutputError(f"{p} exists and is not an xqtool {kind} output: --overwrite only replaces xqtool's own "
-                          "outputs; choose another output")
     return True
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Union, runtime_checkable
@@ -394,8 +396,8 @@ class TorchFeatureExtractor:
 
 
 def _default_cache_dirs() -> list[Path]:
-    dirs = [Path("/tmp")]  # clean-fid's download folder for the torchscript Inception (non-Windows)
-    dirs.append(Path(torch.hub.get_dir()) / "checkpoints")  # torch hub cache (pytorch-fid weights)
+    # Not /tmp (clean-fid's download folder): anyone can write there, and the TorchScript file runs as code.
+    dirs = [Path(torch.hub.get_dir()) / "checkpoints"]  # torch hub cache (pytorch-fid weights)
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     dirs.append(Path(xdg) / "xqtool")
     return dirs
@@ -404,9 +406,10 @@ def _default_cache_dirs() -> list[Path]:
 def resolve_inception_weights(weights: Optional[Union[str, os.PathLike]] = None, mode: str = "clean") -> Path:
     """Find the local Inception file for `mode` without touching the network.
 
-    Order: `weights` (file, a folder holding the file, or ``hf://OWNER/REPO/FILE``) → ``$XQTOOL_INCEPTION_WEIGHTS`` → clean-fid's cache
-    (``/tmp/inception-2015-12-05.pt``) → torch hub cache (``~/.cache/torch/hub/checkpoints``) →
-    ``~/.cache/xqtool``. ``clean`` / ``legacy_tensorflow`` need the TorchScript file
+    Order: `weights` (file, a folder holding the file, or ``hf://OWNER/REPO/FILE``) → ``$XQTOOL_INCEPTION_WEIGHTS``
+    → torch hub cache (``~/.cache/torch/hub/checkpoints``) → ``~/.cache/xqtool``. clean-fid's own download
+    (``/tmp/inception-2015-12-05.pt``) is not searched: ``/tmp`` is world-writable and the TorchScript file is
+    code; move it to one of those folders or pass it explicitly. ``clean`` / ``legacy_tensorflow`` need the TorchScript file
     ``inception-2015-12-05.pt``; ``legacy_pytorch`` needs pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``.
     """
     if mode not in FID_MODES:
@@ -458,9 +461,13 @@ class InceptionExtractor:
 
     def _build_torchscript(self, path: Path) -> None:
         try:
-            base = torch.jit.load(str(path), map_location="cpu").eval()
+            with warnings.catch_warnings():  # torch's deprecation notice for torch.jit.load is not the user's concern
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load")
+                base = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001 - corrupt/wrong file is a user error
-            raise WeightsMissingError(f"cannot load TorchScript Inception from {path}: {exc}".splitlines()[0]) from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = re.split(r"(?<=\w)\. ", first)[0].rstrip(".")  # torch's first sentence, not its advice
+            raise WeightsMissingError(f"cannot load TorchScript Inception from {path}: {first[:160]}") from None
         self._base = base.to(self.device)
         self._layers = self._base.layers
         out = getattr(self._base, "output", None)

@@ -13,6 +13,7 @@ import hashlib
 import pathlib
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -66,14 +67,17 @@ def safe_torch_load(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not (is_zip or magic[:1] == b"\x80"):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
+            # torch warns about pickle protocols other than 2 before failing (or not): the outcome says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         hint = re.search(r"GLOBAL (\S+)", str(exc))
         what = f" (it references {hint.group(1)})" if hint else ""
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))  # torch's reason, after its boilerplate
+        reason = detail.group(1).strip().rstrip(".") if detail else "unsupported content"
         raise CheckpointError(
-            f"{path} cannot be loaded safely{what}: only tensors and plain containers are allowed ({first[:120]})"
+            f"{path} cannot be loaded safely{what}: only tensors and plain containers are allowed ({reason[:120]})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

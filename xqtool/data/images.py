@@ -86,7 +86,7 @@ def process_records(
         except BadInput as exc:
             reason = str(exc)
             if bad_files == "fail":
-                raise DataError(f"bad input {rec.name}: {reason} (remove it, or use bad_files=skip)") from None
+                raise DataError(f"bad input {rec.name}: {reason} (remove it, or skip bad files: --bad-files skip, or data.bad_files: skip in a config)") from None
             on_bad(rec.name, reason)
             continue
         yield rec, out

@@ -492,6 +492,9 @@ def evaluate_fid(settings: FidSettings, injected: Optional[Injected] = None) -> 
 def _evaluate_fid(s: FidSettings, injected: Injected) -> Dict[str, Any]:
     if (s.ref is None) == (s.ref_stats is None):
         raise ConfigError("give exactly one reference: REF (folder / .npz) or --ref-stats NAME")
+    for side in (s.gen, s.ref):  # a typo in a path is reported before Inception is loaded
+        if side is not None and not Path(side).expanduser().exists():
+            raise DataError(f"FID input not found: {side}")
     extractor = s.extractor(injected)
     gen_set = load_feature_set(s.gen, extractor, s, use_npz_stats=s.use_npz_stats, want_probs=s.inception_score)
     if s.ref_stats is not None:
@@ -591,6 +594,7 @@ def evaluate_rfid(s: RfidSettings, injected: Optional[Injected] = None) -> Dict[
 def _evaluate_rfid(s: RfidSettings, injected: Injected) -> Dict[str, Any]:
     from xqtool.checkpoints import load_tokenizer
     from xqtool.data.images import make_loader
+    from xqtool.data.sources import resolve_source
     from xqtool.evaluation import ReconstructionEvaluator
     from xqtool.metrics import from_uint8
 
@@ -598,6 +602,7 @@ def _evaluate_rfid(s: RfidSettings, injected: Injected) -> Dict[str, Any]:
     if s.lpips not in ("auto", "on", "off"):
         raise ConfigError(f"--lpips must be auto, on or off, not '{s.lpips}'")
     device, data = s.device, s.data
+    resolve_source(data)  # DataError for a missing / empty source before any model is loaded
     recon_dir = Path(s.save_recon) if s.save_recon else None
     tok = injected.tokenizer
     if tok is None:
