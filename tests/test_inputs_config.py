@@ -85,3 +85,19 @@ def test_non_finite_floats_rejected(tmp_path, via, raw):
     with pytest.raises(ConfigError, match="finite"):
         _var(tmp_path, "train.tblr", raw, via)
     assert math.isfinite(_tok(tmp_path, "train.lr", "3e-5", via).train.lr)
+
+
+@pytest.mark.parametrize("argv", [["train-tokenizer", "{missing}"], ["train-tokenizer", "{folder}"],
+                                  ["train-var", "{missing}"], ["finetune", "{missing}", "-t", "any"]])
+def test_missing_or_folder_config_is_one_line(tmp_path: Path, argv) -> None:
+    """A config path that does not exist (or is a folder) is one 'error:' line and exit 2, not a usage box."""
+    from typer.testing import CliRunner
+
+    from xqtool.cli import app
+
+    args = [a.format(missing=tmp_path / "nope.yaml", folder=tmp_path) for a in argv]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert "not found" in lines[0] or "is a folder" in lines[0]

@@ -162,7 +162,7 @@ def _exit(result: Any) -> None:
 
 @with_run_options("Run folder (default: train.results_dir of the config).")
 def train_tokenizer_cmd(
-    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Tokenizer YAML (xqtool or official XQ-GAN keys).")],
+    config: Annotated[Path, typer.Argument(help="Tokenizer YAML (xqtool or official XQ-GAN keys).")],
     run: RunOptions,
 ) -> None:
     """Train an XQ-GAN tokenizer.
@@ -183,7 +183,7 @@ def train_tokenizer_cmd(
 
 @with_run_options("Run folder (default: next to the source, runs/a/best -> runs/a-best-finetune).")
 def finetune_cmd(
-    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML with the loss/data/train settings.")],
+    config: Annotated[Path, typer.Argument(help="YAML with the loss/data/train settings.")],
     tokenizer: Tokenizer,
     enc: Annotated[Optional[str], typer.Option("--enc", help="Encoder: full | lora | frozen (default from config).")] = None,
     dec: Annotated[Optional[str], typer.Option("--dec", help="Decoder: full | lora | frozen (default from config).")] = None,

@@ -46,7 +46,7 @@ def _cpu_flag(device: Optional[str]) -> bool:
 
 
 def train_var_cmd(
-    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+    config: Annotated[Path, typer.Argument(
                                            help="VAR YAML (configs/var/tiny.yaml, configs/var/d17-msvr10p2.yaml).")],
     tokenizer: OptTokenizer = None,
     tokens: Annotated[Optional[str], typer.Option("--tokens", help="Token file / shard folder from `xqtool encode`.")] = None,

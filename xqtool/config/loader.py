@@ -247,6 +247,8 @@ def parse_overrides(overrides: Optional[Iterable[str]]) -> List[Tuple[str, Any]]
 def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     """Read a YAML mapping with :func:`yaml_load` (safe; ConfigError if missing, unreadable or not a mapping)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a YAML config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
