@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import CONFIGS, ROOT
@@ -43,6 +44,19 @@ def test_user_errors_are_one_line_with_exit_code_2() -> None:
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     missing = runner.invoke(app, ["inspect", "no/such/file.yaml"])
     assert missing.exit_code == 2
+
+
+@pytest.mark.parametrize("argv, needle", [(["nocmd"], "No such command 'nocmd'"),
+                                           (["encode", "imgs", "--out", "x"], "No such option: --out"),
+                                           (["train-tokenizer"], "Missing argument"),
+                                           (["encode", "imgs", "-b", "abc"], "--batch-size")])
+def test_usage_errors_are_one_line_with_exit_code_2(argv, needle) -> None:
+    """Unknown commands / options, missing arguments and unparsable values: one 'error:' line naming --help."""
+    result = subprocess.run([sys.executable, "-m", "xqtool", *argv], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert "--help" in lines[0] and not result.stdout
 
 
 def test_completion_scripts_are_current() -> None:

@@ -57,6 +57,30 @@ def _register_all() -> None:
 _register_all()
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main(argv: Optional[list] = None) -> None:
+    """Console-script entry point.
+
+    A usage error (unknown command or option, missing argument, malformed value) is one ``error:`` line on
+    stderr with a pointer to ``--help`` and exit code 2, like every other bad input; everything else (exit codes
+    130/143 of interrupted training, 2 of refused inputs, ``--help``) is Click's usual behaviour.
+    """
+    import sys
+
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
+    from xqtool.cli._common import err_console
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # bare `xqtool` / `xqtool CMD` without arguments: the help, as before
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UsageError as exc:
+        path = exc.ctx.command_path if exc.ctx is not None else "xqtool"
+        err_console.print(f"[bold red]error:[/] {exc.format_message()} (see: {path} --help)", highlight=False,
+                          soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted", highlight=False)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
