@@ -13,16 +13,8 @@ import torch
 from PIL import Image
 
 from _data_fixtures import photo_crops, png_bytes, shard_sample, write_class_tree, write_file_list, write_shard
-from xqtool.data import make_loader, open_image_source
-from xqtool.data.tokens import (
-    TokenManifest,
-    check_manifest,
-    check_token_rows,
-    load_tokens,
-    token_dataset,
-    token_dtype,
-    write_tokens,
-)
+from xqtool.data import (TokenManifest, check_manifest, check_token_rows, load_tokens, make_loader, open_image_source,
+                         token_dataset, token_dtype, write_tokens)
 from xqtool.data.transforms import center_crop_arr, random_crop_arr, to_rgb
 from xqtool.errors import DataError, TokenError
 from xqtool.tasks.make_shards import make_shards
