@@ -64,8 +64,14 @@ def _tokenizer_step(args: argparse.Namespace, tmp: Path) -> tuple[Callable[[], N
 
     configs = Path(xqtool.__file__).resolve().parents[1] / "configs"
     cfg = load_tokenizer_config(configs / "tokenizer" / "MSVR10P2-4096.yaml", overrides=overrides)
-    trainer = TokenizerTrainer(cfg, output_dir=tmp / "run", max_steps=10**6, allow_random_weights=True,
-                               progress=False)
+    try:
+        from xqtool.training import TokenizerRunOptions, TrainInjected
+    except ImportError:  # xqtool before the run-options / injected objects: the trainer's keywords
+        trainer = TokenizerTrainer(cfg, output_dir=tmp / "run", max_steps=10**6, allow_random_weights=True,
+                                   progress=False)
+    else:
+        trainer = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp / "run", max_steps=10**6, progress=False),
+                                   TrainInjected(allow_random_weights=True))
     if args.compile:
         trainer.tok = torch.compile(trainer.tok)
     x = next(trainer._batches()).to(trainer.acc.device)

@@ -29,7 +29,7 @@ def run(base: Path, out: Path) -> None:
     from xqtool.tasks.injected import Injected
     from xqtool.tasks.probe import ProbeOptim, ProbeSettings, run_probe
     from xqtool.tasks.sample import SampleSettings, sample_images
-    from xqtool.training import train_var
+    from xqtool.training import VARRunOptions, train_var
 
     out.mkdir(parents=True, exist_ok=True)
     tok = base / "tok"
@@ -46,7 +46,7 @@ def run(base: Path, out: Path) -> None:
         cfg = load_var_config(ROOT / "configs/var/tiny.yaml", [
             f"data.tokens={tokens}", f"data.tokenizer={tok}", f"train.results_dir={out / name}",
             "train.max_steps=3", "train.ckpt_every=0", "train.log_every=1", "model.cond_drop_rate=0"])
-        res = train_var(cfg, cpu=True)
+        res = train_var(cfg, VARRunOptions(cpu=True))
         if res.launch and int(torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0:
             (out / f"{name}.json").write_text(json.dumps({"launch": res.launch, "history": res.history}))
     # eval-fid --rfid and probe run in one process (rank 0 reads everything, the others return)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from xqtool.config import load_tokenizer_config
-from xqtool.training import train_tokenizer
+from xqtool.training import TokenizerRunOptions, TrainInjected, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,11 +58,11 @@ def run(photos: Path, out: Path, batch: int, steps: int, resume: Optional[str] =
     # tiny stand-in for Inception (mean colour): rFID runs through the cross-rank feature gather
     fx = TorchFeatureExtractor(lambda x: torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 1).flatten(1), name="tiny")
     torch.manual_seed(1234)
-    res = train_tokenizer(cfg, output_dir=out, resume=resume, max_steps=steps, allow_random_weights=True,
-                          feature_extractor=fx,
-                          disc_overrides=dict(base_channels=4, max_channels=8),
-                          teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8),
-                          progress=False, callbacks=[hook])
+    res = train_tokenizer(cfg, TokenizerRunOptions(output_dir=out, resume=resume, max_steps=steps, progress=False),
+                          TrainInjected(allow_random_weights=True, feature_extractor=fx,
+                                        disc_overrides=dict(base_channels=4, max_channels=8),
+                                        teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8),
+                                        callbacks=[hook]))
     return res
 
 

@@ -237,7 +237,7 @@ def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_p
     from xqtool.config import load_var_config
     from xqtool.tasks.encode import EncodeSettings, encode_images
     from xqtool.tasks.sample import SampleSettings, sample_images
-    from xqtool.training import train_var
+    from xqtool.training import TrainInjected, VARRunOptions, train_var
 
     fa, fb = weights_fingerprint(env["tok_a"]), weights_fingerprint(env["tok_b"])
     assert fa != fb and fa == weights_fingerprint(load_tokenizer(env["A"]))
@@ -255,9 +255,9 @@ def test_tokens_and_var_made_with_other_tokenizer_weights_are_refused(env, tmp_p
     over = [f"data.tokens={tokens}", "train.global_batch_size=2", "train.max_steps=1", "train.ckpt_every=0"]
     with pytest.raises(TokenError, match=f"{fa}.*{fb}"):
         train_var(load_var_config(TINY_VAR, over + [f"train.results_dir={tmp_path / 'runB'}"]),
-                  tokenizer=env["tok_b"], cpu=True)
+                  VARRunOptions(cpu=True), TrainInjected(tokenizer=env["tok_b"]))
     var_dir = train_var(load_var_config(TINY_VAR, over + [f"train.results_dir={tmp_path / 'runA'}"]),
-                        tokenizer=env["tok_a"], cpu=True).model_dir
+                        VARRunOptions(cpu=True), TrainInjected(tokenizer=env["tok_a"])).model_dir
     assert var_dir is not None
     _one_error(_invoke("sample", "--var", var_dir, "-t", env["B"], "-n", "1", "--npz", tmp_path / "s.npz",
                        "--device", "cpu"), fa, fb)

@@ -13,7 +13,8 @@ from xqtool.checkpoints import load_tokenizer, save_tokenizer
 from xqtool.config import load_tokenizer_config
 from xqtool.errors import ConfigError
 from xqtool.models.tokenizer import build_tokenizer
-from xqtool.tasks.finetune import finetune_tokenizer
+from xqtool.tasks.finetune import FinetuneSettings, finetune_tokenizer
+from xqtool.training import TokenizerRunOptions, TrainInjected
 from xqtool.data.samples import sample_photo_folder
 from xqtool.models.lora import apply_tuning, freeze_codebook
 
@@ -41,7 +42,8 @@ def setup(tmp_path_factory):
 def test_lora_encoder_frozen_decoder(setup, tmp_path):
     root, base, run = setup
     ref = load_file(base / "model.safetensors")
-    res = finetune_tokenizer(run, base, enc="lora", dec="frozen", output_dir=tmp_path / "ft", max_steps=3, progress=False)
+    res = finetune_tokenizer(run, FinetuneSettings(source=base, enc="lora", dec="frozen"),
+                             TokenizerRunOptions(output_dir=tmp_path / "ft", max_steps=3, progress=False))
     assert res.status == "finished"
     raw = load_file(tmp_path / "ft" / "last" / "model.safetensors")
     pre = "encoder.model.base_model.model."
@@ -131,14 +133,16 @@ def test_finetune_default_output_is_fresh_and_resume_works(setup, tmp_path):
                                 + args[args.index("--max-steps") + 2:] + ["--resume", "auto"])
     assert follow.exit_code == 0, follow.output
     # LoRA + frozen parts: interrupted at step 2 and resumed == 4 steps straight, every tensor
-    kw = dict(enc="lora", dec="frozen", max_steps=4, progress=False, feature_extractor=None)
-    finetune_tokenizer(run, src, output_dir=tmp_path / "a", **kw)
+    settings = FinetuneSettings(source=src, enc="lora", dec="frozen")
+    kw = dict(max_steps=4, progress=False)
+    finetune_tokenizer(run, settings, TokenizerRunOptions(output_dir=tmp_path / "a", **kw))
 
     def stop_at_2(tr):
         if tr.pos.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-    r1 = finetune_tokenizer(run, src, output_dir=tmp_path / "b", callbacks=[stop_at_2], **kw)
+    r1 = finetune_tokenizer(run, settings, TokenizerRunOptions(output_dir=tmp_path / "b", **kw),
+                            TrainInjected(callbacks=[stop_at_2]))
     assert r1.status == "interrupted" and r1.exit_code == 143
-    r2 = finetune_tokenizer(run, src, output_dir=tmp_path / "b", resume="auto", **kw)
+    r2 = finetune_tokenizer(run, settings, TokenizerRunOptions(output_dir=tmp_path / "b", resume="auto", **kw))
     assert r2.status == "finished" and r2.step == 4
     assert_same_state(tmp_path / "a" / "checkpoints" / "step-0000004", tmp_path / "b" / "checkpoints" / "step-0000004")

@@ -72,7 +72,7 @@ def _tokenizer_run(photos: Path, out: Path, precision: str):
 
     Returns (gradients seen by the generator optimizer at each step, final generator weights, trainer).
     """
-    from xqtool.training import TokenizerTrainer
+    from xqtool.training import TokenizerRunOptions, TokenizerTrainer
 
     cfg = load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=[
         "model.ch=8", "quant.codebook_size=16", "quant.codebook_embed_dim=4", "train.global_batch_size=4",
@@ -83,7 +83,7 @@ def _tokenizer_run(photos: Path, out: Path, precision: str):
         f"train.mixed_precision={precision}"])
     AcceleratorState._reset_state()  # each run is its own process in real use
     torch.manual_seed(0)
-    trainer = TokenizerTrainer(cfg, output_dir=out, max_steps=2, progress=False)
+    trainer = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=out, max_steps=2, progress=False))
     inner = trainer.opt_g.optimizer
     names = {id(p): n for n, p in trainer.unwrapped.named_parameters()}
     grads: list = []
@@ -116,7 +116,7 @@ def test_tokenizer_fp16_loss_scaling_is_transparent(photos: Path, tmp_path: Path
 def test_tokenizer_fp16_overflow_skips_the_step_and_halves_the_scale(photos: Path, tmp_path: Path,
                                                                      cpu_grad_scaler) -> None:
     made, _ = cpu_grad_scaler
-    from xqtool.training import TokenizerTrainer
+    from xqtool.training import TokenizerRunOptions, TokenizerTrainer
 
     cfg = load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=[
         "model.ch=8", "quant.codebook_size=16", "quant.codebook_embed_dim=4", "train.global_batch_size=4",
@@ -124,7 +124,7 @@ def test_tokenizer_fp16_overflow_skips_the_step_and_halves_the_scale(photos: Pat
         f"data.data_path={photos / 'train'}", f"data.val_data_path={photos / 'val'}", "loss.disc_type=none",
         "train.mixed_precision=fp16"])
     torch.manual_seed(0)
-    trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=1, progress=False)
+    trainer = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=1, progress=False))
     trainer.unwrapped.decoder.register_forward_hook(lambda m, i, out: _OverflowInBackward.apply(out))
     before = {k: v.detach().clone() for k, v in trainer.unwrapped.named_parameters()}
     result = trainer.run()
@@ -150,7 +150,7 @@ def _var_run(tmp_path: Path, tok, name: str, precision: str, steps: int = 3):
     from safetensors.torch import load_file
 
     from xqtool.config import load_var_config
-    from xqtool.training import train_var
+    from xqtool.training import TrainInjected, VARRunOptions, train_var
 
     AcceleratorState._reset_state()  # each run is its own process in real use
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def _var_run(tmp_path: Path, tok, name: str, precision: str, steps: int = 3):
         f"data.tokens={tmp_path / 't.npy'}", f"train.results_dir={tmp_path / name}", f"train.max_steps={steps}",
         "train.ckpt_every=0", "model.cond_drop_rate=0.0", "train.log_every=1", "train.max_grad_norm=0.5",
         f"train.mixed_precision={precision}"])
-    res = train_var(cfg, tokenizer=tok, cpu=True)
+    res = train_var(cfg, VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
     return load_file(str(res.model_dir / "model.safetensors")), res
 
 

@@ -16,7 +16,7 @@ from xqtool.metrics import TorchFeatureExtractor, code_histogram, codebook_usage
 from xqtool.tasks.eval_fid import RfidSettings, evaluate_rfid
 from xqtool.tasks.injected import Injected
 from xqtool.data.samples import sample_photo_folder
-from xqtool.training import TokenizerTrainer
+from xqtool.training import TokenizerRunOptions, TokenizerTrainer, TrainInjected
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = 6
@@ -63,8 +63,8 @@ def test_train_validation_and_rfid_report_the_same_usage(tmp_path):
                    f"data.val_data_path={photos / 'val'}"],
     )
     torch.manual_seed(0)
-    trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=1, feature_extractor=_fx(),
-                               allow_random_weights=True, progress=False)
+    trainer = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=1, progress=False),
+                               TrainInjected(feature_extractor=_fx(), allow_random_weights=True))
     val = trainer.validate(0)
     model = (trainer.ema.module if trainer.ema is not None else trainer.unwrapped).eval()
     rep = evaluate_rfid(RfidSettings(tokenizer=None, data=photos / "val", lpips="off", batch_size=4, max_images=N_VAL,

@@ -126,7 +126,7 @@ def test_token_file_and_token_shards(tiny_tok, tmp_path: Path) -> None:
 
 def test_training_state_of_a_var_run(tiny_tok, tmp_path: Path) -> None:
     from xqtool.config import load_var_config
-    from xqtool.training import train_var
+    from xqtool.training import TrainInjected, VARRunOptions, train_var
 
     root, tok = tiny_tok
     tokens = tok.encode(to_tensor(photo_crops(8, 32, seed=4)))
@@ -134,7 +134,7 @@ def test_training_state_of_a_var_run(tiny_tok, tmp_path: Path) -> None:
                                                                                  keys=[f"k{i}" for i in range(8)]))
     cfg = load_var_config(TINY_VAR, [f"data.tokens={tmp_path / 't.npy'}", f"train.results_dir={tmp_path / 'run'}",
                                      "train.max_steps=2", "train.ckpt_every=1", "train.tracker=none"])
-    res = train_var(cfg, tokenizer=tok, cpu=True)
+    res = train_var(cfg, VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
     for target in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-0000002"):
         rep = _json(target)
         assert rep["kind"] == "training state", target

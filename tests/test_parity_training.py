@@ -41,13 +41,13 @@ def _tok_cfg(photos: Path, *extra: str):
 
 
 def test_adaptive_gan_weight_reaches_the_generator_only_from_disc_start(photos: Path, tmp_path: Path) -> None:
-    from xqtool.training import TokenizerTrainer
+    from xqtool.training import TokenizerRunOptions, TokenizerTrainer, TrainInjected
 
     torch.manual_seed(0)
     cfg = _tok_cfg(photos, "loss.disc_type=patchgan", "loss.disc_start=3", "loss.disc_weight=0.5",
                    "loss.disc_adaptive_weight=true", "loss.lecam_loss_weight=0.001")
-    trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=4, disc_overrides=dict(ndf=4, n_layers=2),
-                               progress=False)
+    trainer = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=4, progress=False),
+                               TrainInjected(disc_overrides=dict(ndf=4, n_layers=2)))
     hist = trainer.run().history
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
     for h in hist:
@@ -134,13 +134,14 @@ def test_batchnorm_local_normalises_each_group_of_eight() -> None:
 def test_tokenizer_grad_accum_equals_one_big_batch(photos: Path, tmp_path: Path) -> None:
     """grad_accum 2 × 2 images gives the gradients of one 4-image batch at every optimizer step (compared on the
     gradients: AdamW turns a gradient at round-off level into a full ±lr step, so weights are not comparable)."""
-    from xqtool.training import TokenizerTrainer
+    from xqtool.training import TokenizerRunOptions, TokenizerTrainer
 
     runs = []
     for accum in (1, 2):
         torch.manual_seed(0)
         cfg = _tok_cfg(photos, "loss.disc_type=none", f"train.grad_accum={accum}", "train.lr=1e-3")
-        trainer = TokenizerTrainer(cfg, output_dir=tmp_path / f"a{accum}", max_steps=2, progress=False)
+        trainer = TokenizerTrainer(cfg,
+                                   TokenizerRunOptions(output_dir=tmp_path / f"a{accum}", max_steps=2, progress=False))
         inner = trainer.opt_g.optimizer
         names = {id(p): n for n, p in trainer.unwrapped.named_parameters()}
         grads, real_step = [], inner.step
@@ -169,7 +170,7 @@ def test_var_grad_accum_equals_one_big_batch(tmp_path: Path) -> None:
     from xqtool.config import load_var_config
     from xqtool.data.tokens import TokenManifest, write_tokens
     from xqtool.models.tokenizer import build_tokenizer
-    from xqtool.training import train_var
+    from xqtool.training import TrainInjected, VARRunOptions, train_var
 
     torch.manual_seed(0)
     tok = build_tokenizer(load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml")).eval()
@@ -182,7 +183,7 @@ def test_var_grad_accum_equals_one_big_batch(tmp_path: Path) -> None:
         cfg = load_var_config(ROOT / "configs/var/tiny.yaml", [
             f"data.tokens={tmp_path / 't.npy'}", f"train.results_dir={tmp_path / f'v{accum}'}", "train.max_steps=2",
             f"train.grad_accum={accum}", "train.ckpt_every=0", "model.cond_drop_rate=0.0", "train.log_every=1"])
-        res = train_var(cfg, tokenizer=tok, cpu=True)
+        res = train_var(cfg, VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
         out.append((load_file(str(res.model_dir / "model.safetensors")), [h["loss"] for h in res.history]))
     (w1, l1), (w2, l2) = out
     assert l2 == pytest.approx(l1, rel=1e-5)

@@ -161,7 +161,7 @@ def test_trainer_follows_the_per_epoch_schedule(tmp_path) -> None:
 
     from conftest import photo_crops
     from xqtool.config import load_tokenizer_config
-    from xqtool.training import TokenizerTrainer
+    from xqtool.training import TokenizerRunOptions, TokenizerTrainer, TrainInjected
 
     root = Path(__file__).resolve().parents[1]
     photos = tmp_path / "photos"
@@ -177,8 +177,8 @@ def test_trainer_follows_the_per_epoch_schedule(tmp_path) -> None:
         "train.epochs=4", "train.lr=1e-3", "train.disc_lr=2e-3", "train.min_lr=1e-4", "train.warmup_epochs=1",
         "train.disc_warmup_epochs=2", "loss.disc_start=-1", "loss.disc_epoch_start=1", "train.eval_every=1000",
         "train.ckpt_every=1000"])
-    trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=2 * spe,
-                               disc_overrides=dict(ndf=4, n_layers=2), progress=False)
+    trainer = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=2 * spe, progress=False),
+                               TrainInjected(disc_overrides=dict(ndf=4, n_layers=2)))
     res = trainer.run()
     want = {0: 1e-5, 1: 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi / 4)), 2: 1e-4 + 0.5 * (1e-3 - 1e-4)}
     for h in res.history:
@@ -193,7 +193,7 @@ def test_ignored_official_keys_warn_once_each_when_not_default(tmp_path, caplog)
     from pathlib import Path
 
     from xqtool.config import ignored_settings, load_tokenizer_config
-    from xqtool.training import TokenizerTrainer
+    from xqtool.training import TokenizerRunOptions, TokenizerTrainer
 
     root = Path(__file__).resolve().parents[1]
     assert ignored_settings(load_tokenizer_config(root / "configs/tokenizer/MSBR10P2-4096.yaml")) == []
@@ -206,7 +206,7 @@ def test_ignored_official_keys_warn_once_each_when_not_default(tmp_path, caplog)
     # the trainer reports them (one warning line each) before it builds anything
     cfg.loss.detail_guide = "sam"  # and refuses detail guidance on the class token (next test) right after
     with caplog.at_level("WARNING"), pytest.raises(Exception):
-        TokenizerTrainer(cfg, output_dir=tmp_path / "run", progress=False)
+        TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", progress=False))
     warned = [r.getMessage() for r in caplog.records if "has no effect in xqtool" in r.getMessage()]
     assert sorted(warned) == sorted(lines)
 
@@ -216,13 +216,13 @@ def test_detail_guidance_on_the_class_token_is_refused(tmp_path) -> None:
 
     from xqtool.config import load_tokenizer_config
     from xqtool.errors import ConfigError
-    from xqtool.training import TokenizerTrainer
+    from xqtool.training import TokenizerRunOptions, TokenizerTrainer
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_tokenizer_config(root / "configs/tokenizer/tiny-cnn.yaml",
                                 overrides=["loss.detail_guide=sam", "loss.guide_type_2=class", "train.tracker=none"])
     with pytest.raises(ConfigError, match=r"guide_type_2=patch"):
-        TokenizerTrainer(cfg, output_dir=tmp_path / "run", progress=False)
+        TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", progress=False))
     msbr = load_tokenizer_config(root / "configs/tokenizer/MSBR10P2-4096.yaml")
     assert msbr.loss.detail_guide == "sam" and msbr.loss.guide_type_2 == "patch"
 

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from xqtool.config import load_tokenizer_config
 from xqtool.data.samples import sample_photo_folder
-from xqtool.training import TokenizerTrainer
+from xqtool.training import TokenizerRunOptions, TokenizerTrainer, TrainInjected
 from xqtool.training.schedules import robusttok_perturbation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +59,11 @@ def _gan_trainer(photos: Path, out: Path, *extra: str) -> TokenizerTrainer:
         "train.max_grad_norm=1.0", *extra,
     ])
     torch.manual_seed(0)
-    return TokenizerTrainer(cfg, output_dir=out, max_steps=3, allow_random_weights=True, progress=False,
-                            disc_overrides=dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2),
-                            teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8))
+    return TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=out, max_steps=3, progress=False),
+                            TrainInjected(allow_random_weights=True,
+                                          disc_overrides=dict(img_size=32, patch_size=8, embed_dim=16, depth=4,
+                                                              num_heads=2),
+                                          teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8)))
 
 
 def _lpips_reference(lp, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from xqtool.config import load_tokenizer_config
 from xqtool.errors import ConfigError, WeightsMissingError
 from xqtool.metrics import TorchFeatureExtractor
 from xqtool.data.samples import sample_photo_folder
-from xqtool.training import TokenizerTrainer, train_tokenizer
+from xqtool.training import TokenizerRunOptions, TokenizerTrainer, TrainInjected, train_tokenizer
 from xqtool.training.schedules import warmup_cosine_factor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,8 @@ def test_loss_falls_and_outputs(photos, tmp_path):
     torch.manual_seed(0)
     cfg = _cfg(photos, "train.lr=1e-3", "train.eval_every=30", "train.ckpt_every=30", "train.tracker=tensorboard",
                "train.best_metric=rfid", "train.ema_decay=0.9", "model.vit_embed_dim=32")
-    res = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=30, feature_extractor=_fx(), progress=False)
+    res = train_tokenizer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=30, progress=False),
+                          TrainInjected(feature_extractor=_fx()))
     assert res.status == "finished" and res.step == 30
     rec = [h["rec_loss"] for h in res.history]
     first, last = sum(rec[:5]) / 5, sum(rec[-5:]) / 5
@@ -90,8 +91,8 @@ def test_gan_step_each_discriminator(photos, tmp_path, disc_type, loss):
     cfg = _cfg(photos, f"loss.disc_type={disc_type}", f"loss.disc_loss={loss}", f"loss.gen_loss={loss}",
                "loss.disc_start=1", "loss.lecam_loss_weight=0.001", "train.eval_every=100", "train.ckpt_every=100",
                "train.best_metric=psnr")
-    trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=2, feature_extractor=None,
-                               disc_overrides=TINY_DISC[disc_type], allow_random_weights=True, progress=False)
+    trainer = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=2, progress=False),
+                               TrainInjected(disc_overrides=TINY_DISC[disc_type], allow_random_weights=True))
     before = [p.detach().clone() for p in trainer.disc.parameters()]
     res = trainer.run()
     h = res.history[-1]
@@ -109,19 +110,21 @@ def test_exact_resume(photos, tmp_path):
     extra = ("loss.disc_type=patchgan", "loss.disc_start=2", "loss.lecam_loss_weight=0.01", "train.eval_every=100",
              "train.ckpt_every=100", "train.best_metric=psnr", "train.lr_scheduler=cosine", "train.warmup_steps=2",
              "train.ema_decay=0.5")
-    kw = dict(feature_extractor=None, disc_overrides=TINY_DISC["patchgan"], progress=False)
+    kw = dict(max_steps=6, progress=False)
+    inj = TrainInjected(disc_overrides=TINY_DISC["patchgan"])
     cfg = _cfg(photos, *extra)
-    train_tokenizer(cfg, output_dir=tmp_path / "straight", max_steps=6, **kw)
+    train_tokenizer(cfg, TokenizerRunOptions(output_dir=tmp_path / "straight", **kw), inj)
 
     def kill_at_3(tr):
         if tr.pos.step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    r1 = train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, callbacks=[kill_at_3], **kw)
+    r1 = train_tokenizer(cfg, TokenizerRunOptions(output_dir=tmp_path / "resumed", **kw),
+                         TrainInjected(disc_overrides=TINY_DISC["patchgan"], callbacks=[kill_at_3]))
     assert r1.status == "interrupted" and r1.step == 3 and r1.state_dir.name == "step-0000003"
     with pytest.raises(ConfigError, match="--resume auto"):  # never clobber a run by accident
-        train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, **kw)
-    r2 = train_tokenizer(cfg, output_dir=tmp_path / "resumed", max_steps=6, resume="auto", **kw)
+        train_tokenizer(cfg, TokenizerRunOptions(output_dir=tmp_path / "resumed", **kw), inj)
+    r2 = train_tokenizer(cfg, TokenizerRunOptions(output_dir=tmp_path / "resumed", resume="auto", **kw), inj)
     assert r2.status == "finished" and r2.step == 6
     (m1, e1), (m2, e2) = _weights(tmp_path / "straight" / "last"), _weights(tmp_path / "resumed" / "last")
     assert m1.keys() == m2.keys() and e1.keys() == e2.keys() and any("ema_vocab_hit" in k for k in m1)
@@ -136,7 +139,7 @@ def test_exact_resume(photos, tmp_path):
 
 def test_nan_patience_stops_and_keeps_last_good(photos, tmp_path):
     cfg = _cfg(photos, "train.nan_patience=2", "train.ckpt_every=1", "train.eval_every=100", "train.best_metric=psnr")
-    trainer = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=10, progress=False)
+    trainer = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=10, progress=False))
     real = trainer.objective.rec_loss
     trainer.objective.rec_loss = lambda x, r: real(x, r) * (float("nan") if trainer.pos.step >= 2 else 1.0)
     res = trainer.run()
@@ -152,7 +155,7 @@ def test_semantic_guide_without_weights_fails_before_training(photos, tmp_path, 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     cfg = _cfg(photos, "loss.semantic_guide=dinov2")
     with pytest.raises(WeightsMissingError, match="semantic_weights=PATH.*XQTOOL_DINOV2_WEIGHTS"):
-        train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=2, progress=False)
+        train_tokenizer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=2, progress=False))
     assert not (tmp_path / "run" / "checkpoints").exists()
     import xqtool.cli
 
@@ -168,8 +171,9 @@ def test_semantic_distillation_and_lpips_run_with_random_weights(photos, tmp_pat
     cfg = _cfg(photos, "loss.semantic_guide=dinov2", "loss.sem_loss_weight=0.1", "train.eval_every=100",
                "train.ckpt_every=100", "train.best_metric=psnr", "quant.codebook_drop=0.5", "model.ch=8",
                "model.z_channels=8", "loss.perceptual_weight=0.5", base="tiny-cnn")
-    res = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=2, allow_random_weights=True,
-                          teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8), progress=False)
+    res = train_tokenizer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=2, progress=False),
+                          TrainInjected(allow_random_weights=True,
+                                        teacher_overrides=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8)))
     assert all(math.isfinite(h["sem_loss"]) and h["sem_loss"] > 0 for h in res.history)
     assert all(math.isfinite(h["perceptual_loss"]) and h["perceptual_loss"] >= 0 for h in res.history)
 
@@ -199,16 +203,16 @@ def test_last_reports_its_own_step_and_validation(photos, tmp_path):
             seen["val"] = dict(tr.last_val)
         if tr.pos.step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
-    r = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=6, callbacks=[cb], progress=False,
-                        feature_extractor=None)
+    r = train_tokenizer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=6, progress=False),
+                        TrainInjected(callbacks=[cb]))
     assert r.status == "interrupted" and r.exit_code == 143
     doc = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())
     assert doc["step"] == 4 and doc["val_step"] == 3 and doc["val"] == seen["val"]
     assert doc["train"]["rec_loss"] == r.history[-1]["rec_loss"] and r.history[-1]["step"] == 4
-    r2 = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=6, resume="auto", progress=False,
-                         feature_extractor=None)
+    r2 = train_tokenizer(cfg,
+                         TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=6, resume="auto", progress=False))
     assert r2.status == "finished" and r2.images_per_sec and r2.images_per_sec > 0
-    r3 = train_tokenizer(cfg, output_dir=tmp_path / "run", max_steps=6, resume="auto", progress=False,
-                         feature_extractor=None)
+    r3 = train_tokenizer(cfg,
+                         TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=6, resume="auto", progress=False))
     assert r3.images_per_sec is None and "already finished" in r3.message
     assert r3.last_val == r2.last_val  # the resumed (finished) run still knows its last validation

@@ -20,7 +20,7 @@ from xqtool.config import load_tokenizer_config, load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import CheckpointError, ConfigError
 from xqtool.models.tokenizer import build_tokenizer
-from xqtool.training import train_var
+from xqtool.training import TrainInjected, VARRunOptions, train_var
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAR = ROOT / "configs" / "var" / "tiny.yaml"
@@ -120,13 +120,13 @@ def test_var_nan_is_skipped_then_stops_nonzero_and_nothing_nonfinite_is_saved(va
 
 
 def test_tokenizer_never_exports_nonfinite_weights(photos, tmp_path):
-    from xqtool.training import TokenizerTrainer
+    from xqtool.training import TokenizerRunOptions, TokenizerTrainer
 
     cfg = load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=[
         "train.global_batch_size=4", "train.warmup_steps=0", "train.tracker=none", "loss.disc_type=none",
         "train.ckpt_every=2", "train.eval_every=100", "train.best_metric=psnr", "data.max_val_images=4",
         "train.ema_decay=0.5", f"data.data_path={photos / 'train'}", f"data.val_data_path={photos / 'val'}"])
-    tr = TokenizerTrainer(cfg, output_dir=tmp_path / "run", max_steps=4, progress=False, feature_extractor=None)
+    tr = TokenizerTrainer(cfg, TokenizerRunOptions(output_dir=tmp_path / "run", max_steps=4, progress=False))
 
     def poison(t):  # a finite loss but a weight turned NaN (e.g. an optimizer overflow)
         if t.pos.step == 3:
@@ -182,10 +182,12 @@ def test_train_tokenizer_sigint_exits_130_after_saving(photos, tmp_path, monkeyp
 @pytest.mark.parametrize("source", ["npy", "shards", "images"])
 def test_var_resume_continues_the_exact_data_stream(var_data, tmp_path, source):
     root, tok = var_data
-    straight = train_var(_vcfg(root, tmp_path / "a", source), tokenizer=tok, cpu=True)
-    r1 = train_var(_vcfg(root, tmp_path / "b", source), tokenizer=tok, cpu=True, callbacks=[_sig_at(4)])
+    straight = train_var(_vcfg(root, tmp_path / "a", source), VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
+    r1 = train_var(_vcfg(root, tmp_path / "b", source), VARRunOptions(cpu=True),
+                   TrainInjected(tokenizer=tok, callbacks=[_sig_at(4)]))
     assert r1.status == "interrupted" and r1.exit_code == 143 and r1.steps == 4
-    r2 = train_var(_vcfg(root, tmp_path / "b", source), tokenizer=tok, cpu=True, resume="auto")
+    r2 = train_var(_vcfg(root, tmp_path / "b", source), VARRunOptions(cpu=True, resume="auto"),
+                   TrainInjected(tokenizer=tok))
     assert r2.resumed_from == 4
     # the batches after the resume are the uninterrupted run's: same losses, bit-identical state
     assert [h["loss"] for h in straight.history[4:]] == [h["loss"] for h in r2.history]
@@ -199,15 +201,18 @@ def test_var_batch_change_is_refused_or_remapped_exactly(var_data, tmp_path, mon
     seen = []
     real = TokenArrayDataset.__getitem__
     monkeypatch.setattr(TokenArrayDataset, "__getitem__", lambda self, i: seen.append(i) or real(self, i))
-    train_var(_vcfg(root, tmp_path / "a", "npy", "train.max_steps=4"), tokenizer=tok, cpu=True)
+    train_var(_vcfg(root, tmp_path / "a", "npy", "train.max_steps=4"), VARRunOptions(cpu=True),
+              TrainInjected(tokenizer=tok))
     straight, seen[:] = list(seen), []
-    train_var(_vcfg(root, tmp_path / "b", "npy", "train.max_steps=2"), tokenizer=tok, cpu=True)
+    train_var(_vcfg(root, tmp_path / "b", "npy", "train.max_steps=2"), VARRunOptions(cpu=True),
+              TrainInjected(tokenizer=tok))
     with pytest.raises(ConfigError, match=r"global batch 8, this one 16.*allow_batch_change=true"):
-        train_var(_vcfg(root, tmp_path / "b", "npy", "train.max_steps=3", "train.global_batch_size=16"), tokenizer=tok,
-                  cpu=True, resume="auto")
+        train_var(_vcfg(root, tmp_path / "b", "npy", "train.max_steps=3", "train.global_batch_size=16"),
+                  VARRunOptions(cpu=True, resume="auto"), TrainInjected(tokenizer=tok))
     caplog.set_level("WARNING")
     train_var(_vcfg(root, tmp_path / "b", "npy", "train.max_steps=3", "train.global_batch_size=16",
-                    "train.allow_batch_change=true"), tokenizer=tok, cpu=True, resume="auto")
+                    "train.allow_batch_change=true"), VARRunOptions(cpu=True, resume="auto"),
+              TrainInjected(tokenizer=tok))
     assert "global batch 8 -> 16; data continues at sample 16" in caplog.text
     assert seen == straight  # 2 x 8 then 1 x 16 rows = the 4 x 8 rows of the uninterrupted run, in order
     info = json.loads((tmp_path / "b" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
@@ -215,18 +220,18 @@ def test_var_batch_change_is_refused_or_remapped_exactly(var_data, tmp_path, mon
 
 
 def test_tokenizer_batch_change_is_refused_naming_both_values(photos, tmp_path):
-    from xqtool.training import train_tokenizer
+    from xqtool.training import TokenizerRunOptions, train_tokenizer
 
     base = ["train.warmup_steps=0", "train.tracker=none", "loss.disc_type=none", "train.ckpt_every=100",
             "train.eval_every=100", "train.best_metric=psnr", "data.max_val_images=4",
             f"data.data_path={photos / 'train'}", f"data.val_data_path={photos / 'val'}"]
     cfg = lambda *x: load_tokenizer_config(ROOT / "configs/tokenizer/tiny-cnn.yaml", overrides=base + list(x))  # noqa
-    kw = dict(output_dir=tmp_path / "run", progress=False, feature_extractor=None)
-    train_tokenizer(cfg("train.global_batch_size=4"), max_steps=2, **kw)
+    kw = dict(output_dir=tmp_path / "run", progress=False)
+    train_tokenizer(cfg("train.global_batch_size=4"), TokenizerRunOptions(max_steps=2, **kw))
     with pytest.raises(ConfigError, match=r"global batch 4, this one 8.*--set train.allow_batch_change=true"):
-        train_tokenizer(cfg("train.global_batch_size=8"), max_steps=3, resume="auto", **kw)
-    res = train_tokenizer(cfg("train.global_batch_size=8", "train.allow_batch_change=true"), max_steps=3,
-                          resume="auto", **kw)
+        train_tokenizer(cfg("train.global_batch_size=8"), TokenizerRunOptions(max_steps=3, resume="auto", **kw))
+    res = train_tokenizer(cfg("train.global_batch_size=8", "train.allow_batch_change=true"),
+                          TokenizerRunOptions(max_steps=3, resume="auto", **kw))
     assert res.status == "finished" and res.step == 3
     info = json.loads((tmp_path / "run" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
     assert (info["samples_seen"], info["global_batch"]) == (16, 8)
@@ -235,10 +240,12 @@ def test_tokenizer_batch_change_is_refused_naming_both_values(photos, tmp_path):
 # ------------------------------------------------------------------------------------------- case 7: rerun
 def test_var_rerun_into_a_finished_run_is_refused(var_data, tmp_path):
     root, tok = var_data
-    train_var(_vcfg(root, tmp_path / "run", "npy", "train.max_steps=3"), tokenizer=tok, cpu=True)
+    train_var(_vcfg(root, tmp_path / "run", "npy", "train.max_steps=3"), VARRunOptions(cpu=True),
+              TrainInjected(tokenizer=tok))
     before = load_file(tmp_path / "run" / "var-last" / "model.safetensors")
     with pytest.raises(ConfigError, match=r"already holds (a VAR run|training checkpoints): pass --resume auto .*-o/--output"):
-        train_var(_vcfg(root, tmp_path / "run", "npy", "train.max_steps=3"), tokenizer=tok, cpu=True)
+        train_var(_vcfg(root, tmp_path / "run", "npy", "train.max_steps=3"), VARRunOptions(cpu=True),
+                  TrainInjected(tokenizer=tok))
     after = load_file(tmp_path / "run" / "var-last" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -255,7 +262,7 @@ class _Boom:
 def test_resume_never_unpickles_a_planted_file(var_data, tmp_path):
     root, tok = var_data
     run = tmp_path / "run"
-    train_var(_vcfg(root, run, "npy", "train.max_steps=2"), tokenizer=tok, cpu=True)
+    train_var(_vcfg(root, run, "npy", "train.max_steps=2"), VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
     state = run / "checkpoints" / "step-0000002"
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Boom(marker))
@@ -270,14 +277,16 @@ def test_resume_never_unpickles_a_planted_file(var_data, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "damaged" in r.stderr and str(state) in r.stderr
     (state / "trainer_state.json").write_bytes(payload)  # even the JSON index
     with pytest.raises(CheckpointError, match="damaged"):
-        train_var(_vcfg(root, run, "npy", "train.max_steps=3"), tokenizer=tok, cpu=True, resume=str(state))
+        train_var(_vcfg(root, run, "npy", "train.max_steps=3"), VARRunOptions(cpu=True, resume=str(state)),
+                  TrainInjected(tokenizer=tok))
     # an old Accelerate-style state (pickles only) is refused, never loaded
     old = run / "checkpoints" / "step-0000001"
     old.mkdir()
     (old / "custom_checkpoint_0.pkl").write_bytes(payload)
     (old / "trainer_state.json").write_text(json.dumps({"step": 1}))
     with pytest.raises(CheckpointError, match="Accelerate pickles"):
-        train_var(_vcfg(root, run, "npy", "train.max_steps=3"), tokenizer=tok, cpu=True, resume=str(old))
+        train_var(_vcfg(root, run, "npy", "train.max_steps=3"), VARRunOptions(cpu=True, resume=str(old)),
+                  TrainInjected(tokenizer=tok))
     assert not marker.exists()
 
 
@@ -286,8 +295,8 @@ def test_resume_never_unpickles_a_planted_file(var_data, tmp_path):
 def test_damaged_newest_state_falls_back_to_the_newest_intact_one(var_data, tmp_path, caplog, damage):
     root, tok = var_data
     cfg = lambda run: _vcfg(root, run, "npy", "train.ckpt_every=2")  # noqa
-    train_var(cfg(tmp_path / "a"), tokenizer=tok, cpu=True)
-    train_var(cfg(tmp_path / "b"), tokenizer=tok, cpu=True, callbacks=[_sig_at(4)])
+    train_var(cfg(tmp_path / "a"), VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
+    train_var(cfg(tmp_path / "b"), VARRunOptions(cpu=True), TrainInjected(tokenizer=tok, callbacks=[_sig_at(4)]))
     newest = tmp_path / "b" / "checkpoints" / "step-0000004"
     target = newest / "model.safetensors"
     if damage == "truncate":
@@ -299,9 +308,9 @@ def test_damaged_newest_state_falls_back_to_the_newest_intact_one(var_data, tmp_
         data[-5] ^= 0x10
         target.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"training state {newest} is damaged: model.safetensors"):
-        train_var(cfg(tmp_path / "b"), tokenizer=tok, cpu=True, resume=str(newest))
+        train_var(cfg(tmp_path / "b"), VARRunOptions(cpu=True, resume=str(newest)), TrainInjected(tokenizer=tok))
     caplog.set_level("WARNING")
-    r = train_var(cfg(tmp_path / "b"), tokenizer=tok, cpu=True, resume="auto")
+    r = train_var(cfg(tmp_path / "b"), VARRunOptions(cpu=True, resume="auto"), TrainInjected(tokenizer=tok))
     assert r.resumed_from == 2 and f"{newest} is damaged" in caplog.text
     assert_same_state(tmp_path / "a" / "checkpoints" / "step-0000006", tmp_path / "b" / "checkpoints" / "step-0000006")
 

@@ -14,7 +14,7 @@ from conftest import photo_crops, to_tensor
 from xqtool.config import load_tokenizer_config, load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.models.tokenizer import build_tokenizer
-from xqtool.training import train_var
+from xqtool.training import TrainInjected, VARRunOptions, train_var
 from xqtool.training.var_data import build_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_validation_pass_reports_held_out_loss_and_accuracy(tiny) -> None:
         f"data.tokens={root / 'train.npy'}", f"data.val_tokens={root / 'val.npy'}", f"train.results_dir={root / 'r'}",
         "train.max_steps=5", "train.val_every_epochs=1", "train.val_batch_size=4", "train.ckpt_every=0",
         "model.cond_drop_rate=0.9"])  # training drops most labels; validation must drop none
-    res = train_var(cfg, tokenizer=tok, cpu=True)
+    res = train_var(cfg, VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
     with_val = [h["step"] for h in res.history if "val/loss" in h]
     assert with_val == [2, 4, 5]
     model, _ = load_var(res.model_dir)

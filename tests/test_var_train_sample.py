@@ -20,7 +20,7 @@ from xqtool.config import load_var_config
 from xqtool.data.tokens import TokenManifest, write_tokens
 from xqtool.errors import TokenError
 from xqtool.tasks.sample import plan_labels
-from xqtool.training import train_var
+from xqtool.training import TrainInjected, VARRunOptions, train_var
 from xqtool.training.build import param_groups
 from xqtool.training.schedules import var_lr_factor
 
@@ -45,7 +45,7 @@ def _cfg(root: Path, run: str, *extra: str):
 def test_tiny_var_loss_falls(tiny_data) -> None:
     root, tok = tiny_data
     cfg = _cfg(root, "run-loss", "train.max_steps=20", "train.tblr=0.1", "train.ckpt_every=0")
-    res = train_var(cfg, tokenizer=tok, cpu=True)
+    res = train_var(cfg, VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 20 and all(np.isfinite(losses))
     assert losses[0] == pytest.approx(np.log(64), abs=0.05)  # starts at chance (K = 64)
@@ -58,13 +58,13 @@ def test_tiny_var_loss_falls(tiny_data) -> None:
 def test_resume_is_exact(tiny_data) -> None:
     root, tok = tiny_data
     extra = ("train.max_steps=6", "train.ckpt_every=3", "train.keep_last=5")
-    full = train_var(_cfg(root, "run-a", *extra), tokenizer=tok, cpu=True)
+    full = train_var(_cfg(root, "run-a", *extra), VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
     cfg_b = _cfg(root, "run-b", *extra)
-    train_var(cfg_b, tokenizer=tok, cpu=True)
+    train_var(cfg_b, VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
     run_b = Path(cfg_b.train.results_dir)
     shutil.rmtree(run_b / "checkpoints" / "step-0000006")  # as if killed after the step-3 checkpoint
     shutil.rmtree(run_b / "var-last")
-    resumed = train_var(cfg_b, tokenizer=tok, resume="auto", cpu=True)
+    resumed = train_var(cfg_b, VARRunOptions(resume="auto", cpu=True), TrainInjected(tokenizer=tok))
     assert resumed.resumed_from == 3 and len(resumed.history) == 3
     a = load_file(str(full.run_dir / "var-last" / "model.safetensors"))
     b = load_file(str(run_b / "var-last" / "model.safetensors"))
@@ -79,7 +79,7 @@ def test_token_manifest_mismatch_is_refused(tiny_data, tmp_path: Path) -> None:
     write_tokens(tmp_path / "other.npy", np.zeros((8, 2, 85), np.int16), manifest)
     cfg = load_var_config(TINY_VAR, [f"data.tokens={tmp_path / 'other.npy'}", f"train.results_dir={tmp_path}/r"])
     with pytest.raises(TokenError, match="config_hash"):
-        train_var(cfg, tokenizer=tok, cpu=True)
+        train_var(cfg, VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
 
 
 def test_schedule_groups_and_labels() -> None:
@@ -180,6 +180,6 @@ def test_trains_from_token_shards_and_from_images(tiny_data, tmp_path: Path) -> 
     for run, source in (("run-shards", f"data.tokens={tmp_path / 'shards'}"), ("run-images", f"data.images={tmp_path / 'imgs'}")):
         cfg = load_var_config(TINY_VAR, ["data.tokens=null", source, f"train.results_dir={tmp_path / run}",
                                          "train.max_steps=4", "train.ckpt_every=0"])
-        res = train_var(cfg, tokenizer=tok, cpu=True)
+        res = train_var(cfg, VARRunOptions(cpu=True), TrainInjected(tokenizer=tok))
         assert len(res.history) == 4 and all(np.isfinite(h["loss"]) for h in res.history)
         assert (res.run_dir / "var-last" / "model.safetensors").is_file()

@@ -61,6 +61,13 @@ class RunOptions:
         overrides = config_overrides(self.set_, self.num_workers, self.precision, self.seed)
         return load_tokenizer_config(str(config), overrides=overrides)
 
+    def trainer_options(self) -> Any:
+        """The trainer's :class:`xqtool.training.TokenizerRunOptions` (the options that are not config keys)."""
+        from xqtool.training import TokenizerRunOptions
+
+        return TokenizerRunOptions(output_dir=self.output, resume=self.resume, max_steps=self.max_steps,
+                                   overwrite=self.overwrite, progress=not self.no_progress)
+
 
 def with_run_options(output_help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Append the shared options to a Typer command and hand them over as one ``run: RunOptions`` argument.
@@ -171,12 +178,11 @@ def train_tokenizer_cmd(
 
     Multi-GPU: [bold]accelerate launch -m xqtool train-tokenizer cfg.yaml --resume auto[/]
     """
-    from xqtool.training import train_tokenizer
+    from xqtool.training import TrainInjected, train_tokenizer
 
     _logging()
     cfg = run.load_config(config)
-    result = train_tokenizer(cfg, output_dir=run.output, resume=run.resume, max_steps=run.max_steps,
-                             progress=not run.no_progress, console=console, overwrite=run.overwrite)
+    result = train_tokenizer(cfg, run.trainer_options(), TrainInjected(console=console))
     _summary(result, "train-tokenizer", cfg)
     _exit(result)
 
@@ -198,18 +204,18 @@ def finetune_cmd(
     Example: [bold]xqtool finetune configs/tokenizer/tiny-vit.yaml -t runs/tiny-vit/best -o runs/ft --enc lora --dec full --freeze-codebook[/]
     """
     from xqtool.errors import ConfigError
-    from xqtool.tasks.finetune import finetune_tokenizer
+    from xqtool.tasks.finetune import FinetuneSettings, finetune_tokenizer
     from xqtool.models.lora import TUNING_METHODS
+    from xqtool.training import TrainInjected
 
     for name, value in (("--enc", enc), ("--dec", dec)):
         if value is not None and value not in TUNING_METHODS:
             raise ConfigError(f"{name} must be one of {', '.join(TUNING_METHODS)}, got {value!r}")
     _logging()
     cfg = run.load_config(config)
-    result = finetune_tokenizer(cfg, tokenizer, enc=enc, dec=dec, freeze_codebook_ids=freeze_codebook,
-                                lora_rank=lora_rank, lora_targets=lora_targets, output_dir=run.output,
-                                resume=run.resume, max_steps=run.max_steps, progress=not run.no_progress,
-                                console=console, overwrite=run.overwrite)
+    settings = FinetuneSettings(source=tokenizer, enc=enc, dec=dec, freeze_codebook=freeze_codebook,
+                                lora_rank=lora_rank, lora_targets=lora_targets)
+    result = finetune_tokenizer(cfg, settings, run.trainer_options(), TrainInjected(console=console))
     _summary(result, "finetune", cfg)
     _exit(result)
 

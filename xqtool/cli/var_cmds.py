@@ -68,7 +68,7 @@ def train_var_cmd(
     Example: [bold]xqtool train-var configs/var/tiny.yaml --tokens tokens.npy -t runs/tiny-cnn/best -o runs/var-tiny --max-steps 100[/]
     """
     from xqtool.config import load_var_config
-    from xqtool.training import train_var
+    from xqtool.training import TrainInjected, VARRunOptions, train_var
 
     cpu = _cpu_flag(device)
     overrides = list(set_ or [])
@@ -84,8 +84,8 @@ def train_var_cmd(
         raise ConfigError("train-var needs the frozen tokenizer the tokens come from: pass --tokenizer/-t CKPT")
     if not cfg.data.tokens and not cfg.data.images:
         raise ConfigError("train-var needs training data: pass --tokens TOKENS (from `xqtool encode`) or --images SRC")
-    result = train_var(cfg, resume=resume, console=None if no_progress else console, cpu=cpu, overwrite=overwrite,
-                       ignore_fingerprint=ignore_fingerprint)
+    run = VARRunOptions(resume=resume, overwrite=overwrite, cpu=cpu, ignore_fingerprint=ignore_fingerprint)
+    result = train_var(cfg, run, TrainInjected(console=None if no_progress else console))
     if int(os.environ.get("RANK", "0")) != 0:  # several processes: the main one reports
         return
     last = result.history[-1] if result.history else {}

@@ -1,5 +1,7 @@
 """Fine-tune a trained tokenizer (xqtool directory or official XQ-GAN ``.pt``) on new images (spec §6).
 
+Entry point: :func:`finetune_tokenizer` (config + :class:`FinetuneSettings` +
+:class:`~xqtool.training.options.TokenizerRunOptions` + :class:`~xqtool.training.options.TrainInjected`).
 Flow: load the checkpoint (EMA weights preferred) → apply the encoder / decoder tuning methods
 (``full`` | ``lora`` | ``frozen``) and optionally freeze the codebook → train with
 :class:`xqtool.training.tokenizer_trainer.TokenizerTrainer` (its optimizer is built afterwards, from parameters
@@ -14,6 +16,7 @@ import copy
 import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +26,7 @@ from xqtool.config import TokenizerConfig
 from xqtool.errors import CheckpointError
 from xqtool.models.lora import DEFAULT_LORA_TARGETS, apply_tuning, freeze_codebook, has_lora, merge_lora, save_adapters
 from xqtool.training.build import rfid_extractor
+from xqtool.training.options import TokenizerRunOptions, TrainInjected
 from xqtool.training.tokenizer_trainer import TokenizerTrainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -55,39 +59,50 @@ def default_output_dir(from_path: os.PathLike) -> Path:
     return src.parent / f"{src.stem if src.is_file() else src.name}-finetune"
 
 
-def finetune_tokenizer(
-    cfg: TokenizerConfig,
-    from_path: os.PathLike,
-    *,
-    enc: Optional[str] = None,
-    dec: Optional[str] = None,
-    freeze_codebook_ids: bool = False,
-    lora_rank: Optional[int] = None,
-    lora_alpha: Optional[float] = None,
-    lora_targets: Optional[str] = None,
-    output_dir: Optional[os.PathLike] = None,
-    resume: Optional[str] = None,
-    max_steps: Optional[int] = None,
-    export: bool = True,
-    **train_kwargs: Any,
-) -> TrainResult:
-    """Fine-tune the tokenizer at `from_path` with the training settings of `cfg`.
+@dataclass
+class FinetuneSettings:
+    """What ``xqtool finetune`` tunes (see :func:`finetune_tokenizer`).
+
+    Attributes:
+        source: the tokenizer to start from: xqtool checkpoint directory, official ``.pt`` or model name.
+        enc / dec: tuning method of the encoder / decoder, ``full`` | ``lora`` | ``frozen`` (default
+            ``model.enc_tuning_method`` / ``model.dec_tuning_method`` of the config).
+        freeze_codebook: keep codebooks, phi convs and quant_conv fixed so that token ids keep their meaning.
+        lora_rank / lora_alpha / lora_targets: LoRA rank, alpha and the regex of adapted modules (default
+            ``model.lora_*`` of the config, targets :data:`xqtool.models.lora.DEFAULT_LORA_TARGETS`).
+    """
+
+    source: os.PathLike
+    enc: Optional[str] = None
+    dec: Optional[str] = None
+    freeze_codebook: bool = False
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_targets: Optional[str] = None
+
+
+def finetune_tokenizer(cfg: TokenizerConfig, settings: FinetuneSettings, run: Optional[TokenizerRunOptions] = None,
+                       injected: Optional[TrainInjected] = None) -> TrainResult:
+    """Fine-tune the tokenizer at ``settings.source`` with the training settings of `cfg`; export at the end.
 
     The architecture (``model``/``quant`` sections) comes from the checkpoint; `cfg` supplies ``loss``, ``data``
-    and ``train``. `enc`/`dec` default to ``cfg.model.enc_tuning_method``/``dec_tuning_method``; LoRA rank,
-    alpha and target regex default to ``cfg.model.lora_*``. `output_dir` defaults to
-    :func:`default_output_dir` (never the source's run, whatever ``train.results_dir`` says); ``resume="auto"``
-    continues an interrupted fine-tune there (LoRA, frozen parts, optimizer, EMA). `train_kwargs` go to :class:`TokenizerTrainer`
-    (``feature_extractor``, ``disc_overrides``, ``allow_random_weights``, ``progress``, ``callbacks`` ...).
+    and ``train``. ``run.output_dir`` defaults to :func:`default_output_dir` (never the source's run, whatever
+    ``train.results_dir`` says); ``run.resume="auto"`` continues an interrupted fine-tune there (LoRA, frozen
+    parts, optimizer, EMA). `injected` as for :func:`xqtool.training.train_tokenizer` (``injected.tokenizer`` is
+    not read: the tokenizer is the loaded source; an ``injected.on_finish`` runs after the export). Unless the
+    run diverged, ``OUT/export`` gets the merged checkpoint and the adapters (``result.export_dir``,
+    ``result.adapter_dirs``).
     """
-    output_dir = Path(output_dir) if output_dir else default_output_dir(from_path)
-    tok = _load_base(from_path, cfg)
+    s = settings
+    run = run or TokenizerRunOptions()
+    run = dataclasses.replace(run, output_dir=Path(run.output_dir) if run.output_dir else default_output_dir(s.source))
+    tok = _load_base(s.source, cfg)
     m = cfg.model
-    enc = enc or m.enc_tuning_method
-    dec = dec or m.dec_tuning_method
-    rank = int(lora_rank or m.lora_rank)
-    alpha = lora_alpha if lora_alpha is not None else m.lora_alpha
-    targets = lora_targets or m.lora_targets or DEFAULT_LORA_TARGETS
+    enc = s.enc or m.enc_tuning_method
+    dec = s.dec or m.dec_tuning_method
+    rank = int(s.lora_rank or m.lora_rank)
+    alpha = s.lora_alpha if s.lora_alpha is not None else m.lora_alpha
+    targets = s.lora_targets or m.lora_targets or DEFAULT_LORA_TARGETS
     run_model = dataclasses.replace(tok.model_cfg, enc_tuning_method=enc, dec_tuning_method=dec, lora_rank=rank,
                                     lora_alpha=alpha, lora_targets=targets)
     run_cfg = dataclasses.replace(cfg, model=run_model, quant=tok.quant_cfg)
@@ -97,22 +112,22 @@ def finetune_tokenizer(
     torch.manual_seed(cfg.train.global_seed)  # LoRA init: the same fine-tune from the same source, every time
     apply_tuning(tok, "encoder", enc, rank=rank, alpha=alpha, targets=targets)
     apply_tuning(tok, "decoder", dec, rank=rank, alpha=alpha, targets=targets)
-    if freeze_codebook_ids:
+    if s.freeze_codebook:
         frozen = freeze_codebook(tok)
         log.info("frozen for stable token ids: %d tensors (codebooks, phi convs, quant_conv)", len(frozen))
 
-    def on_finish(trainer: TokenizerTrainer, result: TrainResult) -> None:
-        if not export or result.status == "diverged":
-            return
-        result.export_dir, result.adapter_dirs = export_finetuned(trainer, Path(trainer.out) / "export")
+    injected = injected or TrainInjected()
+    then = injected.on_finish
 
-    if "feature_extractor" not in train_kwargs:
-        train_kwargs["feature_extractor"] = rfid_extractor(run_cfg)
-    trainer = TokenizerTrainer(
-        run_cfg, output_dir=output_dir, resume=resume, max_steps=max_steps, tokenizer=tok, on_finish=on_finish,
-        **train_kwargs,
-    )
-    return trainer.run()
+    def on_finish(trainer: TokenizerTrainer, result: TrainResult) -> None:
+        if result.status != "diverged":
+            result.export_dir, result.adapter_dirs = export_finetuned(trainer, Path(trainer.out) / "export")
+        if then is not None:
+            then(trainer, result)
+
+    extractor = injected.feature_extractor if injected.feature_extractor is not None else rfid_extractor(run_cfg)
+    injected = dataclasses.replace(injected, tokenizer=tok, feature_extractor=extractor, on_finish=on_finish)
+    return TokenizerTrainer(run_cfg, run, injected).run()
 
 
 def export_finetuned(trainer: TokenizerTrainer, directory: Path) -> tuple:
@@ -138,4 +153,4 @@ def export_finetuned(trainer: TokenizerTrainer, directory: Path) -> tuple:
     return directory, adapters
 
 
-__all__ = ["export_finetuned", "finetune_tokenizer"]
+__all__ = ["FinetuneSettings", "default_output_dir", "export_finetuned", "finetune_tokenizer"]

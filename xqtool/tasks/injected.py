@@ -5,7 +5,8 @@ Every task entry point (``run_probe``, ``sample_images``, ``evaluate_fid``, ``ev
 :class:`Injected`: pre-built models and extractors (tests, notebooks, the trainer) and progress callbacks (the
 CLI's progress bars and tables).
 A field left ``None`` means "build / load it from the settings" or "no callback". Each task reads only the fields
-its docstring names; the others are ignored.
+its docstring names; the others are ignored. The trainers (and ``finetune_tokenizer``) take
+:class:`xqtool.training.TrainInjected` instead: ``training`` sits below ``tasks`` and cannot import this class.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Tokenizer training on Accelerate (spec §5): one process, one GPU or many (``accelerate launch``).
 
-Public entry point: :func:`train_tokenizer`. Output directory layout::
+Public entry point: :func:`train_tokenizer` (config + :class:`~xqtool.training.options.TokenizerRunOptions` +
+:class:`~xqtool.training.options.TrainInjected`). Output directory layout::
 
     OUT/config.yaml                 resolved config of the run
     OUT/checkpoints/step-0000100/   training state, safetensors + JSON (both models, both optimizers, schedulers,
@@ -27,11 +28,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ from xqtool.metrics import fid_from_features
 from xqtool.stopping import StopFlag
 from xqtool.training import build
 from xqtool.training.objective import TokenizerObjective
+from xqtool.training.options import TokenizerRunOptions, TrainInjected
 from xqtool.training.reporting import flat_config, log_grid, save_grid
 
 log = logging.getLogger(__name__)
@@ -137,51 +138,23 @@ class TokenizerTrainer:
 
     Args:
         cfg: the resolved config.
-        output_dir: run directory (default ``cfg.train.results_dir``).
-        resume: ``None``, ``"auto"`` (newest complete state in `output_dir`, if any) or a state directory.
-        max_steps: overrides ``train.max_steps``.
-        tokenizer: start from this (already loaded / tuned) tokenizer instead of a random one.
-        feature_extractor: images uint8 ``[B,3,H,W]`` → features ``[B,F]`` for rFID (None: no rFID).
-        disc_overrides / teacher_overrides: size overrides for tests (tiny discriminator / teacher).
-        allow_random_weights: tests only: keep random init for LPIPS / teachers / DINO disc when weights are missing.
-        progress / console: rich progress bar on the main process.
-        callbacks: called after every optimizer step with the trainer.
-        on_finish: called with the trainer and the result before the summary is written.
-        overwrite: delete an earlier xqtool run in `output_dir` first (a foreign non-empty folder is always
-            refused, see :func:`xqtool.fsutil.check_run_dir`).
+        run: run directory, resume, step count, overwrite, progress bar (:class:`TokenizerRunOptions`; default: all
+            from the config, a fresh run).
+        injected: pre-built tokenizer, feature extractor (None: no rFID), tiny discriminator / teacher sizes,
+            random-weight permission, console, step callbacks (called with the trainer after every optimizer step)
+            and ``on_finish`` (see :class:`TrainInjected`).
     Raises ConfigError / DataError / WeightsMissingError / OutputError before any step when the run cannot start.
     """
 
-    def __init__(
-        self,
-        cfg: TokenizerConfig,
-        *,
-        output_dir: Optional[os.PathLike] = None,
-        resume: Optional[str] = None,
-        max_steps: Optional[int] = None,
-        tokenizer: Optional[nn.Module] = None,
-        feature_extractor: Optional[Callable[[Tensor], Tensor]] = None,
-        disc_overrides: Optional[Dict[str, Any]] = None,
-        teacher_overrides: Optional[Dict[str, Any]] = None,
-        allow_random_weights: bool = False,
-        progress: bool = True,
-        console: Any = None,
-        callbacks: Sequence[Callable[["TokenizerTrainer"], None]] = (),
-        on_finish: Optional[Callable[["TokenizerTrainer", TrainResult], None]] = None,
-        overwrite: bool = False,
-    ) -> None:
+    def __init__(self, cfg: TokenizerConfig, run: Optional[TokenizerRunOptions] = None,
+                 injected: Optional[TrainInjected] = None) -> None:
+        run, injected = run or TokenizerRunOptions(), injected or TrainInjected()
         self.cfg = cfg
-        self.out = Path(output_dir or cfg.train.results_dir)
-        self.resume_arg = resume
-        self.max_steps_arg = max_steps
-        self.feature_extractor = feature_extractor
-        self.disc_overrides = disc_overrides
-        self.teacher_overrides = teacher_overrides or {}
-        self.allow_random = allow_random_weights
-        self.show_progress = progress
-        self.console = console
-        self.callbacks = list(callbacks)
-        self.on_finish = on_finish
+        self.run_options = run
+        self.out = Path(run.output_dir or cfg.train.results_dir)
+        self.injected = injected
+        self.console = injected.console
+        self.callbacks = list(injected.callbacks)
         self.stop = StopFlag()
         self.history: List[Dict[str, float]] = []
         self.last_val: Dict[str, float] = {}
@@ -191,14 +164,15 @@ class TokenizerTrainer:
         self._lock = acquire_output_lock(self.out) if distributed.is_launch_main_process() else None
         try:
             if distributed.is_launch_main_process():
-                check_run_dir(self.out, resume=bool(resume), overwrite=overwrite, has_states=has_states(self.out))
+                check_run_dir(self.out, resume=bool(run.resume), overwrite=run.overwrite,
+                              has_states=has_states(self.out))
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_marker(self.out, "run")
                 from xqtool.config import ignored_settings
 
                 for line in ignored_settings(cfg):
                     log.warning(line)
-            self._setup(tokenizer)
+            self._setup()
         except BaseException:
             self.release_lock()
             raise
@@ -210,16 +184,16 @@ class TokenizerTrainer:
             self._lock = None
 
     # ------------------------------------------------------------------ setup
-    def _setup(self, tokenizer: Optional[nn.Module]) -> None:
+    def _setup(self) -> None:
         """Accelerator, data, models, objective, optimizers, resume, trackers (in this order: bit-exact runs
         depend on the order in which random weights are drawn)."""
         from xqtool.runtime import configure_cpu_math
 
-        build.check_weights_available(self.cfg, self.allow_random)  # fail before anything heavy
+        build.check_weights_available(self.cfg, self.injected.allow_random_weights)  # fail before anything heavy
         configure_cpu_math()
         acc = self.acc = self._accelerator()
         self._build_data()
-        tok = build.generator_model(self.cfg, tokenizer)
+        tok = build.generator_model(self.cfg, self.injected.tokenizer)
         self._build_models(tok)
         self._build_state()
         if acc.is_main_process:
@@ -270,18 +244,19 @@ class TokenizerTrainer:
     def _build_data(self) -> None:
         train_src, val_src = build.data_sources(self.cfg, self.out, self.acc)
         self.train_loader, self.val_loader = build.tokenizer_loaders(self.cfg, train_src, val_src, self.per_proc_batch)
-        self.length = build.run_length(self.cfg, train_src, self.max_steps_arg)
+        self.length = build.run_length(self.cfg, train_src, self.run_options.max_steps)
         self.total_steps = self.length.total_steps
 
     def _build_models(self, tok: nn.Module) -> None:
         """Discriminator, LeCam, LPIPS, teachers, optimizers, ``acc.prepare``, EMA and the objective."""
-        acc, cfg, lc = self.acc, self.cfg, self.cfg.loss
+        acc, cfg, lc, inj = self.acc, self.cfg, self.cfg.loss, self.injected
         self.ema: Optional[EMAModel] = None  # created after acc.prepare, from the weights DDP synchronised
-        disc = build.discriminator(cfg, self.allow_random, self.disc_overrides)
+        disc = build.discriminator(cfg, inj.allow_random_weights, inj.disc_overrides)
         self.lecam = LeCam() if lc.lecam_loss_weight > 0 and disc is not None else None
-        self.lpips = build.perceptual_loss(cfg, self.allow_random, acc.device)
+        self.lpips = build.perceptual_loss(cfg, inj.allow_random_weights, acc.device)
         # frozen teachers and the trainable loss-side projections (aux), outside the model and the EMA
-        self.aux, self.teachers = build.teachers(cfg, tok, acc.device, self.teacher_overrides, self.allow_random)
+        self.aux, self.teachers = build.teachers(cfg, tok, acc.device, inj.teacher_overrides or {},
+                                                  inj.allow_random_weights)
         opts = build.tokenizer_optimizers(cfg, tok, self.aux, disc, self.length, acc.device)
         self.sched_g, self.sched_d = opts.sched_g, opts.sched_d
         if disc is not None:
@@ -323,7 +298,7 @@ class TokenizerTrainer:
 
     def _resume(self) -> None:
         acc, tc, world = self.acc, self.cfg.train, self.acc.num_processes
-        loaded = resolve_resume(self.resume_arg, self.out, acc.process_index)
+        loaded = resolve_resume(self.run_options.resume, self.out, acc.process_index)
         self.resumed_from: Optional[Path] = None
         if loaded is None:
             return
@@ -420,7 +395,8 @@ class TokenizerTrainer:
         model = self.ema.module if self.ema is not None else self.unwrapped
         was_training = model.training
         model.eval()
-        ev = ReconstructionEvaluator(model, device=acc.device, autocast=acc.autocast, extractor=self.feature_extractor,
+        ev = ReconstructionEvaluator(model, device=acc.device, autocast=acc.autocast,
+                                     extractor=self.injected.feature_extractor,
                                      limit=cfg.data.max_val_images or None, world=acc.num_processes)
         grid: Optional[Tuple[Tensor, Tensor]] = None
         for b in ev.batches(batch["image"] for batch in self.val_loader):
@@ -515,7 +491,7 @@ class TokenizerTrainer:
 
     def _run(self) -> TrainResult:
         acc, tc = self.acc, self.cfg.train
-        if tc.best_metric == "rfid" and self.feature_extractor is None:
+        if tc.best_metric == "rfid" and self.injected.feature_extractor is None:
             raise ConfigError("train.best_metric=rfid needs Inception weights: --set train.inception_weights=PATH or --set train.best_metric=psnr")
         self.stop.__enter__()
         progress = self._progress()
@@ -610,8 +586,8 @@ class TokenizerTrainer:
             exit_code={"interrupted": self.stop.exit_code, "diverged": 1}.get(status, 0),
             launch=self.launch,
         )
-        if self.on_finish is not None:
-            self.on_finish(self, result)
+        if self.injected.on_finish is not None:
+            self.injected.on_finish(self, result)
         if acc.is_main_process:
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()
                        if k != "history"}
@@ -670,10 +646,10 @@ class TokenizerTrainer:
     def _plain_log(self) -> bool:
         """Plain log lines (main process) when the output is not a terminal or the bar is switched off."""
         return bool(self.acc.is_main_process and self.console is not None
-                    and (not self.show_progress or not getattr(self.console, "is_terminal", False)))
+                    and (not self.run_options.progress or not getattr(self.console, "is_terminal", False)))
 
     def _progress(self) -> Any:
-        if not self.show_progress or not self.acc.is_main_process or self._plain_log():
+        if not self.run_options.progress or not self.acc.is_main_process or self._plain_log():
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -684,16 +660,18 @@ class TokenizerTrainer:
         )
 
 
-def train_tokenizer(cfg: TokenizerConfig, **options: Any) -> TrainResult:
+def train_tokenizer(cfg: TokenizerConfig, run: Optional[TokenizerRunOptions] = None,
+                    injected: Optional[TrainInjected] = None) -> TrainResult:
     """Train an XQ-GAN tokenizer from `cfg` (see the module docstring for what is written where).
 
-    `options` are :class:`TokenizerTrainer`'s keywords; without a ``feature_extractor`` the clean-fid Inception
-    of :func:`xqtool.training.build.rfid_extractor` scores validation rFID (skipped when its weights are missing,
-    unless ``train.best_metric=rfid``, which raises WeightsMissingError).
+    `run` and `injected` as :class:`TokenizerTrainer`'s; without ``injected.feature_extractor`` the clean-fid
+    Inception of :func:`xqtool.training.build.rfid_extractor` scores validation rFID (skipped when its weights are
+    missing, unless ``train.best_metric=rfid``, which raises WeightsMissingError).
     """
-    if options.get("feature_extractor") is None:
-        options["feature_extractor"] = build.rfid_extractor(cfg)
-    return TokenizerTrainer(cfg, **options).run()
+    injected = injected or TrainInjected()
+    if injected.feature_extractor is None:
+        injected = dataclasses.replace(injected, feature_extractor=build.rfid_extractor(cfg))
+    return TokenizerTrainer(cfg, run, injected).run()
 
 
 __all__ = ["TokenizerTrainer", "TrainResult", "train_tokenizer"]

@@ -26,7 +26,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from xqtool.errors import ConfigError
 from xqtool.models.var import VAR
 from xqtool.stopping import StopFlag
 from xqtool.training.build import build_optimizer
+from xqtool.training.options import TrainInjected, VARRunOptions
 from xqtool.training.schedules import cond_drop_scale, var_lr_factor, wd_value
 from xqtool.training.var_data import TokenArrayBatches, build_data, check_tokenizer_fit, class_labels
 
@@ -195,21 +196,24 @@ def _refuse_rerun(run_dir: Path, resume: Optional[str]) -> None:
                           "output folder (-o/--output DIR)")
 
 
-def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, resume: Optional[str] = None,
-              console: Any = None, cpu: bool = False,
-              callbacks: Sequence[Callable[[Dict[str, Any]], None]] = (), overwrite: bool = False,
-              ignore_fingerprint: bool = False) -> TrainVARResult:
-    """Train VAR per `cfg`. `tokenizer` may be injected (tests); else loaded from ``cfg.data.tokenizer``.
+def train_var(cfg: VARConfig, run: Optional[VARRunOptions] = None,
+              injected: Optional[TrainInjected] = None) -> TrainVARResult:
+    """Train VAR per `cfg` into ``train.results_dir``, for ``train.max_steps`` (or ``train.epochs``) steps.
+
+    `run`: resume, overwrite, CPU, fingerprint check (:class:`VARRunOptions`; default: a fresh run). `injected`
+    (:class:`TrainInjected`) fields read: ``tokenizer`` (the frozen tokenizer; else loaded from
+    ``cfg.data.tokenizer``), ``console`` (progress bar or plain log lines; none without one) and ``callbacks``
+    (each gets the step's history row after its step).
 
     Non-finite steps are skipped; after ``train.nan_patience`` in a row the run stops with status
     ``diverged`` (nothing non-finite is ever saved). SIGINT/SIGTERM save a training state and return status
-    ``interrupted`` (``result.exit_code`` 130/143). `callbacks` get each history row after its step.
+    ``interrupted`` (``result.exit_code`` 130/143).
     Returns a :class:`TrainVARResult` (history rows hold step, loss, lr, grad_norm and per-scale metrics).
-    Raises ConfigError when `results_dir` holds a run and `resume` is not set, or on a refused batch change.
+    Raises ConfigError when `results_dir` holds a run and ``run.resume`` is not set, or on a refused batch change.
 
     The run folder is locked for the run (OutputError for a second writer) and checked first
-    (:func:`xqtool.fsutil.check_run_dir`; ``overwrite`` deletes an earlier xqtool run there). Tokens, or a resumed
-    run, made with other tokenizer weights raise TokenError unless ``ignore_fingerprint``.
+    (:func:`xqtool.fsutil.check_run_dir`; ``run.overwrite`` deletes an earlier xqtool run there). Tokens, or a
+    resumed run, made with other tokenizer weights raise TokenError unless ``run.ignore_fingerprint``.
     """
     from xqtool.distributed import is_launch_main_process
 
@@ -217,31 +221,28 @@ def train_var(cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module] = None, re
 
     run_dir = Path(cfg.train.results_dir)
     with output_lock(run_dir, enabled=is_launch_main_process()):
-        return VARTrainer(cfg, tokenizer=tokenizer, resume=resume, console=console, cpu=cpu, callbacks=callbacks,
-                          overwrite=overwrite, ignore_fingerprint=ignore_fingerprint).run()
+        return VARTrainer(cfg, run or VARRunOptions(), injected or TrainInjected()).run()
 
 
 class VARTrainer:
     """One VAR run: :meth:`__init__` builds everything (accelerator, frozen tokenizer, data, model, optimizer,
     resume, trackers), :meth:`run` trains. Arguments as :func:`train_var`."""
 
-    def __init__(self, cfg: VARConfig, *, tokenizer: Optional[torch.nn.Module], resume: Optional[str],
-                 console: Any, cpu: bool, callbacks: Sequence[Callable[[Dict[str, Any]], None]], overwrite: bool,
-                 ignore_fingerprint: bool) -> None:
+    def __init__(self, cfg: VARConfig, run: VARRunOptions, injected: TrainInjected) -> None:
         from xqtool.runtime import configure_cpu_math
 
         configure_cpu_math()
-        self.cfg, self.t, self.console, self.callbacks = cfg, cfg.train, console, callbacks
+        self.cfg, self.t, self.console, self.callbacks = cfg, cfg.train, injected.console, injected.callbacks
         self.run_dir = Path(self.t.results_dir)
-        self._claim_run_dir(resume, overwrite)
-        acc = self.acc = self._accelerator(cpu)
-        self.tokenizer = self._frozen_tokenizer(tokenizer)
+        self._claim_run_dir(run.resume, run.overwrite)
+        acc = self.acc = self._accelerator(run.cpu)
+        self.tokenizer = self._frozen_tokenizer(injected.tokenizer)
         self.quantizer = self.tokenizer.quantizer
         t, world = self.t, acc.num_processes
         self.local_batch = local_batch = max(round(t.global_batch_size / t.grad_accum / world), 1)
         self.global_batch = local_batch * world * t.grad_accum
         self.data, self.iters_per_epoch = build_data(cfg, self.tokenizer, self.global_batch, local_batch,
-                                                      acc.process_index, world, acc.device, ignore_fingerprint)
+                                                      acc.process_index, world, acc.device, run.ignore_fingerprint)
         self.max_steps = t.max_steps or t.epochs * self.iters_per_epoch
         self.warmup = t.warmup_steps if t.warmup_steps is not None else round(
             (t.warmup_epochs if t.warmup_epochs is not None else t.epochs / 50) * self.iters_per_epoch)
@@ -254,7 +255,7 @@ class VARTrainer:
         self.components: Dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "position": self.pos}
         if acc.scaler is not None:
             self.components["scaler"] = acc.scaler
-        self._resume(resume, ignore_fingerprint)
+        self._resume(run.resume, run.ignore_fingerprint)
         self.trackers = None if t.tracker == "none" else t.tracker
         if self.trackers and acc.is_main_process:
             acc.init_trackers("var", config={k: str(v) for k, v in config_to_dict(t).items()})
