@@ -8,7 +8,7 @@ import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 from typing_extensions import Annotated
 
@@ -30,6 +30,9 @@ from xqtool.cli.options import (
     Tokenizer,
     output_option,
 )
+
+if TYPE_CHECKING:
+    from xqtool.training import TokenizerRunOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class RunOptions:
         overrides = config_overrides(self.set_, self.num_workers, self.precision, self.seed)
         return load_tokenizer_config(str(config), overrides=overrides)
 
-    def trainer_options(self) -> Any:
+    def trainer_options(self) -> TokenizerRunOptions:
         """The trainer's :class:`xqtool.training.TokenizerRunOptions` (the options that are not config keys)."""
         from xqtool.training import TokenizerRunOptions
 
