@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -89,18 +90,17 @@ def _cli(args, monkeypatch=None, module: str = "", step: int = 0, sig=None):
 
             real = m.train_var
 
-            def patched(*a, **k):
-                k["callbacks"] = [_sig_at(step, sig)]
-                return real(*a, **k)
+            def patched(cfg, run, injected):
+                return real(cfg, run, dataclasses.replace(injected, callbacks=[_sig_at(step, sig)]))
             monkeypatch.setattr(m, "train_var", patched)
         else:
             import xqtool.training as m
 
             real = m.train_tokenizer
 
-            def patched(*a, **k):
-                k["callbacks"] = [lambda t: t.pos.step == step and os.kill(os.getpid(), sig)]
-                return real(*a, **k)
+            def patched(cfg, run, injected):
+                hook = [lambda t: t.pos.step == step and os.kill(os.getpid(), sig)]
+                return real(cfg, run, dataclasses.replace(injected, callbacks=hook))
             monkeypatch.setattr(m, "train_tokenizer", patched)
     return CliRunner().invoke(xqtool.cli.app, list(args))
 
