@@ -594,7 +594,7 @@ def evaluate_rfid(s: RfidSettings, injected: Optional[Injected] = None) -> Dict[
 def _evaluate_rfid(s: RfidSettings, injected: Injected) -> Dict[str, Any]:
     from xqtool.checkpoints import load_tokenizer
     from xqtool.data.images import make_loader
-    from xqtool.data.sources import resolve_source
+    from xqtool.data.sources import looks_like_shards
     from xqtool.evaluation import ReconstructionEvaluator
     from xqtool.metrics import from_uint8
 
@@ -602,7 +602,8 @@ def _evaluate_rfid(s: RfidSettings, injected: Injected) -> Dict[str, Any]:
     if s.lpips not in ("auto", "on", "off"):
         raise ConfigError(f"--lpips must be auto, on or off, not '{s.lpips}'")
     device, data = s.device, s.data
-    resolve_source(data)  # DataError for a missing / empty source before any model is loaded
+    if not looks_like_shards(str(data)) and not Path(str(data)).expanduser().exists():
+        raise DataError(f"image source not found: {data}")  # before any model is loaded (the loader walks it later)
     recon_dir = Path(s.save_recon) if s.save_recon else None
     tok = injected.tokenizer
     if tok is None:
