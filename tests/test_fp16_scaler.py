@@ -215,3 +215,21 @@ def test_var_loss_scale_is_capped_at_32768() -> None:
     cap_loss_scale(low)
     assert low.get_scale() == 2.0**11
     cap_loss_scale(None)  # fp32 / bf16: no scaler, nothing to do
+
+
+@pytest.mark.parametrize("argv", [["train-tokenizer", "configs/tokenizer/tiny-cnn.yaml", "--max-steps", "1"],
+                                  ["train-var", "configs/var/tiny.yaml", "-t", "unused", "--tokens", "unused.npy"]])
+def test_fp16_training_on_cpu_is_refused_not_silently_fp32(tmp_path: Path, argv) -> None:
+    """Accelerate runs fp16 on a CPU as fp32 without a scaler; a run reported as fp16 must not train that way."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run([sys.executable, "-m", "xqtool", *argv, "-o", str(tmp_path / "run"),
+                          "--set", "train.mixed_precision=fp16"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 2, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "fp16" in errors[0] and "bf16" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr

@@ -106,6 +106,28 @@ def process_state(cpu: Optional[bool] = None) -> Any:
     return state
 
 
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
+    """``accelerate.Accelerator(mixed_precision=..., **kwargs)`` for a trainer, refusing a precision it cannot honour.
+
+    Raises:
+        ConfigError: Accelerate rejects `mixed_precision` on this device, or it would silently drop it: with
+            ``fp16`` on a CPU Accelerate trains in fp32 with no loss scaler, while the run would be reported as
+            fp16 (use ``bf16`` on a CPU).
+    """
+    from accelerate import Accelerator
+
+    from xqtool.errors import ConfigError
+
+    try:
+        acc = Accelerator(mixed_precision=mixed_precision, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"train.mixed_precision={mixed_precision!r} is not usable here: {exc}".splitlines()[0]) from None
+    if mixed_precision == "fp16" and not acc.native_amp:
+        raise ConfigError(f"train.mixed_precision='fp16' needs a GPU: on {acc.device.type} Accelerate would train in "
+                          "fp32 without a loss scaler; use bf16 (or no) here")
+    return acc
+
+
 def describe(state: Any, precision: Optional[str] = None) -> str:
     """One phrase naming world size, backend, device and precision of a run.
 

@@ -209,19 +209,15 @@ class TokenizerTrainer:
 
     def _accelerator(self) -> Any:
         """The Accelerator of the run (precision, accumulation, tracker), the per-process batch and the seed."""
-        from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
         tc = self.cfg.train
-        try:
-            acc = Accelerator(
-                mixed_precision=tc.mixed_precision,
-                gradient_accumulation_steps=max(1, tc.grad_accum),
-                log_with=None if tc.tracker == "none" else tc.tracker,
-                project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
-            )
-        except ValueError as exc:
-            raise ConfigError(f"train.mixed_precision={tc.mixed_precision!r} is not usable here: {exc}".splitlines()[0]) from None
+        acc = distributed.make_accelerator(
+            tc.mixed_precision,
+            gradient_accumulation_steps=max(1, tc.grad_accum),
+            log_with=None if tc.tracker == "none" else tc.tracker,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
         if acc.device.type == "cpu":
             from xqtool.runtime import configure_cpu_allocator
 

@@ -278,14 +278,13 @@ class VARTrainer:
             write_marker(self.run_dir, "run")
 
     def _accelerator(self, cpu: bool) -> Any:
-        from accelerate import Accelerator
         from accelerate.utils import GradScalerKwargs, ProjectConfiguration, set_seed
 
-        from xqtool.distributed import check_launch, describe
+        from xqtool.distributed import check_launch, describe, make_accelerator
 
         t = self.t
-        acc = Accelerator(
-            mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+        acc = make_accelerator(
+            t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with=None if t.tracker == "none" else t.tracker, cpu=cpu,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
             kwargs_handlers=[GradScalerKwargs(init_scale=INIT_LOSS_SCALE, growth_interval=LOSS_SCALE_GROWTH_INTERVAL)],
