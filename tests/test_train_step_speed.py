@@ -212,6 +212,45 @@ def test_lpips_does_not_differentiate_the_real_image():
     assert gy.abs().sum() > 0
 
 
+def test_lpips_gradient_equals_autograd_of_the_formula():
+    """The closed-form backward of the per-layer distance gives the gradient autograd gives for the formula."""
+    from xqtool.losses.lpips import LPIPS
+
+    torch.manual_seed(1)
+    lp = LPIPS(allow_random=True)
+    w = torch.tensor([0.25, -0.125, 0.5])[None, :, None, None]
+    x = (torch.rand(3, 3, 48, 48) * 2 - 1 + w).clamp(-1, 1).requires_grad_(True)
+    y = (torch.rand(3, 3, 48, 48) * 2 - 1).clamp(-1, 1)
+    g_out = torch.tensor([1.0, -2.0, 0.5])
+    (g_fast,) = torch.autograd.grad(lp(x, y), x, g_out)
+    xr = x.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(_lpips_reference(lp, xr, y), xr, g_out)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6 * float(g_ref.abs().max()))
+    (g_swapped,) = torch.autograd.grad(lp(y, x), x, g_out)  # d is symmetric: the same gradient either way
+    torch.testing.assert_close(g_swapped, g_fast, rtol=1e-5, atol=1e-7 * float(g_ref.abs().max()))
+
+
+def test_lpips_layer_distance_by_hand_and_at_zero_features():
+    """One layer: value by hand; gradient by finite differences (float64); finite where a feature vector is 0."""
+    from xqtool.losses.lpips import _UnitDistance
+
+    f = torch.tensor([[[[3.0]], [[4.0]]]])  # one pixel, two channels: ‖f‖ = 5, f/‖f‖ = (0.6, 0.8)
+    b = torch.tensor([[[[1.0]], [[0.0]]]])
+    d = _UnitDistance.apply(f, b, torch.tensor([2.0, 1.0]))
+    assert float(d) == pytest.approx(2 * 0.4 ** 2 + 1 * 0.8 ** 2, rel=1e-6)
+    torch.manual_seed(0)
+    f64 = torch.randn(2, 5, 3, 4, dtype=torch.float64).requires_grad_(True)
+    b64 = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    b64 = b64 / b64.norm(dim=1, keepdim=True)
+    w64 = torch.rand(5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: _UnitDistance.apply(t, b64, w64), (f64,))
+    f0 = torch.relu(torch.randn(1, 4, 2, 2))
+    f0[..., 0, 0] = 0.0  # an all-zero feature vector (ReLU features): the formula's gradient is 0/0 there
+    f0.requires_grad_(True)
+    (g,) = torch.autograd.grad(_UnitDistance.apply(f0, torch.rand(1, 4, 2, 2), torch.rand(4)).sum(), f0)
+    assert torch.isfinite(g).all()
+
+
 # ============================================================================================ optimizers
 def test_fused_adamw_equals_plain_adamw():
     from xqtool.runtime import fast_adamw_kwargs
@@ -348,3 +387,31 @@ def test_var_training_step_makes_no_autograd_copies():
     assert ops["select_backward"] == 0 and ops["slice_backward"] == 0, ops
     # left: one reshape of the word-embedding gradient and one AccumulateGrad copy (the old step: 33 copies)
     assert ops["clone"] + ops["copy_"] <= 3, ops
+    # the cross-entropy's backward is one closed-form pass, not log_softmax + nll_loss backwards
+    assert ops["nll_loss_backward"] == 0 and ops["_log_softmax_backward_data"] == 0, ops
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy_equals_torch(smoothing):
+    from xqtool.losses import softmax_cross_entropy
+
+    # by hand: logits (0, ln 3) → p = (1/4, 3/4); target 1 → CE = ln(4/3); gradient p − onehot = (1/4, −1/4)
+    z = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    loss = softmax_cross_entropy(z, torch.tensor([1]))
+    assert loss.item() == pytest.approx(math.log(4 / 3), rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(z.grad, torch.tensor([[0.25, -0.25]]))
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 50, generator=g) * 4).requires_grad_(True)
+    target = torch.randint(0, 50, (37,), generator=g)
+    ref = F.cross_entropy(logits, target, label_smoothing=smoothing)
+    (g_ref,) = torch.autograd.grad(ref * 3.0, logits)
+    out = softmax_cross_entropy(logits, target, label_smoothing=smoothing)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    (g1,) = torch.autograd.grad(out * 3.0, logits, retain_graph=True)
+    (g2,) = torch.autograd.grad(out * 3.0, logits)  # a retained graph gives the same gradient again
+    torch.testing.assert_close(g1, g_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g2, g1)
+    with pytest.raises(ValueError, match="logits"):
+        softmax_cross_entropy(logits[None], target)

@@ -1,10 +1,12 @@
 """Training losses: GAN (hinge / vanilla / non-saturating, adaptive weight, LeCam), semantic
-distillation (InfoNCE against a frozen teacher), DiffAug, and LPIPS (``xqtool.losses.lpips``).
+distillation (InfoNCE against a frozen teacher), DiffAug, softmax cross-entropy with a one-pass backward
+(VAR), and LPIPS (``xqtool.losses.lpips``).
 
 Owns loss formulas and the frozen networks inside them (VGG of LPIPS). May import ``errors`` and ``hub``
 (LPIPS weights by name); never ``models``, ``tasks``, ``training`` or ``cli``.
 """
 
+from xqtool.losses.cross_entropy import softmax_cross_entropy
 from xqtool.losses.diffaug import DiffAug, fade_blur_schedule
 from xqtool.losses.gan import (
     GAN_LOSSES,
@@ -30,4 +32,5 @@ __all__ = [
     "fade_blur_schedule",
     "gen_loss_fn",
     "semantic_scale",
+    "softmax_cross_entropy",
 ]

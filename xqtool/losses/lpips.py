@@ -124,6 +124,7 @@ class LPIPS(nn.Module):
                 w = getattr(self, f"lin{i}").model[1].weight
                 w.copy_(w.abs())
         self.source = self._load(weights, vgg_weights, allow_random)
+        self.features.to(memory_format=torch.channels_last)  # kept by load_state_dict/.to(device) copies
         self.requires_grad_(False)
         self.eval()
 
@@ -217,7 +218,9 @@ class LPIPS(nn.Module):
 
     def _feats(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
-        h = (x - self.shift) / self.scale
+        # channels-last (NHWC): oneDNN's convolutions and max-pooling run ~15 % faster than on NCHW here,
+        # with the same arithmetic per output element
+        h = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last)
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in _SLICE_ENDS:
@@ -235,17 +238,64 @@ class LPIPS(nn.Module):
         d(x, y) = Σ_k mean_hw lin_k((x̂_k − ŷ_k)²), with x̂_k the channel-normalised VGG16 features
         after slice k. Each image goes through VGG on its own; an input that does not require a
         gradient (the real image in training) runs without autograd, so no graph is kept for it and
-        the backward never runs over it.
+        the backward never runs over it. With one side differentiated, each layer's distance and its
+        gradient are computed by :class:`_UnitDistance` in a few fused passes (same formula).
         """
-        fx = self._feats(x)
         y = y.to(x.dtype)
+        if y.requires_grad and not x.requires_grad:
+            x, y = y, x  # d is symmetric: differentiate through `x` only
+        fx = self._feats(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and y.requires_grad):
             fy = [self._unit(f) for f in self._feats(y)]
-        total = x.new_zeros(x.shape[0])
+        total = x.new_zeros(x.shape[0], dtype=_compute_dtype(x))
         for k, (a, b) in enumerate(zip(fx, fy)):
-            d = getattr(self, f"lin{k}")((self._unit(a) - b) ** 2)
-            total = total + d.mean(dim=(1, 2, 3))
+            w = getattr(self, f"lin{k}").model[1].weight
+            if b.requires_grad:  # both sides differentiated: plain autograd
+                d = torch.nn.functional.conv2d((self._unit(a) - b) ** 2, w).mean(dim=(1, 2, 3))
+            else:
+                d = _UnitDistance.apply(a, b, w.view(-1))
+            total = total + d
         return total
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision features (mixed precision), else the features' own dtype."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+class _UnitDistance(torch.autograd.Function):
+    """mean_hw Σ_c w_c (f_c/(‖f‖+ε) − b_c)² per image, differentiable in ``f`` only (LPIPS, one layer).
+
+    ``f [B,C,H,W]`` features, ``b`` the other image's channel-normalised features (no gradient), ``w [C]``
+    the frozen head → ``[B]`` (fp32 for half-precision features, else their dtype). The backward is the closed form of the same expression:
+    with n = ‖f‖, u = f/(n+ε), g_u = −2 w (b − u)·ḡ/(HW): ∂d/∂f = (g_u − f·⟨g_u, f⟩/(n (n+ε))) / (n+ε),
+    the second term taken as 0 where n = 0 (autograd would give NaN there).
+    """
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        dt = _compute_dtype(f)
+        f32, b32 = f.to(dt), b.to(dt)
+        n = f32.pow(2).sum(1, keepdim=True).sqrt_()
+        den = n + 1e-10
+        diff = torch.addcdiv(b32, f32, den, value=-1.0)  # b − u, [B,C,H,W] in f's memory format
+        w4 = w.to(dt).view(1, -1, 1, 1)
+        hw = f.shape[2] * f.shape[3]
+        d = (diff * diff).mul_(w4).sum(dim=(1, 2, 3)).div_(hw)
+        ctx.save_for_backward(f, diff, n, den, w4)
+        ctx.hw = hw
+        return d
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        f, diff, n, den, w4 = ctx.saved_tensors
+        f32 = f.to(diff.dtype)
+        # g_u = ∂d/∂u = −2 w (b − u) ḡ / HW
+        g_u = diff * (w4 * (grad.to(diff.dtype).view(-1, 1, 1, 1) * (-2.0 / ctx.hw)))
+        proj = (g_u * f32).sum(1, keepdim=True)  # ⟨g_u, f⟩ over channels
+        coef = torch.where(n > 0, proj / (n * den), torch.zeros_like(proj))
+        g_f = torch.addcmul(g_u, f32, coef, value=-1.0).div_(den)
+        return g_f.to(f.dtype), None, None
 
 
 __all__ = ["LPIPS", "LPIPS_ENV", "VGG_ENV"]

@@ -38,6 +38,7 @@ from xqtool.checkpoints.training_state import (NonFiniteError, apply_state, chec
 from xqtool.config import VARConfig, config_to_dict
 from xqtool.distributed import all_finite
 from xqtool.errors import ConfigError
+from xqtool.losses import softmax_cross_entropy
 from xqtool.models.var import VAR
 from xqtool.stopping import StopFlag
 from xqtool.training.build import build_optimizer
@@ -122,8 +123,8 @@ def var_loss(logits: Tensor, tokens: Tensor, num_branches: int, label_smoothing:
     """
     B, L, V = logits.shape
     K = V // num_branches
-    return F.cross_entropy(logits.float().reshape(B, L, num_branches, K).flatten(0, 2),
-                           tokens.transpose(1, 2).flatten(), label_smoothing=label_smoothing)
+    return softmax_cross_entropy(logits.float().reshape(B, L, num_branches, K).flatten(0, 2),
+                                 tokens.transpose(1, 2).flatten(), label_smoothing=label_smoothing)
 
 
 @torch.no_grad()
