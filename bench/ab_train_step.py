@@ -1,0 +1,115 @@
+"""Paired before/after timing: alternate training steps of two xqtool trees, one step at a time.
+
+On a shared machine the speed of one core drifts by 10-20 % over minutes, more than most changes
+this is meant to measure. Here each tree runs in its own worker process (``bench/train_step.py``'s
+step, built from that tree's code and configs), and the two workers take turns: A's step, B's step,
+A's step, ... so both see the same machine conditions, pair by pair. Prints one JSON line: per-step
+seconds of each side, medians, minima and the median of the per-pair ratios B/A. Usage::
+
+    git worktree add --detach /tmp/before <commit>
+    OMP_NUM_THREADS=1 python bench/ab_train_step.py /tmp/before . --what tok-msvr10p2 --pairs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+WORKER = r"""
+import argparse, json, sys, tempfile, time
+from pathlib import Path
+import torch
+sys.path.insert(0, str(Path.cwd() / "bench"))
+import train_step as ts
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+from xqtool import runtime
+runtime.configure_cpu_math()
+if hasattr(runtime, "configure_cpu_allocator"):
+    runtime.configure_cpu_allocator()
+ns = argparse.Namespace(batch=a["batch"] or ts.DEFAULT_BATCH[a["what"]], precision="fp32", compile=False,
+                        device="cpu")
+tmp = Path(tempfile.mkdtemp())
+step, _ = (ts._tokenizer_step(ns, tmp) if a["what"].startswith("tok")
+           else ts._var_step(ns, int(a["what"].split("-d")[1])))
+for _ in range(a["warmup"]):
+    step()
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() != "go":
+        break
+    t = time.perf_counter()
+    step()
+    print(time.perf_counter() - t, flush=True)
+"""
+
+
+def _start(tree: Path, args: argparse.Namespace) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
+    cfg = json.dumps({"what": args.what, "threads": args.threads, "batch": args.batch, "warmup": args.warmup})
+    return subprocess.Popen([sys.executable, "-c", WORKER, cfg], cwd=tree, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _expect_ready(p: subprocess.Popen, tree: Path) -> None:
+    line = p.stdout.readline() if p.stdout else ""
+    if line.strip() != "ready":
+        raise SystemExit(f"worker for {tree} failed to start (run bench/train_step.py there to see why)")
+
+
+def _one(p: subprocess.Popen) -> float:
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    return float(p.stdout.readline())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("tree_a", type=Path, help="the 'before' checkout (its bench/ and xqtool/)")
+    ap.add_argument("tree_b", type=Path, help="the 'after' checkout")
+    ap.add_argument("--what", default="tok-msvr10p2", choices=("tok-msvr10p2", "var-d6", "var-d17"))
+    ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=0, help="default: 2 tokenizer, 8 VAR")
+    args = ap.parse_args()
+    trees = [args.tree_a.resolve(), args.tree_b.resolve()]
+    procs = [_start(t, args) for t in trees]
+    try:
+        for p, t in zip(procs, trees):  # built one after the other: warm-up steps are not timed anyway
+            _expect_ready(p, t)
+        times: List[List[float]] = [[], []]
+        t0 = time.time()
+        for i in range(args.pairs):
+            order = (0, 1) if i % 2 == 0 else (1, 0)  # ABBA: neither side always runs first
+            for side in order:
+                times[side].append(_one(procs[side]))
+    finally:
+        for p in procs:
+            if p.stdin:
+                p.stdin.close()
+            p.wait(timeout=60)
+    ratios = [b / a for a, b in zip(*times)]
+    out: Dict[str, Any] = {
+        "case": args.what, "pairs": args.pairs, "threads": args.threads, "wall_s": round(time.time() - t0, 1),
+        "a": str(trees[0]), "b": str(trees[1]),
+        "a_s": [round(v, 3) for v in times[0]], "b_s": [round(v, 3) for v in times[1]],
+        "a_median": round(statistics.median(times[0]), 3), "b_median": round(statistics.median(times[1]), 3),
+        "a_min": round(min(times[0]), 3), "b_min": round(min(times[1]), 3),
+        "ratio_b_over_a_median": round(statistics.median(ratios), 4),
+        "ratio_b_over_a_all": [round(r, 3) for r in ratios],
+        "loadavg_1m": os.getloadavg()[0],
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
