@@ -4,7 +4,8 @@ On a shared machine the speed of one core drifts by 10-20 % over minutes, more t
 this is meant to measure. Here each tree runs in its own worker process (``bench/train_step.py``'s
 step, built from that tree's code and configs), and the two workers take turns: A's step, B's step,
 A's step, ... so both see the same machine conditions, pair by pair. Prints one JSON line: per-step
-seconds of each side, medians, minima and the median of the per-pair ratios B/A. Usage::
+seconds of each side, medians, minima, the median of the per-pair ratios B/A, and this core's fp32 GEMM
+speed just before and after the pairs (the machine's state at the time). Usage::
 
     git worktree add --detach /tmp/before <commit>
     OMP_NUM_THREADS=1 python bench/ab_train_step.py /tmp/before . --what tok-msvr10p2 --pairs 6
@@ -71,6 +72,20 @@ def _one(p: subprocess.Popen) -> float:
     return float(p.stdout.readline())
 
 
+def _sgemm_gflops(threads: int) -> float:
+    """This core's fp32 GEMM speed right now (2048³ ``a @ b``, best of 5): the machine's state at the time."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return round(2 * 2048 ** 3 / best / 1e9, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("tree_a", type=Path, help="the 'before' checkout (its bench/ and xqtool/)")
@@ -87,6 +102,7 @@ def main() -> None:
         for p, t in zip(procs, trees):  # built one after the other: warm-up steps are not timed anyway
             _expect_ready(p, t)
         times: List[List[float]] = [[], []]
+        gemm_before = _sgemm_gflops(args.threads)
         t0 = time.time()
         for i in range(args.pairs):
             order = (0, 1) if i % 2 == 0 else (1, 0)  # ABBA: neither side always runs first
@@ -97,6 +113,7 @@ def main() -> None:
             if p.stdin:
                 p.stdin.close()
             p.wait(timeout=60)
+    gemm_after = _sgemm_gflops(args.threads)
     ratios = [b / a for a, b in zip(*times)]
     out: Dict[str, Any] = {
         "case": args.what, "pairs": args.pairs, "threads": args.threads, "wall_s": round(time.time() - t0, 1),
@@ -106,6 +123,7 @@ def main() -> None:
         "a_min": round(min(times[0]), 3), "b_min": round(min(times[1]), 3),
         "ratio_b_over_a_median": round(statistics.median(ratios), 4),
         "ratio_b_over_a_all": [round(r, 3) for r in ratios],
+        "sgemm_gflop_s_before_after": [gemm_before, gemm_after],
         "loadavg_1m": os.getloadavg()[0],
     }
     print(json.dumps(out))
