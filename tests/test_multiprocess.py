@@ -55,7 +55,7 @@ def test_two_processes_train_like_one_process_with_the_global_batch(photos, two_
 
     res2 = _result(two_proc_run)
     assert res2["status"] == "finished" and res2["step"] == STEPS
-    assert res2["launch"].startswith("2 processes, backend gloo, device cpu, precision no"), res2["launch"]
+    assert res2["launch"].startswith("2 processes, backend gloo, device cpu, precision fp32"), res2["launch"]
     with one_thread():
         res1 = _mp_tok_driver.run(photos, tmp_path / "one", BATCH, STEPS)
     assert res1.launch.startswith("1 process,")

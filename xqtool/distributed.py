@@ -8,7 +8,7 @@ This module holds the few pieces that make a multi-process run behave like one r
 * :func:`check_launch` — a launch that asked for N processes but got one (``accelerate launch --cpu
   --num_processes N`` starts one process; ``--multi_gpu`` without a visible GPU starts N independent
   single-process runs) raises :class:`LaunchError` (one line, exit 2) before anything is written.
-* :func:`describe` — "2 processes, backend gloo, device cpu, precision no" for run summaries.
+* :func:`describe` — "2 processes, backend gloo, device cpu, precision fp32" for run summaries.
 * :func:`broadcast_modules` — copy parameters and buffers of modules that DDP does not wrap (frozen
   teachers, LPIPS, loss-side projections) from rank 0, so every rank computes the same losses.
 * :func:`agree_stop` — the stop decision (a signal seen by any rank) shared by all ranks, so they
@@ -133,12 +133,14 @@ def describe(state: Any, precision: Optional[str] = None) -> str:
 
     Args:
         state: an ``Accelerator`` or ``PartialState``.
-        precision: mixed precision mode (default: the state's own, or ``no``).
+        precision: mixed precision mode (default: the state's own, or ``no``); Accelerate's ``no`` is
+            written ``fp32``, as in the run summaries.
     """
     n = int(state.num_processes)
     backend = getattr(getattr(state, "state", state), "backend", None) or "none"
     device = getattr(state, "device", torch.device("cpu"))
     mp = precision if precision is not None else getattr(state, "mixed_precision", None) or "no"
+    mp = "fp32" if mp == "no" else mp
     return f"{n} process{'es' if n != 1 else ''}, backend {backend}, device {torch.device(device).type}, precision {mp}"
 
 
