@@ -164,3 +164,14 @@ def test_image_source_counts_classes_sizes_and_bad_files(tmp_path: Path) -> None
 def test_unknown_target_is_one_line() -> None:
     r = runner.invoke(app, ["inspect", "no/such/thing.pth"])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_config_errors_name_the_file_only_when_the_file_is_at_fault(tmp_path: Path) -> None:
+    cfg = CONFIGS / "tiny-cnn.yaml"
+    r = runner.invoke(app, ["inspect", str(cfg), "--set", "bad.key=1"])
+    assert r.exit_code == 2
+    assert "unknown key 'bad'" in r.output and str(cfg) not in r.output  # the key came from --set
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bad_top: 1\n")
+    r = runner.invoke(app, ["inspect", str(bad)])
+    assert r.exit_code == 2 and f"{bad}: unknown key 'bad_top'" in r.output
