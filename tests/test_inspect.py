@@ -122,6 +122,11 @@ def test_token_file_and_token_shards(tiny_tok, tmp_path: Path) -> None:
     rep = _json(tmp_path / "shards")
     assert rep["kind"] == "token shards" and rep["facts"]["rows"] == 5 and rep["facts"]["shard files"] >= 1
     assert rep["histogram"] == {"0": 3, "1": 2}
+    assert rep["class_names"] == {"0": "a", "1": "b"}  # the folder names encode recorded
+    r = runner.invoke(app, ["inspect", str(tmp_path / "shards")])
+    assert r.exit_code == 0
+    row = next(line for line in r.output.splitlines() if " a " in line)
+    assert "0" in row and "3" in row  # class id, name and rows in one row of the histogram
 
 
 def test_training_state_of_a_var_run(tiny_tok, tmp_path: Path) -> None:

@@ -61,14 +61,18 @@ def print_report(report: Dict[str, Any]) -> None:
         console.print(tokens)
     hist = report.get("histogram")
     if hist:
+        names = report.get("class_names") or {}
         table = Table(title=f"Class histogram ({len(hist)} classes)")
         table.add_column("class", justify="right")
+        if names:
+            table.add_column("name")
         table.add_column("rows", justify="right")
         items = list(hist.items())
         for k, v in items[:20]:
-            table.add_row(k, f"{v:,}")
+            table.add_row(k, *([names.get(k, "")] if names else []), f"{v:,}")
         if len(items) > 20:
-            table.add_row("...", f"{sum(v for _, v in items[20:]):,} more in {len(items) - 20} classes")
+            table.add_row("...", *([""] if names else []),
+                          f"{sum(v for _, v in items[20:]):,} more in {len(items) - 20} classes")
         console.print(table)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -137,6 +137,7 @@ def inspect_any(target: str, overrides: Optional[Iterable[str]] = None, full: bo
 
     Report fields: ``kind`` (one of :data:`KINDS`), ``source``, ``facts`` (ordered name -> value),
     optional ``parameters`` (part -> count), ``tokens`` (per-scale rows), ``histogram`` (class id -> rows),
+    ``class_names`` (class id -> name, where the source names its classes),
     ``config`` (resolved config sections), ``warnings``. Models are built on the meta device: no weights
     are allocated, nothing is downloaded. Raises CheckpointError / DataError / TokenError / ConfigError
     (one line) for what it cannot read.
@@ -320,6 +321,12 @@ def _histogram(labels: Iterable[int]) -> Dict[str, int]:
     return {str(k): counts[k] for k in sorted(counts)}
 
 
+def _class_names(hist: Dict[str, int], classes: Optional[List[str]]) -> Dict[str, str]:
+    """Class id → name for the ids in `hist` that `classes` (index = id) names; {} without names."""
+    names = list(classes or [])
+    return {k: str(names[int(k)]) for k in hist if 0 <= int(k) < len(names)}
+
+
 def _inspect_tokens(path: Path, kind: str) -> Dict[str, Any]:
     import numpy as np
 
@@ -365,8 +372,9 @@ def _inspect_tokens(path: Path, kind: str) -> Dict[str, Any]:
         facts["class names"] = len(manifest.classes)
     if not raw.get("fingerprint") and not raw.get("weights_fingerprint"):
         warnings.append("no tokenizer weights fingerprint in the manifest (written by an older xqtool)")
-    return {"kind": kind, "source": str(path), "facts": facts, "histogram": _histogram(labels),
-            "warnings": warnings}
+    hist = _histogram(labels)
+    return {"kind": kind, "source": str(path), "facts": facts, "histogram": hist,
+            "class_names": _class_names(hist, manifest.classes), "warnings": warnings}
 
 
 def _inspect_state(state_dir: Path, run_dir: Optional[Path]) -> Dict[str, Any]:
@@ -455,4 +463,5 @@ def _inspect_images(source: str) -> Dict[str, Any]:
     for name, reason in list(sorted(bad.items()))[:5]:
         warnings.append(f"bad file {name}: {reason}")
     hist = _histogram(x for x in labels if x >= 0)
-    return {"kind": "image source", "source": source, "facts": facts, "histogram": hist, "warnings": warnings}
+    return {"kind": "image source", "source": source, "facts": facts, "histogram": hist,
+            "class_names": _class_names(hist, spec.classes), "warnings": warnings}
