@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -40,6 +41,12 @@ ns = argparse.Namespace(batch=a["batch"] or ts.DEFAULT_BATCH[a["what"]], precisi
 tmp = Path(tempfile.mkdtemp())
 step, _ = (ts._tokenizer_step(ns, tmp) if a["what"].startswith("tok")
            else ts._var_step(ns, int(a["what"].split("-d")[1])))
+here = Path.cwd().resolve()
+foreign = [m.__file__ for n, m in list(sys.modules.items())
+           if n.split(".")[0] == "xqtool" and getattr(m, "__file__", None)
+           and not Path(m.__file__).resolve().is_relative_to(here)]
+if foreign:  # e.g. an installed (editable) xqtool filling in modules this checkout lacks
+    sys.exit(f"xqtool code imported from outside this checkout: {foreign[0]}")
 for _ in range(a["warmup"]):
     step()
 print("ready", flush=True)
@@ -52,17 +59,20 @@ for line in sys.stdin:
 """
 
 
-def _start(tree: Path, args: argparse.Namespace) -> subprocess.Popen:
+def _start(tree: Path, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
     cfg = json.dumps({"what": args.what, "threads": args.threads, "batch": args.batch, "warmup": args.warmup})
-    return subprocess.Popen([sys.executable, "-c", WORKER, cfg], cwd=tree, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    with open(log, "w") as err:  # the worker's stderr, shown if it fails
+        return subprocess.Popen([sys.executable, "-c", WORKER, cfg], cwd=tree, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
 
 
-def _expect_ready(p: subprocess.Popen, tree: Path) -> None:
+def _expect_ready(p: subprocess.Popen, tree: Path, log: Path) -> None:
     line = p.stdout.readline() if p.stdout else ""
     if line.strip() != "ready":
-        raise SystemExit(f"worker for {tree} failed to start (run bench/train_step.py there to see why)")
+        p.wait(timeout=60)
+        lines = [t for t in log.read_text(errors="replace").splitlines() if t.strip()]
+        raise SystemExit(f"worker for {tree} failed to start: {lines[-1] if lines else 'no message'}")
 
 
 def _one(p: subprocess.Popen) -> float:
@@ -70,6 +80,22 @@ def _one(p: subprocess.Popen) -> float:
     p.stdin.write("go\n")
     p.stdin.flush()
     return float(p.stdout.readline())
+
+
+def _checkout(value: str) -> Path:
+    """argparse type: a folder holding xqtool/ and bench/train_step.py."""
+    path = Path(value).resolve()
+    if not (path / "xqtool" / "__init__.py").is_file() or not (path / "bench" / "train_step.py").is_file():
+        raise argparse.ArgumentTypeError(f"{value} is not an xqtool checkout (no xqtool/__init__.py and "
+                                         "bench/train_step.py)")
+    return path
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _sgemm_gflops(threads: int) -> float:
@@ -87,20 +113,22 @@ def _sgemm_gflops(threads: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("tree_a", type=Path, help="the 'before' checkout (its bench/ and xqtool/)")
-    ap.add_argument("tree_b", type=Path, help="the 'after' checkout")
-    ap.add_argument("--what", default="tok-msvr10p2", choices=("tok-msvr10p2", "var-d6", "var-d17"))
-    ap.add_argument("--pairs", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=0, help="default: 2 tokenizer, 8 VAR")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("tree_a", type=_checkout, help="the 'before' checkout (its bench/ and xqtool/)")
+    ap.add_argument("tree_b", type=_checkout, help="the 'after' checkout")
+    ap.add_argument("--what", default="tok-msvr10p2", choices=("tok-msvr10p2", "var-d6", "var-d17"),
+                    help="case (default tok-msvr10p2: ~14 s per step and ~6 GB per tree on a CPU; var-d6: ~2 s, 2 GB)")
+    ap.add_argument("--pairs", type=_positive, default=6, help="timed step pairs (default 6)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default 1)")
+    ap.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads per side (default 1)")
+    ap.add_argument("--batch", type=int, default=0, help="batch size (default: 2 tokenizer, 8 VAR)")
     args = ap.parse_args()
-    trees = [args.tree_a.resolve(), args.tree_b.resolve()]
-    procs = [_start(t, args) for t in trees]
+    trees = [args.tree_a, args.tree_b]
+    logs = [Path(tempfile.mkstemp(prefix=f"ab_step_{i}_", suffix=".log")[1]) for i in range(2)]
+    procs = [_start(t, args, log) for t, log in zip(trees, logs)]
     try:
-        for p, t in zip(procs, trees):  # built one after the other: warm-up steps are not timed anyway
-            _expect_ready(p, t)
+        for p, t, log in zip(procs, trees, logs):  # built one after the other: warm-up steps are not timed anyway
+            _expect_ready(p, t, log)
         times: List[List[float]] = [[], []]
         gemm_before = _sgemm_gflops(args.threads)
         t0 = time.time()
@@ -109,10 +137,16 @@ def main() -> None:
             for side in order:
                 times[side].append(_one(procs[side]))
     finally:
-        for p in procs:
+        for p in procs:  # a closed stdin ends a worker's loop
             if p.stdin:
                 p.stdin.close()
-            p.wait(timeout=60)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for log in logs:
+            log.unlink(missing_ok=True)
     gemm_after = _sgemm_gflops(args.threads)
     ratios = [b / a for a, b in zip(*times)]
     out: Dict[str, Any] = {

@@ -17,7 +17,7 @@ memory, TFLOP/s and MFU against the chip's bf16 (or fp32) dense peak. ``--profil
 top operators of one step (torch.profiler) to stderr and adds them, with the number of copy calls, to
 the JSON. Usage::
 
-    OMP_NUM_THREADS=1 python bench/train_step.py --threads 1 --steps 5
+    OMP_NUM_THREADS=1 python bench/train_step.py --what tok-msvr10p2 var-d6 --threads 1 --steps 5
     python bench/train_step.py --what var-d17 --device cuda --precision bf16 --compile
 """
 
@@ -263,13 +263,15 @@ def run_case(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", nargs="+", choices=CASES, default=list(CASES))
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--what", nargs="+", choices=CASES, default=list(CASES),
+                    help="cases to run (default: all three; var-d17 alone needs ~9 GB and ~15 s per step on a CPU)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup; default 5)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: 2 tokenizer, 8 VAR)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="(default fp32)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the tokenizer / VAR model")
     ap.add_argument("--profile", action="store_true", help="print the top operators of one step (stderr)")
     ap.add_argument("--top", type=int, default=25, help="operators shown by --profile")
