@@ -66,7 +66,7 @@ def print_report(report: Dict[str, Any]) -> None:
         table.add_column("class", justify="right")
         if names:
             table.add_column("name")
-        table.add_column("rows", justify="right")
+        table.add_column("images" if report.get("kind") == "image source" else "rows", justify="right")
         items = list(hist.items())
         for k, v in items[:20]:
             table.add_row(k, *([names.get(k, "")] if names else []), f"{v:,}")
