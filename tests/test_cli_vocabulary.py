@@ -119,6 +119,14 @@ def test_flags_show_no_bool_metavar() -> None:
         assert "<bool>" not in out, name
 
 
+def test_usage_lines_hide_deprecated_positionals() -> None:
+    runner = CliRunner()
+    for name in _commands():
+        usage = next(line for line in runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output.splitlines()
+                     if "Usage:" in line)
+        assert "legacy" not in usage.lower(), (name, usage)
+
+
 @pytest.mark.parametrize("argv,param,value", [
     (["encode", "imgs/", "-o", "t.npy", "--ckpt", "T"], "tokenizer", "T"),
     (["decode", "t.npy", "-o", "r", "--ckpt=T"], "tokenizer", "T"),

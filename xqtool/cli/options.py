@@ -154,6 +154,14 @@ class AliasCommand(TyperCommand):
             out.append(a)
         return super().parse_args(ctx, out)
 
+    def collect_usage_pieces(self, ctx: typer.Context) -> List[str]:  # type: ignore[override]
+        """The usage line without hidden (deprecated positional) arguments."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not getattr(param, "hidden", False):
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
 
 def alias_command(aliases: Dict[str, Sequence[str]]) -> Type[AliasCommand]:
     """A :class:`AliasCommand` subclass with these deprecated spellings."""
