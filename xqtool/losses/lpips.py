@@ -124,7 +124,6 @@ class LPIPS(nn.Module):
                 w = getattr(self, f"lin{i}").model[1].weight
                 w.copy_(w.abs())
         self.source = self._load(weights, vgg_weights, allow_random)
-        self.features.to(memory_format=torch.channels_last)  # kept by load_state_dict/.to(device) copies
         self.requires_grad_(False)
         self.eval()
 
@@ -218,9 +217,9 @@ class LPIPS(nn.Module):
 
     def _feats(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
-        # channels-last (NHWC): oneDNN's convolutions and max-pooling run ~15 % faster than on NCHW here,
-        # with the same arithmetic per output element
-        h = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last)
+        # NCHW on purpose: channels-last ran VGG's convolutions and pooling ~25 % faster on the CPU, but made
+        # a 2-process run's adaptive weight differ from the 1-process run's in some runs (tests/test_multiprocess)
+        h = (x - self.shift) / self.scale
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in _SLICE_ENDS:
@@ -264,12 +263,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class _UnitDistance(torch.autograd.Function):
-    """mean_hw Σ_c w_c (f_c/(‖f‖+ε) − b_c)² per image, differentiable in ``f`` only (LPIPS, one layer).
+    """mean_hw Σ_c w_c (f_c/(‖f‖+ε) − b_c)² per image, differentiable in ``f`` only (one LPIPS layer, spec
+    tokenizer.md §5.1; Zhang et al. 2018).
 
     ``f [B,C,H,W]`` features, ``b`` the other image's channel-normalised features (no gradient), ``w [C]``
-    the frozen head → ``[B]`` (fp32 for half-precision features, else their dtype). The backward is the closed form of the same expression:
-    with n = ‖f‖, u = f/(n+ε), g_u = −2 w (b − u)·ḡ/(HW): ∂d/∂f = (g_u − f·⟨g_u, f⟩/(n (n+ε))) / (n+ε),
-    the second term taken as 0 where n = 0 (autograd would give NaN there).
+    the frozen head → ``[B]`` (fp32 for half-precision features, else their dtype). The backward is the
+    closed form of the same expression: with n = ‖f‖, u = f/(n+ε) and g_u = −2 w (b − u)·ḡ/(HW),
+    ∂d/∂f = (g_u − f·⟨g_u, f⟩/(n (n+ε))) / (n+ε), the second term taken as 0 where n = 0 (autograd of
+    the formula gives NaN there).
     """
 
     @staticmethod
