@@ -128,6 +128,12 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
     return acc
 
 
+def precision_label(mode: Any) -> str:
+    """A mixed-precision mode as run reports write it: Accelerate's ``no`` → ``fp32``; others unchanged."""
+    mode = str(getattr(mode, "value", mode))
+    return "fp32" if mode == "no" else mode
+
+
 def describe(state: Any, precision: Optional[str] = None) -> str:
     """One phrase naming world size, backend, device and precision of a run.
 
@@ -139,8 +145,7 @@ def describe(state: Any, precision: Optional[str] = None) -> str:
     n = int(state.num_processes)
     backend = getattr(getattr(state, "state", state), "backend", None) or "none"
     device = getattr(state, "device", torch.device("cpu"))
-    mp = precision if precision is not None else getattr(state, "mixed_precision", None) or "no"
-    mp = "fp32" if mp == "no" else mp
+    mp = precision_label(precision if precision is not None else getattr(state, "mixed_precision", None) or "no")
     return f"{n} process{'es' if n != 1 else ''}, backend {backend}, device {torch.device(device).type}, precision {mp}"
 
 

@@ -102,6 +102,7 @@ def run_facts(precision: Any, device: Any = None) -> str:
         dev = dev if dev is not None else state.device
     except Exception:  # pragma: no cover - accelerate is a dependency
         pass
-    prec = getattr(precision, "value", precision)
-    return (f"world size {world}, device {dev if dev is not None else 'cpu'}, precision {prec}, "
-            f"backend {backend or 'none (1 process)'}")
+    from xqtool.distributed import precision_label
+
+    return (f"world size {world}, device {dev if dev is not None else 'cpu'}, "
+            f"precision {precision_label(precision)}, backend {backend or 'none (1 process)'}")

@@ -131,7 +131,7 @@ def _summary(result: Any, title: str, cfg: Any) -> None:
     if result.images_per_sec is not None:  # None: this invocation ran no step (e.g. resume of a finished run)
         t.add_row("images/s", f"{result.images_per_sec:.1f}")
     prec = cfg.train.mixed_precision
-    t.add_row("ran on", run_facts("fp32" if prec == "no" else prec))
+    t.add_row("ran on", run_facts(prec))
     t.add_row("output", str(result.output_dir))
     for name, path in (("last", result.last_dir), ("best", result.best_dir), ("state", result.state_dir),
                        ("export", result.export_dir)):

@@ -95,7 +95,7 @@ def train_var_cmd(
                   + (f", loss {last['loss']:.4f}" if "loss" in last else "")
                   + (f", acc {last['acc']:.3f}" if "acc" in last else ""))
     prec = cfg.train.mixed_precision
-    console.print(f"ran on: {run_facts('fp32' if prec == 'no' else prec)}")
+    console.print(f"ran on: {run_facts(prec)}")
     console.print(f"output: {cfg.train.results_dir}")
     if result.model_dir is not None:
         console.print(f"model: {result.model_dir}")

@@ -57,12 +57,18 @@ def _check_yaml_file(path: Path) -> None:
 
 def _load_cfg(path: Path, overrides: Optional[Iterable[str]]) -> TokenizerConfig:
     """The file's config with `overrides`; ConfigError names the file only when the file itself is at fault."""
-    try:
-        cfg = load_tokenizer_config(path)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {one_line(exc, 300)}") from None
     overrides = list(overrides or ())
-    return load_tokenizer_config(path, overrides) if overrides else cfg  # a bad --set: the message as train's
+    try:
+        return load_tokenizer_config(path, overrides)
+    except ConfigError as exc:
+        if overrides:
+            try:
+                load_tokenizer_config(path)
+            except ConfigError:
+                pass
+            else:
+                raise  # the file is fine: a bad --set, reported as train-tokenizer reports it
+        raise ConfigError(f"{path}: {one_line(exc, 300)}") from None
 
 
 def inspect_target(target: str, overrides: Optional[Iterable[str]] = None) -> InspectReport:
