@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 WORKER = r"""
 import argparse, json, sys, tempfile, time
@@ -91,11 +91,18 @@ def _checkout(value: str) -> Path:
     return path
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `low`."""
+    def parse(value: str) -> int:
+        n = int(value)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return parse
+
+
+DEFAULT_BATCH = {"tok-msvr10p2": 2, "var-d6": 8, "var-d17": 8}  # as bench/train_step.py
 
 
 def _sgemm_gflops(threads: int) -> float:
@@ -118,10 +125,10 @@ def main() -> None:
     ap.add_argument("tree_b", type=_checkout, help="the 'after' checkout")
     ap.add_argument("--what", default="tok-msvr10p2", choices=("tok-msvr10p2", "var-d6", "var-d17"),
                     help="case (default tok-msvr10p2: ~14 s per step and ~6 GB per tree on a CPU; var-d6: ~2 s, 2 GB)")
-    ap.add_argument("--pairs", type=_positive, default=6, help="timed step pairs (default 6)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default 1)")
-    ap.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads per side (default 1)")
-    ap.add_argument("--batch", type=int, default=0, help="batch size (default: 2 tokenizer, 8 VAR)")
+    ap.add_argument("--pairs", type=_at_least(1), default=6, help="timed step pairs (default 6)")
+    ap.add_argument("--warmup", type=_at_least(0), default=1, help="untimed steps per side first (default 1)")
+    ap.add_argument("--threads", type=_at_least(1), default=1, help="torch intra-op threads per side (default 1)")
+    ap.add_argument("--batch", type=_at_least(1), default=None, help="batch size (default: 2 tokenizer, 8 VAR)")
     args = ap.parse_args()
     trees = [args.tree_a, args.tree_b]
     logs = [Path(tempfile.mkstemp(prefix=f"ab_step_{i}_", suffix=".log")[1]) for i in range(2)]
@@ -150,7 +157,8 @@ def main() -> None:
     gemm_after = _sgemm_gflops(args.threads)
     ratios = [b / a for a, b in zip(*times)]
     out: Dict[str, Any] = {
-        "case": args.what, "pairs": args.pairs, "threads": args.threads, "wall_s": round(time.time() - t0, 1),
+        "case": args.what, "batch": args.batch or DEFAULT_BATCH[args.what], "pairs": args.pairs,
+        "threads": args.threads, "wall_s": round(time.time() - t0, 1),
         "a": str(trees[0]), "b": str(trees[1]),
         "a_s": [round(v, 3) for v in times[0]], "b_s": [round(v, 3) for v in times[1]],
         "a_median": round(statistics.median(times[0]), 3), "b_median": round(statistics.median(times[1]), 3),

@@ -277,6 +277,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25, help="operators shown by --profile")
     ap.add_argument("--peak-tflops", type=float, default=None, help="chip peak for MFU (default: known GPUs)")
     args = ap.parse_args()
+    if args.steps < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1) or args.threads < 1:
+        ap.error("--steps, --batch and --threads must be at least 1, --warmup at least 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is visible here")
     if len(args.what) > 1:  # one process per case: its own peak RSS, no allocator carry-over
         for what in args.what:
             cmd = [sys.executable, __file__, "--what", what] + [a for a in _passthrough(args)]

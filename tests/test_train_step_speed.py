@@ -249,6 +249,10 @@ def test_lpips_layer_distance_by_hand_and_at_zero_features():
     f0.requires_grad_(True)
     (g,) = torch.autograd.grad(_UnitDistance.apply(f0, torch.rand(1, 4, 2, 2), torch.rand(4)).sum(), f0)
     assert torch.isfinite(g).all()
+    # first-order only: a second derivative raises instead of coming out wrong
+    (g,) = torch.autograd.grad(_UnitDistance.apply(f64, b64, w64).sum(), f64, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.pow(2).sum(), f64)
 
 
 # ============================================================================================ optimizers
@@ -415,3 +419,7 @@ def test_softmax_cross_entropy_equals_torch(smoothing):
     torch.testing.assert_close(g2, g1)
     with pytest.raises(ValueError, match="logits"):
         softmax_cross_entropy(logits[None], target)
+    with pytest.raises(ValueError, match="integer"):
+        softmax_cross_entropy(logits, target.float())
+    with pytest.raises(ValueError, match="label_smoothing"):
+        softmax_cross_entropy(logits, target, label_smoothing=1.5)

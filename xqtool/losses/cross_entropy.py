@@ -42,12 +42,16 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float
     """Mean softmax cross-entropy, the value and gradient of ``F.cross_entropy(logits, target, label_smoothing=ε)``.
 
     logits ``[N, K]`` (float), target ``[N]`` int64 class indices in ``[0, K)`` → scalar. The gradient flows
-    to ``logits`` only. Raises ``ValueError`` for other shapes and ``RuntimeError`` for indices out of range
-    (from ``gather``).
+    to ``logits`` only. Raises ``ValueError`` for other shapes, a non-integer target or ε outside [0, 1], and
+    ``RuntimeError`` for indices out of range (from ``gather``).
     """
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"softmax_cross_entropy wants logits [N, K] and target [N], got {tuple(logits.shape)} "
                          f"and {tuple(target.shape)}")
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(f"softmax_cross_entropy wants integer class indices, got {target.dtype}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     return _SoftmaxCrossEntropy.apply(logits, target.long(), float(label_smoothing))
 
 

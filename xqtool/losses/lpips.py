@@ -288,6 +288,7 @@ class _UnitDistance(torch.autograd.Function):
         return d
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the closed form is first-order only
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         f, diff, n, den, w4 = ctx.saved_tensors
         f32 = f.to(diff.dtype)
